@@ -1,0 +1,57 @@
+"""The decoder-layer pieces shared by Llama-style text models (Llama, Vicuna, Mistral, Qwen2).
+
+A pre-norm layer is: h' = h + Attn(Norm_in(h)); h'' = h' + MLP(Norm_post(h')). TTV needs the module
+inputs after their norms and the module outputs before the residual adds, so layers that accumulate
+TTV run this body here, with the layer's own submodules; other layers run the layer's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+
+def run_layer(layer, h, *, mask, position_embeddings, position_ids, cache, use_cache, capture: bool):
+    """One decoder layer. With ``capture`` also returns (attn_in, attn_out, mlp_in, mlp_out)."""
+    if not capture:
+        out = layer(
+            h,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+        )
+        return (out[0] if isinstance(out, tuple) else out), None
+    attn_in = layer.input_layernorm(h)
+    attn_out, _ = layer.self_attn(
+        hidden_states=attn_in,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+    )
+    h = h + attn_out
+    mlp_in = layer.post_attention_layernorm(h)
+    mlp_out = layer.mlp(mlp_in)
+    return h + mlp_out, (attn_in, attn_out, mlp_in, mlp_out)
+
+
+def scoring_qk(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_idx: torch.Tensor):
+    """Rotated queries of the rows ``query_idx`` and keys of all rows, with ``layer``'s weights.
+
+    h: (S, d) hidden states of one sample's valid tokens, input to ``layer``; cos/sin: (S, head_dim).
+    Returns q (H, T, hd), k (H, S, hd) with KV heads repeated for GQA, and the attention scaling.
+    Only T query rows are projected: the instruction is short, the keys must cover every token because
+    the softmax denominator does.
+    """
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(h)
+    k = attn.k_proj(x).view(x.shape[0], -1, head_dim).transpose(0, 1)
+    q = attn.q_proj(x[query_idx]).view(query_idx.shape[0], -1, head_dim).transpose(0, 1)
+    k = k * cos + rotate_half(k) * sin
+    q = q * cos[query_idx] + rotate_half(q) * sin[query_idx]
+    k = repeat_kv(k[None], q.shape[0] // k.shape[0])[0]
+    return q, k, attn.scaling

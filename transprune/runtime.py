@@ -1,0 +1,352 @@
+"""Attach pruning to one model instance, run the pruned decoder loop, and detach again.
+
+`apply(model, config)` replaces the `forward` of two *instances* (never classes): the multimodal
+model, to learn where each sample's image tokens are, and the text decoder, to run its layers with
+pruning. `handle.remove()` restores both. Per-call state lives in a ContextVar (for the image mask of
+the call in flight) and in a map keyed by the call's KV cache (for decode offsets), never on modules,
+so concurrent calls and several generations sharing a model stay independent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from . import scoring
+from .adapters import adapter_for
+from .config import Schedule, TransPruneConfig
+from .flops import paper_layer_macs
+from .surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
+
+_APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Call:
+    handle: "PruneHandle"
+    image_mask: torch.Tensor | None
+
+
+_CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
+
+
+@dataclass
+class SampleStats:
+    """What one prefill did to one sample."""
+
+    n_image_tokens: int
+    kept_indices: list[list[int]]  # per pruning stage: kept image tokens, numbered 0..N-1 in input order
+    visual_tokens_per_layer: list[int]
+    tflops: float  # paper convention (visual tokens only, 4nd^2 + 2n^2d + 3ndm per layer, prefill)
+    tflops_unpruned: float
+    pruning_layers: tuple[int, ...]  # 1-indexed layers actually used for this model's depth
+    accumulation_layers: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Stage:
+    """Decode-time state of one group of layers that hold the same tokens."""
+
+    first_layer: int  # 0-based index of the stage's first layer
+    key_valid: torch.Tensor  # (B, kv_len) bool over this stage's cached tokens
+    dropped: torch.Tensor  # (B,) image tokens dropped before this stage, for compact positions
+
+
+@dataclass
+class _Generation:
+    stages: list[_Stage] = field(default_factory=list)
+
+
+class PruneHandle:
+    """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
+
+    def __init__(self, model, config: TransPruneConfig, adapter, schedule: Schedule):
+        self.model = model
+        self.config = config
+        self.adapter = adapter
+        self.schedule = schedule
+        self.last_stats: list[SampleStats] | None = None
+        self._generations: "weakref.WeakKeyDictionary[object, _Generation]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._saved: list[tuple[torch.nn.Module, object]] = []
+        self._active = False
+
+    # -- attach / detach -------------------------------------------------------------------------
+    def _install(self):
+        mm, dec = self.adapter.multimodal_model, self.adapter.decoder
+        mm_forward, dec_forward = mm.forward, dec.forward  # bound: the class's or an existing instance override
+        self._saved = [(mm, mm.__dict__.get("forward")), (dec, dec.__dict__.get("forward"))]
+
+        @functools.wraps(mm_forward)
+        def multimodal_forward(*args, **kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+            token = _CURRENT_CALL.set(_Call(self, mask))
+            try:
+                return mm_forward(*args, **kwargs)
+            finally:
+                _CURRENT_CALL.reset(token)
+
+        @functools.wraps(dec_forward)
+        def decoder_forward(*args, **kwargs):
+            return self._decoder_forward(dec_forward, *args, **kwargs)
+
+        mm.forward = multimodal_forward
+        dec.forward = decoder_forward
+        self._active = True
+        _APPLIED[self.model] = self
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before `apply`."""
+        if not self._active:
+            return
+        for module, previous in self._saved:
+            del module.forward
+            if previous is not None:
+                module.forward = previous
+        self._saved = []
+        self._active = False
+        _APPLIED.pop(self.model, None)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    # -- the decoder ------------------------------------------------------------------------------
+    def _decoder_forward(self, original, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                         inputs_embeds=None, use_cache=None, **kwargs):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        call = _CURRENT_CALL.get()
+        image_mask = call.image_mask if call is not None and call.handle is self else None
+        generation = self._generations.get(cache) if cache is not None else None
+        has_images = image_mask is not None and bool(image_mask.any())
+        prunes = self.config.enabled and has_images and cache_is_fresh(cache)
+        if generation is None and not prunes:
+            if has_images and cache_is_fresh(cache):
+                self._record_unpruned(image_mask, attention_mask)
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not available while transprune prunes this model")
+        decoder = self.adapter.decoder
+        if inputs_embeds is None:
+            inputs_embeds = decoder.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = decoder.config.use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=decoder.config)
+        batch, length = inputs_embeds.shape[:2]
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+        position_ids = position_ids.expand(batch, -1)
+        if attention_mask is None:
+            new_valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+        else:
+            new_valid = attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
+        hidden = []
+        want_hidden = kwargs.get("output_hidden_states", decoder.config.output_hidden_states)
+        if generation is None:
+            h = self._prefill(inputs_embeds, new_valid, image_mask.to(inputs_embeds.device), position_ids,
+                              cache if use_cache else None, hidden if want_hidden else None)
+        else:
+            h = self._continue(generation, inputs_embeds, new_valid, position_ids, cache,
+                               hidden if want_hidden else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(hidden) if want_hidden else None,
+        )
+
+    def _stage_mask(self, embeds, key_valid, q_len):
+        """The attention mask, in whatever form the model's attention backend wants, for one stage."""
+        config = self.adapter.decoder.config
+        kv_len = key_valid.shape[1]
+        return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+            batch_size=embeds.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
+            mask_function=causal_mask_function, attention_mask=key_valid, allow_is_causal_skip=True,
+            dtype=embeds.dtype, config=config, use_vmap=False, device=embeds.device,
+        )
+
+    def _prefill(self, embeds, valid, image_mask, position_ids, cache, hidden):
+        cfg, sched, adapter = self.config, self.schedule, self.adapter
+        decoder = adapter.decoder
+        layers = decoder.layers[: decoder.config.num_hidden_layers]
+        prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
+        last_prune = max(prune_at) if prune_at else -1
+        accumulate = {a - 1 for a in sched.accumulation_layers if a - 1 <= last_prune} if cfg.score != "iga" else set()
+        layout = Layout.initial(valid, image_mask, position_ids)
+        n_image = layout.image.sum(1).tolist()
+        keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
+        ttv = torch.zeros(layout.valid.shape, dtype=torch.float32, device=embeds.device)
+        kept_ranks: list[list[torch.Tensor]] = [[] for _ in n_image]
+        generation = _Generation()
+        h = embeds
+        stage_dropped = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
+
+        def open_stage(first_layer):
+            generation.stages.append(_Stage(first_layer, layout.valid, stage_dropped.clone()))
+            mask = self._stage_mask(h, layout.valid, layout.length)
+            return mask, decoder.rotary_emb(h, layout.positions)
+
+        mask, rope = open_stage(0)
+        for i, layer in enumerate(layers):
+            capture = i in accumulate
+            h, moved = adapter.run_layer(layer, h, mask=mask, position_embeddings=rope, position_ids=layout.positions,
+                                         cache=cache, use_cache=cache is not None, capture=capture)
+            if capture:
+                ttv += scoring.module_ttv(moved[0], moved[1], layout.valid, cfg.direction)
+                ttv += scoring.module_ttv(moved[2], moved[3], layout.valid, cfg.direction)
+            if hidden is not None:
+                hidden.append(scatter_to_input(h, layout, valid.shape[1]))
+            if i in prune_at:
+                stage = prune_at[i]
+                keep = self._select(h, layout, ttv, rope, layers[i + 1], [c[stage] for c in keep_counts], kept_ranks)
+                before = layout.valid.sum(1)
+                layout, index = drop_tokens(layout, keep, compact_positions=cfg.positions == "compact")
+                stage_dropped = stage_dropped + before - layout.valid.sum(1)
+                h = gather_tokens(h, index)
+                ttv = gather_tokens(ttv, index)
+                mask, rope = open_stage(i + 1)
+        h = decoder.norm(h)
+        if hidden is not None:
+            hidden[-1] = scatter_to_input(h, layout, valid.shape[1])
+            hidden.insert(0, embeds)
+        if cache is not None:
+            self._generations[cache] = generation
+        self._record(n_image, kept_ranks)
+        return scatter_to_input(h, layout, valid.shape[1])
+
+    def _select(self, h, layout, ttv, rope, next_layer, keep_counts, kept_ranks):
+        """Score the image tokens of every sample and return the (B, L) mask of tokens to keep."""
+        cfg = self.config
+        keep = layout.valid & ~layout.image
+        cos, sin = rope
+        for b, k in enumerate(keep_counts):
+            cols = layout.valid[b].nonzero().squeeze(1)
+            image_at = layout.image[b, cols].nonzero().squeeze(1)  # image tokens, as indices into cols
+            if image_at.numel() == 0:
+                kept_ranks[b].append(image_at)
+                continue
+            ttv_img = ttv[b, cols[image_at]]
+            if cfg.score == "ttv":
+                iga_img = torch.zeros_like(ttv_img)
+            else:
+                # Instruction rows: the text after the last image token (D3 in method.md).
+                after = torch.arange(cols.numel(), device=cols.device) > image_at[-1]
+                query_idx = after.nonzero().squeeze(1)
+                q, kk, scale = self.adapter.scoring_qk(next_layer, h[b, cols], cos[b, cols], sin[b, cols], query_idx)
+                iga_img = scoring.instruction_attention(q, kk, query_idx, scale)[image_at]
+            score = scoring.combine(ttv_img, iga_img, cfg.alpha, cfg.score)
+            chosen = image_at[scoring.select_top(score, k)]
+            keep[b, cols[chosen]] = True
+            kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
+        return keep
+
+    def _continue(self, generation, embeds, new_valid, position_ids, cache, hidden):
+        """Decode steps (or any continuation) after a pruned prefill: per-stage masks and positions."""
+        decoder = self.adapter.decoder
+        layers = decoder.layers[: decoder.config.num_hidden_layers]
+        q_len = embeds.shape[1]
+        starts = {s.first_layer: s for s in generation.stages}
+        h = embeds
+        for i, layer in enumerate(layers):
+            if i in starts:
+                stage = starts[i]
+                stage.key_valid = torch.cat([stage.key_valid, new_valid], dim=1)
+                positions = position_ids
+                if self.config.positions == "compact":
+                    positions = position_ids - stage.dropped[:, None]
+                mask = self._stage_mask(h, stage.key_valid, q_len)
+                rope = decoder.rotary_emb(h, positions)
+            h, _ = self.adapter.run_layer(layer, h, mask=mask, position_embeddings=rope, position_ids=positions,
+                                          cache=cache, use_cache=True, capture=False)
+            if hidden is not None:
+                hidden.append(h)
+        h = decoder.norm(h)
+        if hidden is not None:
+            hidden[-1] = h
+            hidden.insert(0, embeds)
+        return h
+
+    # -- statistics -------------------------------------------------------------------------------
+    def _paper_tflops(self, tokens_per_layer):
+        cfg = self.adapter.decoder.config
+        return sum(paper_layer_macs(n, cfg.hidden_size, cfg.intermediate_size) for n in tokens_per_layer) / 1e12
+
+    def _record(self, n_image, kept_ranks):
+        sched = self.schedule
+        stats = []
+        for n, ranks in zip(n_image, kept_ranks):
+            counts = [n]
+            for r in ranks:
+                counts.append(int(r.numel()))
+            per_layer, stage = [], 0
+            for layer in range(1, sched.depth + 1):
+                per_layer.append(counts[stage])
+                if stage < len(sched.pruning_layers) and layer == sched.pruning_layers[stage]:
+                    stage += 1
+            stats.append(SampleStats(
+                n_image_tokens=n,
+                kept_indices=[r.tolist() for r in ranks],
+                visual_tokens_per_layer=per_layer,
+                tflops=self._paper_tflops(per_layer),
+                tflops_unpruned=self._paper_tflops([n] * sched.depth),
+                pruning_layers=sched.pruning_layers,
+                accumulation_layers=sched.accumulation_layers,
+            ))
+        with self._lock:
+            self.last_stats = stats
+
+    def _record_unpruned(self, image_mask, attention_mask):
+        valid = image_mask if attention_mask is None else image_mask & attention_mask[:, -image_mask.shape[1]:].bool()
+        self._record(valid.sum(1).tolist(), [[] for _ in range(valid.shape[0])])
+
+
+def cache_is_fresh(cache) -> bool:
+    """Pruning happens in a prefill: no cache yet, or an empty one."""
+    return cache is None or cache.get_seq_length() == 0
+
+
+def apply(model, config: TransPruneConfig) -> PruneHandle:
+    """Attach `config`'s pruning to this one model instance; returns the handle that undoes it."""
+    if not isinstance(config, TransPruneConfig):
+        raise TypeError(f"config must be a TransPruneConfig, got {type(config).__name__}")
+    adapter = adapter_for(model)
+    if model in _APPLIED and _APPLIED[model].active:
+        raise ValueError("transprune is already applied to this model; call handle.remove() before applying again")
+    if not isinstance(getattr(adapter.decoder, "layers", None), torch.nn.ModuleList):
+        raise TypeError(f"{type(adapter.decoder).__name__} has no `layers` ModuleList; transprune cannot run it")
+    schedule = config.layers_for_depth(adapter.decoder.config.num_hidden_layers)
+    handle = PruneHandle(model, config, adapter, schedule)
+    handle._install()
+    return handle
+
+
+@contextlib.contextmanager
+def pruned(model, config: TransPruneConfig):
+    """`with pruned(model, config) as handle:` apply for the block, then restore the model."""
+    handle = apply(model, config)
+    try:
+        yield handle
+    finally:
+        handle.remove()

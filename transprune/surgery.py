@@ -1,0 +1,88 @@
+"""Sequence surgery: drop tokens from a padded batch and keep positions, masks and bookkeeping consistent.
+
+A batch is held left-padded: every row ends with its newest token, so a decode step appends one column
+for all rows. Each sample keeps its own count, so after a drop the rows are re-padded to the longest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Layout:
+    """Per-token bookkeeping of the current (possibly pruned) prefill sequence, all (B, L)."""
+
+    valid: torch.Tensor  # bool: a real token, not padding
+    image: torch.Tensor  # bool: a (valid) image token
+    image_rank: torch.Tensor  # long: index of an image token among its sample's image tokens, else -1
+    orig_index: torch.Tensor  # long: column of this token in the caller's input
+    positions: torch.Tensor  # long: RoPE position ids
+
+    @classmethod
+    def initial(cls, valid: torch.Tensor, image: torch.Tensor, positions: torch.Tensor) -> "Layout":
+        image = image & valid
+        rank = torch.where(image, image.long().cumsum(1) - 1, torch.full_like(positions, -1))
+        cols = torch.arange(valid.shape[1], device=valid.device).expand_as(positions)
+        return cls(valid, image, rank, cols, positions)
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+def keep_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index (B, L_new) that packs the ``keep`` columns of each row to the right (left padding).
+
+    Returns (index, new_valid). Padding slots point at column 0 and are marked invalid.
+    """
+    counts = keep.sum(1)
+    new_len = int(counts.max()) if keep.shape[0] else 0
+    dest = keep.long().cumsum(1) - 1 + (new_len - counts)[:, None]
+    rows, cols = keep.nonzero(as_tuple=True)
+    index = torch.zeros(keep.shape[0], new_len, dtype=torch.long, device=keep.device)
+    new_valid = torch.zeros(keep.shape[0], new_len, dtype=torch.bool, device=keep.device)
+    index[rows, dest[rows, cols]] = cols
+    new_valid[rows, dest[rows, cols]] = True
+    return index, new_valid
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along the token axis (dim 1) of a (B, L) or (B, L, d) tensor."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def drop_tokens(layout: Layout, keep: torch.Tensor, compact_positions: bool) -> tuple[Layout, torch.Tensor]:
+    """The layout after keeping the ``keep`` tokens (a (B, L) bool mask over the current sequence).
+
+    With compact positions every kept token moves down by the number of tokens dropped before it,
+    which equals the official code's ``arange(L_new)`` renumbering for an unpadded sample. Returns the
+    new layout and the gather index to apply to hidden states and per-token scores.
+    """
+    keep = keep & layout.valid
+    index, new_valid = keep_index(keep)
+    positions = layout.positions
+    if compact_positions:
+        dropped = layout.valid & ~keep
+        positions = positions - dropped.long().cumsum(1)
+    zero = torch.zeros((), dtype=torch.long, device=index.device)
+    new = Layout(
+        valid=new_valid,
+        image=gather_tokens(layout.image, index) & new_valid,
+        image_rank=torch.where(new_valid, gather_tokens(layout.image_rank, index), zero - 1),
+        orig_index=gather_tokens(layout.orig_index, index),
+        positions=torch.where(new_valid, gather_tokens(positions, index), zero),
+    )
+    return new, index
+
+
+def scatter_to_input(h: torch.Tensor, layout: Layout, input_length: int) -> torch.Tensor:
+    """Place the rows of a pruned sequence back at their input columns; dropped tokens' rows are zero."""
+    out = h.new_zeros(h.shape[0], input_length, h.shape[-1])
+    rows, cols = layout.valid.nonzero(as_tuple=True)
+    out[rows, layout.orig_index[rows, cols]] = h[rows, cols]
+    return out
