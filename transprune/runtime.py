@@ -50,9 +50,15 @@ class SampleStats:
     tflops_unpruned: float
     pruning_layers: tuple[int, ...]  # 1-indexed layers actually used for this model's depth
     accumulation_layers: tuple[int, ...]
+    # With apply(..., record_scores=True): per stage, the scored image tokens (`image_index`, numbered
+    # like kept_indices) and their L1-normalised `ttv`, `iga` and combined `score`, as fp32 CPU tensors.
+    scores: list[dict] | None = None
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if self.scores is not None:
+            out["scores"] = [{k: v.tolist() for k, v in stage.items()} for stage in self.scores]
+        return out
 
 
 @dataclass
@@ -72,8 +78,9 @@ class _Generation:
 class PruneHandle:
     """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
 
-    def __init__(self, model, config: TransPruneConfig, adapter, schedule: Schedule):
+    def __init__(self, model, config: TransPruneConfig, adapter, schedule: Schedule, record_scores: bool = False):
         self.model = model
+        self.record_scores = record_scores
         self.config = config
         self.adapter = adapter
         self.schedule = schedule
@@ -199,6 +206,7 @@ class PruneHandle:
         keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
         ttv = torch.zeros(layout.valid.shape, dtype=torch.float32, device=embeds.device)
         kept_ranks: list[list[torch.Tensor]] = [[] for _ in n_image]
+        scores = [[] for _ in n_image] if self.record_scores else None
         generation = _Generation()
         h = embeds
         stage_dropped = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
@@ -220,7 +228,8 @@ class PruneHandle:
                 hidden.append(scatter_to_input(h, layout, valid.shape[1]))
             if i in prune_at:
                 stage = prune_at[i]
-                keep = self._select(h, layout, ttv, rope, layers[i + 1], [c[stage] for c in keep_counts], kept_ranks)
+                keep = self._select(h, layout, ttv, rope, layers[i + 1], [c[stage] for c in keep_counts], kept_ranks,
+                                    scores)
                 before = layout.valid.sum(1)
                 layout, index = drop_tokens(layout, keep, compact_positions=cfg.positions == "compact")
                 stage_dropped = stage_dropped + before - layout.valid.sum(1)
@@ -233,10 +242,10 @@ class PruneHandle:
             hidden.insert(0, embeds)
         if cache is not None:
             self._generations[cache] = generation
-        self._record(n_image, kept_ranks)
+        self._record(n_image, kept_ranks, scores)
         return scatter_to_input(h, layout, valid.shape[1])
 
-    def _select(self, h, layout, ttv, rope, next_layer, keep_counts, kept_ranks):
+    def _select(self, h, layout, ttv, rope, next_layer, keep_counts, kept_ranks, scores=None):
         """Score the image tokens of every sample and return the (B, L) mask of tokens to keep."""
         cfg = self.config
         keep = layout.valid & ~layout.image
@@ -260,6 +269,13 @@ class PruneHandle:
             chosen = image_at[scoring.select_top(score, k)]
             keep[b, cols[chosen]] = True
             kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
+            if scores is not None:
+                scores[b].append({
+                    "image_index": layout.image_rank[b, cols[image_at]].cpu(),
+                    "ttv": scoring.l1_normalize(ttv_img).cpu(),
+                    "iga": scoring.l1_normalize(iga_img).cpu(),
+                    "score": score.cpu(),
+                })
         return keep
 
     def _continue(self, generation, embeds, new_valid, position_ids, cache, hidden):
@@ -293,10 +309,10 @@ class PruneHandle:
         cfg = self.adapter.decoder.config
         return sum(paper_layer_macs(n, cfg.hidden_size, cfg.intermediate_size) for n in tokens_per_layer) / 1e12
 
-    def _record(self, n_image, kept_ranks):
+    def _record(self, n_image, kept_ranks, scores=None):
         sched = self.schedule
         stats = []
-        for n, ranks in zip(n_image, kept_ranks):
+        for b, (n, ranks) in enumerate(zip(n_image, kept_ranks)):
             counts = [n]
             for r in ranks:
                 counts.append(int(r.numel()))
@@ -313,6 +329,7 @@ class PruneHandle:
                 tflops_unpruned=self._paper_tflops([n] * sched.depth),
                 pruning_layers=sched.pruning_layers,
                 accumulation_layers=sched.accumulation_layers,
+                scores=scores[b] if scores is not None else None,
             ))
         with self._lock:
             self.last_stats = stats
@@ -327,8 +344,11 @@ def cache_is_fresh(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0
 
 
-def apply(model, config: TransPruneConfig) -> PruneHandle:
-    """Attach `config`'s pruning to this one model instance; returns the handle that undoes it."""
+def apply(model, config: TransPruneConfig, *, record_scores: bool = False) -> PruneHandle:
+    """Attach `config`'s pruning to this one model instance; returns the handle that undoes it.
+
+    `record_scores=True` keeps every stage's TTV / IGA / combined scores in `handle.last_stats`.
+    """
     if not isinstance(config, TransPruneConfig):
         raise TypeError(f"config must be a TransPruneConfig, got {type(config).__name__}")
     adapter = adapter_for(model)
@@ -337,15 +357,15 @@ def apply(model, config: TransPruneConfig) -> PruneHandle:
     if not isinstance(getattr(adapter.decoder, "layers", None), torch.nn.ModuleList):
         raise TypeError(f"{type(adapter.decoder).__name__} has no `layers` ModuleList; transprune cannot run it")
     schedule = config.layers_for_depth(adapter.decoder.config.num_hidden_layers)
-    handle = PruneHandle(model, config, adapter, schedule)
+    handle = PruneHandle(model, config, adapter, schedule, record_scores)
     handle._install()
     return handle
 
 
 @contextlib.contextmanager
-def pruned(model, config: TransPruneConfig):
+def pruned(model, config: TransPruneConfig, *, record_scores: bool = False):
     """`with pruned(model, config) as handle:` apply for the block, then restore the model."""
-    handle = apply(model, config)
+    handle = apply(model, config, record_scores=record_scores)
     try:
         yield handle
     finally:

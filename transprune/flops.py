@@ -1,0 +1,215 @@
+"""FLOPs accounting for TransPrune schedules (../shared/method.md §10).
+
+Two numbers are reported, and kept apart on purpose:
+
+* **Paper convention** (`tflops`): the first term of the paper's Eq. 7 summed over the decoder,
+  ``4nd² + 2n²d + 3ndm`` per layer with n = *visual tokens only*, prefill only, counted as
+  multiply-accumulates (FastV/PDrop convention, not 2·MACs). This reproduces every TFLOPs number in
+  the paper's tables (1.56 / 1.19 / 3.82 for LLaVA-1.5-7B, 8.33 / 6.41 / 20.83 for LLaVA-NeXT-7B).
+* **Full prefill** (`tflops_full`): the same MAC convention over *all* tokens (visual + text), with
+  GQA-aware k/v projections, plus the cost of TransPrune's own scoring (TTV and IGA). Still prefill
+  only; the LM head, embeddings, norms and softmax are left out as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import Schedule, TransPruneConfig
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The decoder dimensions FLOPs depend on, plus the nominal image-token count N."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    image_tokens: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+ARCHS: dict[str, ArchSpec] = {
+    a.name: a
+    for a in (
+        ArchSpec("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 576),
+        ArchSpec("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 576),
+        # 2880 = 5 x 576: base image + 2x2 anyres grid, newline tokens not counted (paper number).
+        ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880),
+    )
+}
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
+
+
+def arch_from_config(path) -> ArchSpec:
+    """Read an ArchSpec from a checkpoint folder or its ``config.json`` (HF ``llava`` / ``llava_next``).
+
+    N is nominal, as in the paper: ``(image_size // patch_size)**2`` per crop (+1 for the CLS token
+    when ``vision_feature_select_strategy == "full"``); LLaVA-NeXT counts 5 crops (base image + a 2x2
+    anyres grid) and leaves out the per-row newline tokens, which gives the paper's 2880 for the 7B.
+    The real count of a NeXT sample depends on its image size and is known only at run time.
+    """
+    from transformers import AutoConfig  # imported here so the paper arithmetic needs no transformers
+
+    path = Path(path)
+    # AutoConfig fills the defaults a saved config.json leaves out; it wants the folder for config.json.
+    source = path.parent if path.is_file() and path.name == "config.json" else path
+    cfg = AutoConfig.from_pretrained(str(source))
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{path}: model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    vision, text = cfg.vision_config, cfg.text_config
+    per_crop = (vision.image_size // vision.patch_size) ** 2
+    if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
+        per_crop += 1  # CLS token kept
+    n_image = per_crop if cfg.model_type == "llava" else 5 * per_crop
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    name = source.name if source.is_dir() else source.stem
+    return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
+                    head_dim, n_image)
+
+
+def resolve_arch(name_or_path) -> ArchSpec:
+    """A name from `ARCHS`, or an existing checkpoint folder / config.json."""
+    if isinstance(name_or_path, ArchSpec):
+        return name_or_path
+    if str(name_or_path) in ARCHS:
+        return ARCHS[str(name_or_path)]
+    if Path(name_or_path).exists():
+        return arch_from_config(name_or_path)
+    raise ValueError(
+        f"unknown arch {str(name_or_path)!r}: use one of {', '.join(ARCHS)} or a path to a checkpoint "
+        f"folder or its config.json"
+    )
+
+
+def paper_layer_macs(n: int, d: int, m: int) -> int:
+    """One decoder layer in the paper's convention: q/k/v/o projections, attention, SwiGLU FFN (MACs)."""
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def paper_tflops(arch: ArchSpec, tokens_per_layer) -> float:
+    """Paper-convention TFLOPs for a list of visual-token counts, one per decoder layer."""
+    tokens_per_layer = list(tokens_per_layer)
+    if len(tokens_per_layer) != arch.num_layers:
+        raise ValueError(f"{arch.name} has {arch.num_layers} layers, got {len(tokens_per_layer)} token counts")
+    return sum(paper_layer_macs(n, arch.hidden_size, arch.intermediate_size) for n in tokens_per_layer) / 1e12
+
+
+def full_layer_macs(n: int, arch: ArchSpec) -> int:
+    """One decoder layer over n tokens (visual + text) with GQA-sized k/v projections (MACs)."""
+    d = arch.hidden_size
+    return 2 * n * d * d + 2 * n * d * arch.kv_dim + 2 * n * n * d + 3 * n * d * arch.intermediate_size
+
+
+# TTV per (module input, module output) pair and token: ||x||, ||y|| and <x, y> are 3d MACs; the
+# magnitude ratio, cosine and softmax add O(1) per token. Rounded up to 4d; two pairs per layer.
+TTV_MACS_PER_PAIR = 4
+
+
+def scoring_macs(arch: ArchSpec, schedule: Schedule, tokens_per_layer, text_tokens: int, query_tokens: int) -> int:
+    """TransPrune's own scoring cost during prefill (MACs); zero when the schedule never prunes.
+
+    TTV runs at each accumulation layer up to the last pruning layer, over the whole sequence.
+    IGA runs at each pruning layer p with layer p+1's weights on the un-pruned sequence: input
+    RMSNorm (n·d), K for all n tokens, Q for the query rows after the image, and the Q·Kᵀ scores.
+    """
+    if not schedule.pruning_layers:
+        return 0
+    d, last = arch.hidden_size, schedule.pruning_layers[-1]
+    total = 0
+    for layer in schedule.accumulation_layers:
+        if layer <= last:
+            n = tokens_per_layer[layer - 1] + text_tokens
+            total += 2 * TTV_MACS_PER_PAIR * n * d
+    for layer in schedule.pruning_layers:
+        n = tokens_per_layer[layer - 1] + text_tokens  # sequence length before this stage's prune
+        total += n * d + n * d * arch.kv_dim + query_tokens * d * d + query_tokens * n * d
+    return total
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    arch: str
+    preset: str
+    depth: int
+    accumulation_layers: tuple[int, ...]  # as resolved for this depth (schedule actually used)
+    pruning_layers: tuple[int, ...]
+    keep_ratios: tuple[float, ...]
+    image_tokens: int
+    visual_tokens_per_layer: tuple[int, ...]
+    tflops: float  # paper convention
+    tflops_unpruned: float
+    ratio: float  # tflops / tflops_unpruned (the paper rounds the TFLOPs before dividing)
+    tflops_full: float  # full prefill: text + visual tokens, GQA k/v, scoring overhead
+    tflops_full_unpruned: float
+    tflops_scoring: float  # the scoring part of tflops_full
+    text_tokens: int
+    query_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(config: TransPruneConfig, arch, text_tokens: int = 64, query_tokens: int | None = None) -> FlopsReport:
+    """Paper-convention and full-prefill TFLOPs of ``config`` on ``arch`` (an ArchSpec, name or path).
+
+    ``text_tokens`` counts every non-image token of the prompt; ``query_tokens`` (IGA query rows, the
+    text after the image) defaults to all of them.
+    """
+    arch = resolve_arch(arch)
+    query_tokens = text_tokens if query_tokens is None else query_tokens
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
+        raise ValueError(f"text_tokens must be an int >= 0, got {text_tokens!r}")
+    if isinstance(query_tokens, bool) or not isinstance(query_tokens, int) or not 0 <= query_tokens <= text_tokens:
+        raise ValueError(f"query_tokens must be an int in [0, text_tokens={text_tokens}], got {query_tokens!r}")
+
+    schedule = config.layers_for_depth(arch.num_layers)
+    visual = schedule.tokens_per_layer(arch.image_tokens)
+    unpruned = [arch.image_tokens] * arch.num_layers
+    tflops, tflops_unpruned = paper_tflops(arch, visual), paper_tflops(arch, unpruned)
+    scoring = scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12
+
+    def full(counts):
+        return sum(full_layer_macs(n + text_tokens, arch) for n in counts) / 1e12
+
+    return FlopsReport(
+        arch=arch.name,
+        preset=config.name,
+        depth=schedule.depth,
+        accumulation_layers=schedule.accumulation_layers,
+        pruning_layers=schedule.pruning_layers,
+        keep_ratios=schedule.keep_ratios,
+        image_tokens=arch.image_tokens,
+        visual_tokens_per_layer=tuple(visual),
+        tflops=tflops,
+        tflops_unpruned=tflops_unpruned,
+        ratio=tflops / tflops_unpruned,
+        tflops_full=full(visual) + scoring,
+        tflops_full_unpruned=full(unpruned),
+        tflops_scoring=scoring,
+        text_tokens=text_tokens,
+        query_tokens=query_tokens,
+    )
+
+
+def compress_runs(values) -> str:
+    """[576]*7 + [504]*2 -> '7x576, 2x504'."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][1] == v:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, v])
+    return ", ".join(f"{count}x{value}" for count, value in runs)
