@@ -57,6 +57,75 @@ def cmd_flops(args) -> int:
     return 0
 
 
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def load_checkpoint(folder: str, dtype: str = "fp32"):
+    """A local llava / llava_next checkpoint folder and its processor (never downloads)."""
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model must be a local checkpoint folder with a config.json, got {folder!r}")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"--model is a {config.model_type!r} checkpoint; supported: {', '.join(MODEL_CLASSES)}")
+    cls = getattr(transformers, MODEL_CLASSES[config.model_type])
+    model = cls.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]), local_files_only=True).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def build_prompt(processor, question: str) -> str:
+    """The question wrapped in the checkpoint's chat template (or LLaVA-1.5's), with one image slot."""
+    if "<image>" in question:
+        return question
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def cmd_run(args) -> int:
+    import torch
+    from PIL import Image
+
+    from .runtime import pruned
+
+    try:
+        model, processor = load_checkpoint(args.model, args.dtype)
+        image = Image.open(args.image).convert("RGB")
+    except (ValueError, OSError) as exc:
+        print(f"transprune run: error: {exc}", file=sys.stderr)
+        return 2
+    inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
+    inputs = {k: (v.to(model.dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
+    config = TransPruneConfig.preset(args.preset)
+    with pruned(model, config) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    stats = handle.last_stats[0]
+    if args.json:
+        print(json.dumps({"answer": answer, "preset": args.preset, "config": config.to_dict(), **stats.to_dict()}))
+        return 0
+    rows = [
+        ("answer", answer),
+        ("image tokens", str(stats.n_image_tokens)),
+        ("visual tokens/layer", compress_runs(stats.visual_tokens_per_layer)),
+        ("pruning layers", ", ".join(map(str, stats.pruning_layers)) or "none"),
+        ("TFLOPs, paper convention", f"{stats.tflops:.4g} ({100 * stats.tflops / stats.tflops_unpruned:.1f}% of "
+                                     f"{stats.tflops_unpruned:.4g} unpruned)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transprune", description="TransPrune visual-token pruning tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=_count, default=64, help="non-image prompt tokens for the full count (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("run", help="answer one image + prompt with a local checkpoint, with pruning",
+                       description="Load a local llava / llava_next checkpoint folder and its processor, generate "
+                                   "greedily with pruning, and print the answer, visual tokens per layer and TFLOPs.")
+    p.add_argument("--model", required=True, metavar="DIR", help="local checkpoint folder (model + processor)")
+    p.add_argument("--image", required=True, metavar="IMG", help="image file")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question (wrapped in the chat template)")
+    p.add_argument("--preset", choices=PRESETS, default="high")
+    p.add_argument("--max-new-tokens", type=_count, default=64)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -138,6 +138,8 @@ class Schedule:
     @classmethod
     def resolve(cls, config: TransPruneConfig, depth: int) -> "Schedule":
         acc, prune = config.accumulation_layers, config.pruning_layers
+        if not prune:
+            acc = ()  # nothing is pruned, so nothing is scored
         ref = config.reference_depth
         if ref is not None and depth != ref and prune:
             # Proportional map, then push collisions apart so each pruning stage keeps its own layer.

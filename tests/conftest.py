@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from transprune import TransPruneConfig
+from transprune.testing import tiny_llava
+
+# Tiny models run thousands of small ops: one thread avoids OpenMP contention on a 2-core machine.
+torch.set_num_threads(1)
+
+# Absolute layers for the 8-layer tiny decoder: prune after layers 2, 3, 5 (1-indexed), accumulate 2..5.
+TINY_SCHEDULE = dict(accumulation_layers=(2, 3, 4, 5), pruning_layers=(2, 3, 5), keep_ratios=(0.875, 0.5, 0.25),
+                     reference_depth=None)
+
+
+def tiny_config(**overrides) -> TransPruneConfig:
+    return TransPruneConfig(**{**TINY_SCHEDULE, **overrides})
+
+
+def make_prompt(model, n_before: int, n_after: int, seed: int, n_image: int | None = None) -> torch.Tensor:
+    """input_ids: text, the image placeholders, text (ids avoid the image and pad ids)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    low, high = 5, cfg.text_config.vocab_size
+    reserved = {cfg.image_token_id, cfg.text_config.pad_token_id, getattr(cfg, "pad_token_id", None)}
+
+    def text(n):
+        ids = torch.randint(low, high, (n,), generator=gen)
+        for r in reserved:
+            if r is not None:
+                ids[ids == r] = low
+        return ids
+
+    n_image = n_image if n_image is not None else n_image_tokens(model)
+    return torch.cat([text(n_before), torch.full((n_image,), cfg.image_token_id), text(n_after)])
+
+
+def n_image_tokens(model) -> int:
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, length - len(p):] = p
+        mask[b, length - len(p):] = 1
+    return ids, mask
+
+
+def pixels(model, n: int, seed: int) -> torch.Tensor:
+    v = model.config.vision_config
+    return torch.randn(n, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava(seed=0)
+
+
+@pytest.fixture(scope="module")
+def llava_eager():
+    return tiny_llava(seed=0, attn_implementation="eager")
