@@ -1,0 +1,279 @@
+"""Tiny, random-init, offline LLaVA / LLaVA-NeXT models and processors for tests.
+
+Nothing here touches the network: the tokenizer is built with the ``tokenizers`` library from a fixed word
+list, the image processors are the PIL backends (no torchvision needed) and the models are random-init from
+a config, then re-initialised with a seeded normal so activations, attention patterns and logits are clearly
+non-uniform (the transformers default of std 0.02 gives near-uniform attention and degenerate greedy decoding).
+
+    model, processor = tiny_llava(seed=0), tiny_processor("llava")
+    inputs = processor(images=random_image(0), text="USER: <image>\\nwhat is the colour ? ASSISTANT:",
+                       return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=5)
+
+Sizes: CLIP vision tower (hidden 32, 2 layers, 4 heads, 64x64 pixels, patch 8 -> 8x8 = 64 patches + CLS),
+Llama decoder (hidden 64, 8 layers, 4 query heads / 2 key-value heads, head_dim 16, vocab = the tokenizer's).
+LLaVA: every image is 64 ``<image>`` tokens. LLaVA-NeXT: 64 base + unpadded grid features + one newline per
+grid row, e.g. 136 for a 64x64 image, 200 for 128 wide x 64 high, 208 for 64 wide x 128 high, 336 for
+128x128.
+
+The lm_head rows of the special tokens (ids 0-4: <unk> <s> </s> <pad> <image>) are zero, so their logit is
+exactly 0 while the top logit is ~+4: greedy decoding never emits them, ``generate`` always runs to
+``max_new_tokens`` (pass another ``eos_token_id`` to test early stopping) and a generated token is never
+mistaken for an image placeholder or padding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    BatchFeature,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "IMAGE_SIZE", "PATCH_SIZE", "GRID_PINPOINTS", "INIT_STD", "UNK_ID", "BOS_ID", "EOS_ID", "PAD_ID", "IMAGE_ID",
+    "tiny_tokenizer", "tiny_llava_config", "tiny_llava_next_config", "tiny_llava", "tiny_llava_next",
+    "tiny_model", "tiny_processor", "save_tiny_checkpoint", "random_image", "sample_prompts", "sample_images",
+    "sample_inputs", "sample_inputs_unbatched",
+]
+
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
+GRID_PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]  # (height, width) candidates for LLaVA-NeXT
+INIT_STD = 0.2  # std of every weight matrix / embedding; large enough for peaked attention and logits
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(len(SPECIAL_TOKENS))
+PUNCTUATION = [":", "?", ".", ",", "!", "'", "\n"]
+WORDS = (
+    "USER ASSISTANT SYSTEM what is the colour color of this that a an image picture photo in on at and or it "
+    "there how many describe shape size left right top bottom middle red green blue yellow black white orange "
+    "purple big small large cat dog car tree house sky person man woman please answer question yes no one two "
+    "three four five which where who why do does are there"
+).split()
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+DIGITS = [str(d) for d in range(10)]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}</s> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _vocab() -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for token in SPECIAL_TOKENS + PUNCTUATION + WORDS + LETTERS + DIGITS:
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def tiny_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (~150 ids) over a fixed word list; unknown words map to ``<unk>``.
+
+    Ids: ``<unk>`` 0, ``<s>`` 1 (prepended to every sequence), ``</s>`` 2, ``<pad>`` 3, ``<image>`` 4.
+    Whitespace separates words, ``\\n`` and punctuation are tokens of their own, digits are split.
+    """
+    vocab = _vocab()
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"[ \t\r]+"), behavior="removed"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        padding_side=padding_side, model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID and len(tokenizer) == len(vocab)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+def _vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+
+
+def _text_config(**text_overrides) -> LlamaConfig:
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=len(_vocab()), max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                  initializer_range=INIT_STD)
+    fields.update(text_overrides)
+    return LlamaConfig(**fields)
+
+
+def _common(**text_overrides) -> dict:
+    return dict(vision_config=_vision_config(), text_config=_text_config(**text_overrides),
+                image_token_id=IMAGE_ID, pad_token_id=PAD_ID, vision_feature_select_strategy="default",
+                vision_feature_layer=-2, tie_word_embeddings=False)
+
+
+def tiny_llava_config(**text_overrides) -> LlavaConfig:
+    """LLaVA-1.5-shaped config: 64 image tokens per image. ``text_overrides`` go to the Llama text config."""
+    return LlavaConfig(**_common(**text_overrides), image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+
+
+def tiny_llava_next_config(**text_overrides) -> LlavaNextConfig:
+    """LLaVA-NeXT-shaped config with a small any-resolution grid (see ``GRID_PINPOINTS``)."""
+    return LlavaNextConfig(**_common(**text_overrides), image_grid_pinpoints=[list(p) for p in GRID_PINPOINTS],
+                           image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+@torch.no_grad()
+def _reinit(model: torch.nn.Module, seed: int, std: float = INIT_STD) -> None:
+    """Seeded, order-deterministic init: norms 1, biases 0, every other parameter N(0, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1 and "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def _build(config, model_cls, seed: int, attn_implementation: str, dtype: torch.dtype):
+    torch.manual_seed(seed)
+    model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    _reinit(model, seed)
+    with torch.no_grad():  # special tokens get logit exactly 0, far below the max: greedy never emits them
+        model.lm_head.weight[:len(SPECIAL_TOKENS)] = 0.0
+    return model.to(dtype).eval()
+
+
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+               **text_overrides) -> LlavaForConditionalGeneration:
+    """Random-init ``LlavaForConditionalGeneration`` in eval mode (346k params with 8 decoder layers)."""
+    return _build(tiny_llava_config(**text_overrides), LlavaForConditionalGeneration, seed,
+                  attn_implementation, dtype)
+
+
+def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                    **text_overrides) -> LlavaNextForConditionalGeneration:
+    """Random-init ``LlavaNextForConditionalGeneration`` in eval mode."""
+    return _build(tiny_llava_next_config(**text_overrides), LlavaNextForConditionalGeneration, seed,
+                  attn_implementation, dtype)
+
+
+def tiny_model(kind: str = "llava", **kwargs):
+    """``tiny_llava`` or ``tiny_llava_next`` by name."""
+    return {"llava": tiny_llava, "llava_next": tiny_llava_next}[_check_kind(kind)](**kwargs)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("llava", "llava_next"):
+        raise ValueError(f"kind must be 'llava' or 'llava_next', not {kind!r}")
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------- processors
+
+def tiny_processor(kind: str = "llava") -> LlavaProcessor | LlavaNextProcessor:
+    """Processor matching the tiny configs; it expands each ``<image>`` in the text to the model's count."""
+    size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    common = dict(tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                  image_token="<image>", num_additional_image_tokens=1,  # the CLIP CLS token
+                  chat_template=CHAT_TEMPLATE)
+    if _check_kind(kind) == "llava":
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(size=size, crop_size=crop), **common)
+    image_processor = LlavaNextImageProcessorPil(size=size, crop_size=crop,
+                                                 image_grid_pinpoints=[list(p) for p in GRID_PINPOINTS])
+    return LlavaNextProcessor(image_processor=image_processor, **common)
+
+
+def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llava", seed: int = 0, **text_overrides) -> Path:
+    """Write a tiny model + processor with ``save_pretrained``; load them back with ``from_pretrained(path)``."""
+    path = Path(path)
+    tiny_model(kind, seed=seed, **text_overrides).save_pretrained(path)
+    tiny_processor(kind).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def random_image(seed: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
+    """RGB image of ``size`` = (width, height): a seeded coarse colour pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    blocks = rng.integers(0, 256, (max(height // 16, 1), max(width // 16, 1), 3)).astype(np.float32)
+    coarse = np.asarray(Image.fromarray(blocks.astype(np.uint8)).resize((width, height), Image.NEAREST),
+                        dtype=np.float32)
+    pixels = np.clip(coarse + rng.normal(0, 24, (height, width, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+_QUESTION_WORDS = ("what is the colour of the big red car on the left of this picture and how many "
+                   "dogs are there in the image").split()
+
+
+def sample_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` LLaVA-style prompts with one ``<image>`` each; prompt ``i`` has ``3 + 2 * i`` question words."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), 3 + 2 * i)]
+        prompts.append(f"USER: <image>\n{' '.join(words)} ? ASSISTANT:")
+    return prompts
+
+
+def sample_images(n: int, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[Image.Image]:
+    """``n`` different random images; ``sizes`` is an optional (width, height) per image (default 64x64)."""
+    sizes = sizes or [(IMAGE_SIZE, IMAGE_SIZE)] * n
+    return [random_image(seed * 1000 + i, sizes[i]) for i in range(n)]
+
+
+def _kind_of(processor) -> str:
+    return "llava_next" if isinstance(processor, LlavaNextProcessor) else "llava"
+
+
+def sample_inputs(processor, n: int = 3, seed: int = 0, kind: str | None = None,
+                  sizes: list[tuple[int, int]] | None = None) -> BatchFeature:
+    """Left-padded batch of ``n`` prompts of different lengths, each with its own image.
+
+    Returns the processor's ``BatchFeature`` (``input_ids``, ``attention_mask``, ``pixel_values`` and, for
+    LLaVA-NeXT, ``image_sizes``). ``kind`` defaults to the processor's type; ``sizes`` as in ``sample_images``.
+    """
+    _check_kind(kind or _kind_of(processor))
+    processor.tokenizer.padding_side = "left"
+    return processor(images=sample_images(n, seed, sizes), text=sample_prompts(n, seed), padding=True,
+                     return_tensors="pt")
+
+
+def sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, kind: str | None = None,
+                            sizes: list[tuple[int, int]] | None = None) -> list[BatchFeature]:
+    """The same prompts and images as ``sample_inputs``, one unpadded ``BatchFeature`` (batch size 1) each."""
+    _check_kind(kind or _kind_of(processor))
+    images, prompts = sample_images(n, seed, sizes), sample_prompts(n, seed)
+    return [processor(images=[image], text=[prompt], return_tensors="pt") for image, prompt in zip(images, prompts)]
