@@ -110,12 +110,18 @@ class TransPruneConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, PRESETS))}")
         return cls(**{**_PRESET_FIELDS[name], "name": name, **overrides})
 
+    method = "transprune"
+
+    @property
+    def scorer(self) -> str:
+        return self.score
+
     @property
     def enabled(self) -> bool:
         return bool(self.pruning_layers)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"method": self.method, **asdict(self)}
 
     def layers_for_depth(self, depth: int) -> "Schedule":
         """Resolve the layer numbers for a decoder with ``depth`` layers (raises before any change)."""

@@ -23,8 +23,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import scoring
 from .adapters import adapter_for
-from .config import Schedule, TransPruneConfig
+from .config import Schedule
 from .flops import paper_layer_macs
+from .methods import split_methods
 from .surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
 
 _APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
@@ -34,9 +35,12 @@ _APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, PruneHandle]" = weakref.We
 class _Call:
     handle: "PruneHandle"
     image_mask: torch.Tensor | None
+    pre_keep: torch.Tensor | None = None  # pre-LLM choice over all image tokens of the call, in input order
 
 
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
+# (CLS attention, keys) of the vision feature layer, captured while VisionZip encodes images.
+_VISION_CAPTURE: ContextVar[list | None] = ContextVar("transprune_vision", default=None)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class SampleStats:
 
     n_image_tokens: int
     kept_indices: list[list[int]]  # per pruning stage: kept image tokens, numbered 0..N-1 in input order
+    kept_after_layer: list[int]  # the 1-indexed layer each stage pruned after (0: before the LLM)
     visual_tokens_per_layer: list[int]
     tflops: float  # paper convention (visual tokens only, 4nd^2 + 2n^2d + 3ndm per layer, prefill)
     tflops_unpruned: float
@@ -67,7 +72,7 @@ class _Stage:
 
     first_layer: int  # 0-based index of the stage's first layer
     key_valid: torch.Tensor  # (B, kv_len) bool over this stage's cached tokens
-    dropped: torch.Tensor  # (B,) image tokens dropped before this stage, for compact positions
+    shift: torch.Tensor  # (B,) dropped tokens whose positions were closed up before this stage
 
 
 @dataclass
@@ -78,10 +83,11 @@ class _Generation:
 class PruneHandle:
     """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
 
-    def __init__(self, model, config: TransPruneConfig, adapter, schedule: Schedule, record_scores: bool = False):
+    def __init__(self, model, config, adapter, schedule: Schedule, record_scores: bool = False):
         self.model = model
         self.record_scores = record_scores
         self.config = config
+        self.pre, self.llm = split_methods(config)
         self.adapter = adapter
         self.schedule = schedule
         self.last_stats: list[SampleStats] | None = None
@@ -94,13 +100,17 @@ class PruneHandle:
     def _install(self):
         mm, dec = self.adapter.multimodal_model, self.adapter.decoder
         mm_forward, dec_forward = mm.forward, dec.forward  # bound: the class's or an existing instance override
-        self._saved = [(mm, mm.__dict__.get("forward")), (dec, dec.__dict__.get("forward"))]
+        self._saved = [(mm, "forward", mm.__dict__.get("forward")), (dec, "forward", dec.__dict__.get("forward"))]
 
         @functools.wraps(mm_forward)
         def multimodal_forward(*args, **kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             mask = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
-            token = _CURRENT_CALL.set(_Call(self, mask))
+            call = _Call(self, mask)
+            if self.pre is not None:  # generate() encodes images before the forward and passes them in
+                encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+                call.pre_keep = getattr(encoded, "_transprune_keep", None)
+            token = _CURRENT_CALL.set(call)
             try:
                 return mm_forward(*args, **kwargs)
             finally:
@@ -112,6 +122,30 @@ class PruneHandle:
 
         mm.forward = multimodal_forward
         dec.forward = decoder_forward
+        self._hooks = []
+        if self.pre is not None:
+            features = mm.get_image_features
+            self._saved.append((mm, "get_image_features", mm.__dict__.get("get_image_features")))
+
+            @functools.wraps(features)
+            def image_features(*args, **kwargs):
+                kwargs["return_dict"] = True
+                token = _VISION_CAPTURE.set([])
+                try:
+                    out = features(*args, **kwargs)
+                    captured = _VISION_CAPTURE.get()
+                finally:
+                    _VISION_CAPTURE.reset(token)
+                keep = self.adapter.visionzip(self.pre, out, captured[-1])
+                object.__setattr__(out, "_transprune_keep", keep)  # travels with the encoded images
+                call = _CURRENT_CALL.get()
+                if call is not None and call.handle is self:
+                    call.pre_keep = keep
+                return out
+
+            mm.get_image_features = image_features
+            self._hooks.append(self.adapter.vision_attention_layer().register_forward_pre_hook(
+                self._capture_vision, with_kwargs=True))
         self._active = True
         _APPLIED[self.model] = self
 
@@ -119,13 +153,22 @@ class PruneHandle:
         """Restore the model exactly as it was before `apply`."""
         if not self._active:
             return
-        for module, previous in self._saved:
-            del module.forward
+        for module, name, previous in self._saved:
+            delattr(module, name)
             if previous is not None:
-                module.forward = previous
-        self._saved = []
+                setattr(module, name, previous)
+        for hook in self._hooks:
+            hook.remove()
+        self._saved, self._hooks = [], []
         self._active = False
         _APPLIED.pop(self.model, None)
+
+    def _capture_vision(self, module, args, kwargs):
+        """Pre-hook on the vision feature layer's attention: the CLS row, from q and k, for VisionZip."""
+        captured = _VISION_CAPTURE.get()
+        if captured is not None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured.append(self.adapter.vision_cls_attention(module, hidden))
 
     @property
     def active(self) -> bool:
@@ -146,7 +189,8 @@ class PruneHandle:
         image_mask = call.image_mask if call is not None and call.handle is self else None
         generation = self._generations.get(cache) if cache is not None else None
         has_images = image_mask is not None and bool(image_mask.any())
-        prunes = self.config.enabled and has_images and cache_is_fresh(cache)
+        enabled = self.pre is not None or (self.llm is not None and self.llm.enabled)
+        prunes = enabled and has_images and cache_is_fresh(cache)
         if generation is None and not prunes:
             if has_images and cache_is_fresh(cache):
                 self._record_unpruned(image_mask, attention_mask)
@@ -173,8 +217,15 @@ class PruneHandle:
         hidden = []
         want_hidden = kwargs.get("output_hidden_states", decoder.config.output_hidden_states)
         if generation is None:
+            pre_keep = None
+            if self.pre is not None and call.pre_keep is None:
+                raise RuntimeError("VisionZip found no selection for these images: they were encoded without "
+                                   "transprune (pass pixel_values, not precomputed features)")
+            if call.pre_keep is not None:
+                pre_keep = torch.zeros_like(image_mask)
+                pre_keep[image_mask] = call.pre_keep.to(image_mask.device)
             h = self._prefill(inputs_embeds, new_valid, image_mask.to(inputs_embeds.device), position_ids,
-                              cache if use_cache else None, hidden if want_hidden else None)
+                              cache if use_cache else None, hidden if want_hidden else None, pre_keep)
         else:
             h = self._continue(generation, inputs_embeds, new_valid, position_ids, cache,
                                hidden if want_hidden else None)
@@ -194,22 +245,33 @@ class PruneHandle:
             dtype=embeds.dtype, config=config, use_vmap=False, device=embeds.device,
         )
 
-    def _prefill(self, embeds, valid, image_mask, position_ids, cache, hidden):
-        cfg, sched, adapter = self.config, self.schedule, self.adapter
+    def _prefill(self, embeds, valid, image_mask, position_ids, cache, hidden, pre_keep=None):
+        cfg, sched, adapter = self.llm, self.schedule, self.adapter
         decoder = adapter.decoder
         layers = decoder.layers[: decoder.config.num_hidden_layers]
         prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
         last_prune = max(prune_at) if prune_at else -1
-        accumulate = {a - 1 for a in sched.accumulation_layers if a - 1 <= last_prune} if cfg.score != "iga" else set()
+        scorer = cfg.scorer if cfg is not None else None
+        accumulate = {a - 1 for a in sched.accumulation_layers if a - 1 <= last_prune} if scorer != "iga" else set()
         layout = Layout.initial(valid, image_mask, position_ids)
-        n_image = layout.image.sum(1).tolist()
-        keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
-        ttv = torch.zeros(layout.valid.shape, dtype=torch.float32, device=embeds.device)
-        kept_ranks: list[list[torch.Tensor]] = [[] for _ in n_image]
-        scores = [[] for _ in n_image] if self.record_scores else None
-        generation = _Generation()
+        n_original = layout.image.sum(1).tolist()
+        kept_ranks: list[list[torch.Tensor]] = [[] for _ in n_original]
         h = embeds
         stage_dropped = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
+        if pre_keep is not None:
+            # Pre-LLM stage (VisionZip): the LLM never sees the other image tokens; positions close up.
+            keep = layout.valid & (~layout.image | pre_keep)
+            for b in range(len(n_original)):
+                kept_ranks[b].append(layout.image_rank[b][layout.image[b] & keep[b]])
+            before = layout.valid.sum(1)
+            layout, index = drop_tokens(layout, keep, compact_positions=True)
+            stage_dropped = before - layout.valid.sum(1)
+            h = gather_tokens(h, index)
+        n_image = layout.image.sum(1).tolist()  # in-LLM ratios apply to what reaches the LLM
+        keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
+        ttv = torch.zeros(layout.valid.shape, dtype=torch.float32, device=embeds.device)
+        scores = [[] for _ in n_original] if self.record_scores else None
+        generation = _Generation()
 
         def open_stage(first_layer):
             generation.stages.append(_Stage(first_layer, layout.valid, stage_dropped.clone()))
@@ -219,6 +281,7 @@ class PruneHandle:
         mask, rope = open_stage(0)
         for i, layer in enumerate(layers):
             capture = i in accumulate
+            h_in = h
             h, moved = adapter.run_layer(layer, h, mask=mask, position_embeddings=rope, position_ids=layout.positions,
                                          cache=cache, use_cache=cache is not None, capture=capture)
             if capture:
@@ -228,11 +291,12 @@ class PruneHandle:
                 hidden.append(scatter_to_input(h, layout, valid.shape[1]))
             if i in prune_at:
                 stage = prune_at[i]
-                keep = self._select(h, layout, ttv, rope, layers[i + 1], [c[stage] for c in keep_counts], kept_ranks,
-                                    scores)
+                keep = self._select(h, h_in, layout, ttv, rope, layer, layers[i + 1], stage,
+                                    [c[stage] for c in keep_counts], kept_ranks, scores)
                 before = layout.valid.sum(1)
                 layout, index = drop_tokens(layout, keep, compact_positions=cfg.positions == "compact")
-                stage_dropped = stage_dropped + before - layout.valid.sum(1)
+                if cfg.positions == "compact":
+                    stage_dropped = stage_dropped + before - layout.valid.sum(1)
                 h = gather_tokens(h, index)
                 ttv = gather_tokens(ttv, index)
                 mask, rope = open_stage(i + 1)
@@ -242,12 +306,12 @@ class PruneHandle:
             hidden.insert(0, embeds)
         if cache is not None:
             self._generations[cache] = generation
-        self._record(n_image, kept_ranks, scores)
+        self._record(n_original, n_image, kept_ranks, scores, pre_keep is not None)
         return scatter_to_input(h, layout, valid.shape[1])
 
-    def _select(self, h, layout, ttv, rope, next_layer, keep_counts, kept_ranks, scores=None):
+    def _select(self, h, h_in, layout, ttv, rope, layer, next_layer, stage, keep_counts, kept_ranks, scores=None):
         """Score the image tokens of every sample and return the (B, L) mask of tokens to keep."""
-        cfg = self.config
+        cfg = self.llm
         keep = layout.valid & ~layout.image
         cos, sin = rope
         for b, k in enumerate(keep_counts):
@@ -256,27 +320,47 @@ class PruneHandle:
             if image_at.numel() == 0:
                 kept_ranks[b].append(image_at)
                 continue
-            ttv_img = ttv[b, cols[image_at]]
-            if cfg.score == "ttv":
+            parts = {}
+            if cfg.scorer in ("transprune", "ttv", "iga"):
+                ttv_img = ttv[b, cols[image_at]]
                 iga_img = torch.zeros_like(ttv_img)
-            else:
-                # Instruction rows: the text after the last image token (D3 in method.md).
-                after = torch.arange(cols.numel(), device=cols.device) > image_at[-1]
-                query_idx = after.nonzero().squeeze(1)
-                q, kk, scale = self.adapter.scoring_qk(next_layer, h[b, cols], cos[b, cols], sin[b, cols], query_idx)
-                iga_img = scoring.instruction_attention(q, kk, query_idx, scale)[image_at]
-            score = scoring.combine(ttv_img, iga_img, cfg.alpha, cfg.score)
+                if cfg.scorer != "ttv":
+                    # Instruction rows: the text after the last image token (D3 in method.md).
+                    after = torch.arange(cols.numel(), device=cols.device) > image_at[-1]
+                    iga_img = self._attention_to(next_layer, h[b, cols], cos[b, cols], sin[b, cols],
+                                                 after.nonzero().squeeze(1))[image_at]
+                score = scoring.combine(ttv_img, iga_img, cfg.alpha, cfg.scorer)
+                parts = {"ttv": scoring.l1_normalize(ttv_img), "iga": scoring.l1_normalize(iga_img)}
+            elif cfg.scorer in ("fastv", "pdrop"):
+                # FastV: this layer's own attention (its input); PDrop: the next layer's, on this output.
+                source, weights = (h_in, layer) if cfg.scorer == "fastv" else (h, next_layer)
+                last = torch.tensor([cols.numel() - 1], device=cols.device)
+                score = self._attention_to(weights, source[b, cols], cos[b, cols], sin[b, cols], last)[image_at]
+            elif cfg.scorer == "random":
+                # Seeded per stage, not per batch position: a sample gets the same draw alone or batched.
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage)
+                score = torch.rand(image_at.numel(), generator=gen).to(h.device)
+            else:  # uniform
+                score = scoring.even_spread_priority(self._grid_coords(layout.image_rank[b, cols[image_at]]))
             chosen = image_at[scoring.select_top(score, k)]
             keep[b, cols[chosen]] = True
             kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
             if scores is not None:
-                scores[b].append({
-                    "image_index": layout.image_rank[b, cols[image_at]].cpu(),
-                    "ttv": scoring.l1_normalize(ttv_img).cpu(),
-                    "iga": scoring.l1_normalize(iga_img).cpu(),
-                    "score": score.cpu(),
-                })
+                scores[b].append({"image_index": layout.image_rank[b, cols[image_at]].cpu(),
+                                  **{n: v.cpu() for n, v in parts.items()}, "score": score.float().cpu()})
         return keep
+
+    def _attention_to(self, layer, h, cos, sin, query_idx):
+        q, k, scale = self.adapter.scoring_qk(layer, h, cos, sin, query_idx)
+        return scoring.instruction_attention(q, k, query_idx, scale)
+
+    def _grid_coords(self, ranks):
+        """(row, col) of image tokens on a square patch grid; position along the sequence otherwise."""
+        side = self.adapter.patch_grid_side()
+        ranks = ranks.float()
+        if side is None:
+            return torch.stack([ranks, torch.zeros_like(ranks)], dim=1)
+        return torch.stack([torch.div(ranks, side, rounding_mode="floor"), ranks % side], dim=1)
 
     def _continue(self, generation, embeds, new_valid, position_ids, cache, hidden):
         """Decode steps (or any continuation) after a pruned prefill: per-stage masks and positions."""
@@ -289,9 +373,7 @@ class PruneHandle:
             if i in starts:
                 stage = starts[i]
                 stage.key_valid = torch.cat([stage.key_valid, new_valid], dim=1)
-                positions = position_ids
-                if self.config.positions == "compact":
-                    positions = position_ids - stage.dropped[:, None]
+                positions = position_ids - stage.shift[:, None]
                 mask = self._stage_mask(h, stage.key_valid, q_len)
                 rope = decoder.rotary_emb(h, positions)
             h, _ = self.adapter.run_layer(layer, h, mask=mask, position_embeddings=rope, position_ids=positions,
@@ -309,21 +391,22 @@ class PruneHandle:
         cfg = self.adapter.decoder.config
         return sum(paper_layer_macs(n, cfg.hidden_size, cfg.intermediate_size) for n in tokens_per_layer) / 1e12
 
-    def _record(self, n_image, kept_ranks, scores=None):
+    def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
         sched = self.schedule
+        stage_layers = ([0] if pre_llm else []) + list(sched.pruning_layers)
         stats = []
-        for b, (n, ranks) in enumerate(zip(n_image, kept_ranks)):
-            counts = [n]
-            for r in ranks:
-                counts.append(int(r.numel()))
-            per_layer, stage = [], 0
+        for b, (n, n_start, ranks) in enumerate(zip(n_original, n_llm, kept_ranks)):
+            counts = [int(r.numel()) for r in ranks[1:]] if pre_llm else [int(r.numel()) for r in ranks]
+            per_layer, current, stage = [], n_start, 0
             for layer in range(1, sched.depth + 1):
-                per_layer.append(counts[stage])
+                per_layer.append(current)
                 if stage < len(sched.pruning_layers) and layer == sched.pruning_layers[stage]:
+                    current = counts[stage] if stage < len(counts) else current
                     stage += 1
             stats.append(SampleStats(
                 n_image_tokens=n,
                 kept_indices=[r.tolist() for r in ranks],
+                kept_after_layer=stage_layers[: len(ranks)],
                 visual_tokens_per_layer=per_layer,
                 tflops=self._paper_tflops(per_layer),
                 tflops_unpruned=self._paper_tflops([n] * sched.depth),
@@ -336,7 +419,8 @@ class PruneHandle:
 
     def _record_unpruned(self, image_mask, attention_mask):
         valid = image_mask if attention_mask is None else image_mask & attention_mask[:, -image_mask.shape[1]:].bool()
-        self._record(valid.sum(1).tolist(), [[] for _ in range(valid.shape[0])])
+        counts = valid.sum(1).tolist()
+        self._record(counts, counts, [[] for _ in counts])
 
 
 def cache_is_fresh(cache) -> bool:
@@ -344,26 +428,31 @@ def cache_is_fresh(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0
 
 
-def apply(model, config: TransPruneConfig, *, record_scores: bool = False) -> PruneHandle:
-    """Attach `config`'s pruning to this one model instance; returns the handle that undoes it.
+def apply(model, config, *, record_scores: bool = False) -> PruneHandle:
+    """Attach pruning to this one model instance; returns the handle that undoes it.
 
-    `record_scores=True` keeps every stage's TTV / IGA / combined scores in `handle.last_stats`.
+    `config` is one method config (TransPruneConfig, FastVConfig, PDropConfig, VisionZipConfig,
+    RandomConfig, UniformConfig) or a list with at most one pre-LLM and one in-LLM config, e.g.
+    `[VisionZipConfig(...), TransPruneConfig(...)]`. `record_scores=True` keeps every stage's scores
+    in `handle.last_stats`. Everything is validated before the model is touched.
     """
-    if not isinstance(config, TransPruneConfig):
-        raise TypeError(f"config must be a TransPruneConfig, got {type(config).__name__}")
+    pre, llm = split_methods(config)
     adapter = adapter_for(model)
     if model in _APPLIED and _APPLIED[model].active:
         raise ValueError("transprune is already applied to this model; call handle.remove() before applying again")
     if not isinstance(getattr(adapter.decoder, "layers", None), torch.nn.ModuleList):
         raise TypeError(f"{type(adapter.decoder).__name__} has no `layers` ModuleList; transprune cannot run it")
-    schedule = config.layers_for_depth(adapter.decoder.config.num_hidden_layers)
+    depth = adapter.decoder.config.num_hidden_layers
+    schedule = llm.layers_for_depth(depth) if llm is not None else Schedule(depth, (), (), ())
+    if pre is not None:
+        adapter.check_visionzip(pre)
     handle = PruneHandle(model, config, adapter, schedule, record_scores)
     handle._install()
     return handle
 
 
 @contextlib.contextmanager
-def pruned(model, config: TransPruneConfig, *, record_scores: bool = False):
+def pruned(model, config, *, record_scores: bool = False):
     """`with pruned(model, config) as handle:` apply for the block, then restore the model."""
     handle = apply(model, config, record_scores=record_scores)
     try:

@@ -83,3 +83,23 @@ def select_top(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, back in ascending (original) order. Ties go to the earlier token."""
     order = torch.sort(score, descending=True, stable=True).indices[:k]
     return torch.sort(order).values
+
+
+def even_spread_priority(coords: torch.Tensor) -> torch.Tensor:
+    """A score whose top-k is a spatially even subset for every k: farthest-point order on ``coords``
+    (n, 2), starting from the token nearest the centre (ties go to the earlier token)."""
+    n = coords.shape[0]
+    coords = coords.float()
+    centre = coords.mean(0, keepdim=True)
+    first = int(torch.argmin(((coords - centre) ** 2).sum(1)))
+    order = torch.empty(n, dtype=torch.long, device=coords.device)
+    nearest = torch.full((n,), float("inf"), device=coords.device)
+    current = first
+    for step in range(n):
+        order[step] = current
+        nearest = torch.minimum(nearest, ((coords - coords[current]) ** 2).sum(1))
+        nearest[order[: step + 1]] = -1.0
+        current = int(torch.argmax(nearest))
+    score = torch.empty(n, dtype=torch.float32, device=coords.device)
+    score[order] = torch.arange(n, 0, -1, dtype=torch.float32, device=coords.device)
+    return score
