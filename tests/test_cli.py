@@ -33,7 +33,7 @@ def test_run_text_output_and_off_preset(checkpoint, capsys):
     assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is the colour ?",
                  "--preset", "off", "--max-new-tokens", "3"]) == 0
     text = capsys.readouterr().out
-    assert "32x64" in text and "(100.0% of" in text and "pruning layers            none" in text
+    assert "32x64" in text and "(100.0% of" in text and "pruned after layers       none" in text
 
 
 def test_run_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):

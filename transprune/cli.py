@@ -9,8 +9,9 @@ import argparse
 import json
 import sys
 
-from .config import PRESETS, TransPruneConfig
+from .config import PRESETS
 from .flops import ARCHS, compress_runs, estimate, resolve_arch
+from .methods import COMPOSITIONS, METHODS, build
 
 
 def _arch(value: str):
@@ -31,20 +32,52 @@ def _count(value: str) -> int:
     return n
 
 
+def _add_method_args(p, default_preset=None):
+    p.add_argument("--method", default="transprune", metavar="|".join(METHODS),
+                   help="pruning method; comma-separated to compose a pre-LLM and an in-LLM one, e.g. visionzip,transprune")
+    p.add_argument("--preset", choices=[*PRESETS, *COMPOSITIONS], default=default_preset,
+                   help="TransPrune's high/low/off (default high), or a named composition")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="params",
+                   help="a method parameter, e.g. --set k=3 --set r=0.75, --set layers=8,16,24 (repeatable)")
+
+
+def _method(args):
+    params = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+        params[key.strip()] = value.strip()
+    return build(args.method, args.preset, params)
+
+
+def _describe(config) -> str:
+    items = config if isinstance(config, list) else [config]
+    return " + ".join(f"{c.method}({', '.join(f'{k}={v}' for k, v in c.to_dict().items() if k not in ('method', 'name'))})"
+                      for c in items)
+
+
 def cmd_flops(args) -> int:
-    report = estimate(TransPruneConfig.preset(args.preset), args.arch, text_tokens=args.text_tokens)
+    try:
+        config = _method(args)
+    except (ValueError, TypeError) as exc:
+        print(f"transprune flops: error: {exc}", file=sys.stderr)
+        return 2
+    report = estimate(config, args.arch, text_tokens=args.text_tokens)
     if args.json:
         d = report.to_dict()
         print(json.dumps({"tflops": d.pop("tflops"), "tflops_full": d.pop("tflops_full"), **d}))
         return 0
     a, r = args.arch, report
-    schedule = "no pruning" if not r.pruning_layers else (
-        f"prune at {', '.join(map(str, r.pruning_layers))} keeping {', '.join(f'{k:g}' for k in r.keep_ratios)} "
-        f"of N; TTV over layers {', '.join(map(str, r.accumulation_layers))}"
+    schedule = "no in-LLM pruning" if not r.pruning_layers else (
+        f"prune after layers {', '.join(map(str, r.pruning_layers))} keeping {', '.join(f'{k:g}' for k in r.keep_ratios)} "
+        f"of the tokens entering the LLM" + (f"; TTV over layers {', '.join(map(str, r.accumulation_layers))}"
+                                            if r.accumulation_layers else "")
     )
     rows = [
         ("arch", f"{a.name} ({a.num_layers} layers, d={a.hidden_size}, m={a.intermediate_size}, N={a.image_tokens})"),
-        ("preset", f"{args.preset}: {schedule}"),
+        ("method", _describe(config)),
+        ("schedule", schedule),
         ("visual tokens/layer", compress_runs(r.visual_tokens_per_layer)),
         ("TFLOPs, paper convention", f"{r.tflops:.3f} ({100 * r.ratio:.1f}% of {r.tflops_unpruned:.3f} unpruned)"),
         ("TFLOPs, full prefill (text + scoring included)",
@@ -97,6 +130,7 @@ def cmd_run(args) -> int:
     from .runtime import pruned
 
     try:
+        config = _method(args)
         model, processor = load_checkpoint(args.model, args.dtype)
         image = Image.open(args.image).convert("RGB")
     except (ValueError, OSError) as exc:
@@ -104,19 +138,21 @@ def cmd_run(args) -> int:
         return 2
     inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
     inputs = {k: (v.to(model.dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
-    config = TransPruneConfig.preset(args.preset)
     with pruned(model, config) as handle, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     stats = handle.last_stats[0]
     if args.json:
-        print(json.dumps({"answer": answer, "preset": args.preset, "config": config.to_dict(), **stats.to_dict()}))
+        method = [c.to_dict() for c in config] if isinstance(config, list) else config.to_dict()
+        print(json.dumps({"answer": answer, "preset": args.preset or ("high" if "transprune" in args.method else None),
+                          "method": method, **stats.to_dict()}))
         return 0
     rows = [
         ("answer", answer),
         ("image tokens", str(stats.n_image_tokens)),
         ("visual tokens/layer", compress_runs(stats.visual_tokens_per_layer)),
-        ("pruning layers", ", ".join(map(str, stats.pruning_layers)) or "none"),
+        ("method", _describe(config)),
+        ("pruned after layers", ", ".join(map(str, stats.kept_after_layer)) or "none"),
         ("TFLOPs, paper convention", f"{stats.tflops:.4g} ({100 * stats.tflops / stats.tflops_unpruned:.1f}% of "
                                      f"{stats.tflops_unpruned:.4g} unpruned)"),
     ]
@@ -135,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "labelled separately, the full prefill with text tokens and scoring overhead.")
     p.add_argument("--arch", type=_arch, required=True, metavar="|".join([*ARCHS, "PATH"]),
                    help=f"one of {', '.join(ARCHS)}, or a checkpoint folder / config.json (llava, llava_next)")
-    p.add_argument("--preset", choices=PRESETS, required=True)
+    _add_method_args(p)
     p.add_argument("--text-tokens", type=_count, default=64, help="non-image prompt tokens for the full count (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
@@ -146,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="DIR", help="local checkpoint folder (model + processor)")
     p.add_argument("--image", required=True, metavar="IMG", help="image file")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the question (wrapped in the chat template)")
-    p.add_argument("--preset", choices=PRESETS, default="high")
+    _add_method_args(p)
     p.add_argument("--max-new-tokens", type=_count, default=64)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")

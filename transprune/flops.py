@@ -162,12 +162,17 @@ class FlopsReport:
         return asdict(self)
 
 
-def estimate(config: TransPruneConfig, arch, text_tokens: int = 64, query_tokens: int | None = None) -> FlopsReport:
+def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = None) -> FlopsReport:
     """Paper-convention and full-prefill TFLOPs of ``config`` on ``arch`` (an ArchSpec, name or path).
 
-    ``text_tokens`` counts every non-image token of the prompt; ``query_tokens`` (IGA query rows, the
-    text after the image) defaults to all of them.
+    ``config`` is any method config or a composition list (see `transprune.methods`). ``text_tokens``
+    counts every non-image token of the prompt; ``query_tokens`` (TransPrune's IGA query rows, the text
+    after the image) defaults to all of them; FastV and PDrop score from the last token only, the random
+    and uniform baselines cost nothing to score. A pre-LLM method (VisionZip) sets the image-token count
+    that reaches the LLM, and the in-LLM ratios apply to that count.
     """
+    from .methods import split_methods
+
     arch = resolve_arch(arch)
     query_tokens = text_tokens if query_tokens is None else query_tokens
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
@@ -175,18 +180,29 @@ def estimate(config: TransPruneConfig, arch, text_tokens: int = 64, query_tokens
     if isinstance(query_tokens, bool) or not isinstance(query_tokens, int) or not 0 <= query_tokens <= text_tokens:
         raise ValueError(f"query_tokens must be an int in [0, text_tokens={text_tokens}], got {query_tokens!r}")
 
-    schedule = config.layers_for_depth(arch.num_layers)
-    visual = schedule.tokens_per_layer(arch.image_tokens)
+    pre, llm = split_methods(config)
+    schedule = llm.layers_for_depth(arch.num_layers) if llm is not None else Schedule(arch.num_layers, (), (), ())
+    n_llm = arch.image_tokens
+    if pre is not None:
+        if arch.image_tokens != 576:
+            raise ValueError("VisionZip FLOPs are defined for LLaVA-1.5 (576 image tokens per image) only")
+        n_llm = min(pre.tokens, arch.image_tokens)
+    visual = schedule.tokens_per_layer(n_llm)
     unpruned = [arch.image_tokens] * arch.num_layers
     tflops, tflops_unpruned = paper_tflops(arch, visual), paper_tflops(arch, unpruned)
-    scoring = scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12
+    scorer = getattr(llm, "scorer", None)
+    if scorer in ("fastv", "pdrop"):
+        query_tokens = 1
+    scoring = 0.0 if scorer in (None, "random", "uniform") else (
+        scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12)
 
     def full(counts):
         return sum(full_layer_macs(n + text_tokens, arch) for n in counts) / 1e12
 
+    names = [c.method for c in (pre, llm) if c is not None]
     return FlopsReport(
         arch=arch.name,
-        preset=config.name,
+        preset=llm.name if isinstance(llm, TransPruneConfig) and llm.name != "custom" else "+".join(names) or "none",
         depth=schedule.depth,
         accumulation_layers=schedule.accumulation_layers,
         pruning_layers=schedule.pruning_layers,

@@ -198,3 +198,50 @@ def preset(name: str):
     if name in ("high", "low", "off"):
         return TransPruneConfig.preset(name)
     raise ValueError(f"unknown preset {name!r}; choose one of 'high', 'low', 'off', {', '.join(map(repr, COMPOSITIONS))}")
+
+
+def _parse_value(text: str):
+    """'8,16,24' -> (8, 16, 24); '0.5' -> 0.5; '2' -> 2; 'none' -> None; anything else stays a string."""
+    if "," in text:
+        return tuple(_parse_value(t) for t in text.split(",") if t)
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build(methods: str = "transprune", preset_name: str | None = None, params: dict[str, str] | None = None):
+    """A config (or composition list) from a method list such as ``"visionzip,transprune"``, an optional
+    preset (TransPrune's high/low/off, or a composition name) and ``field=value`` overrides, each applied
+    to the method that has that field. Raises ValueError naming the allowed values."""
+    from dataclasses import fields
+
+    params = dict(params or {})
+    if preset_name in COMPOSITIONS:
+        configs = preset(preset_name)
+    else:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [n for n in names if n not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown method {unknown or methods!r}; choose from {', '.join(METHODS)} "
+                             f"(comma-separated to compose, e.g. visionzip,transprune)")
+        if preset_name is not None and "transprune" not in names:
+            raise ValueError(f"--preset {preset_name!r} applies to transprune; the methods are {names}")
+        configs = [TransPruneConfig.preset(preset_name or "high") if n == "transprune" else METHODS[n]() for n in names]
+    used = set()
+    for i, cfg in enumerate(configs):
+        names = {f.name for f in fields(cfg)}
+        mine = {k: _parse_value(v) for k, v in params.items() if k in names}
+        used |= mine.keys()
+        if mine:
+            configs[i] = type(cfg)(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **mine})
+    if set(params) - used:
+        allowed = sorted({f.name for cfg in configs for f in fields(cfg)} - {"name"})
+        raise ValueError(f"unknown parameter(s) {sorted(set(params) - used)} for {'+'.join(c.method for c in configs)}; "
+                         f"allowed: {', '.join(allowed)}")
+    split_methods(configs)
+    return configs[0] if len(configs) == 1 else configs
