@@ -2,10 +2,17 @@
 
     handle = transprune.apply(model, transprune.TransPruneConfig.preset("high"))
     model.generate(...); handle.last_stats; handle.remove()
+
+Peers share the API: FastVConfig, PDropConfig, VisionZipConfig, RandomConfig, UniformConfig, and
+compositions such as `[VisionZipConfig(...), TransPruneConfig(...)]` or `transprune.preset(name)`.
 """
 
 from .config import TransPruneConfig
+from .methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig, preset
 from .runtime import PruneHandle, SampleStats, apply, pruned
 
-__all__ = ["TransPruneConfig", "PruneHandle", "SampleStats", "apply", "pruned"]
+__all__ = [
+    "TransPruneConfig", "FastVConfig", "PDropConfig", "VisionZipConfig", "RandomConfig", "UniformConfig",
+    "PruneHandle", "SampleStats", "apply", "pruned", "preset",
+]
 __version__ = "0.1.0"

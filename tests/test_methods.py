@@ -1,0 +1,281 @@
+"""The peers under the same guarantees as TransPrune: counts, order, batch == one-by-one, backends,
+switched off == unpruned, and scores against independent references written here."""
+
+import math
+
+import pytest
+import torch
+
+import transprune
+from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig, VisionZipConfig
+from transprune.flops import estimate
+from transprune.methods import build, preset, split_methods
+from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_llava, tiny_llava_next, tiny_processor
+
+from conftest import left_pad, make_prompt, pixels, tiny_config
+
+ABS = dict(reference_depth=None)
+METHODS = {
+    "fastv": FastVConfig(k=2, r=0.5, **ABS),
+    "pdrop": PDropConfig(layers=(2, 4, 6), ratio=0.5, **ABS),
+    "random": RandomConfig(pruning_layers=(2, 3, 5), keep_ratios=(0.875, 0.5, 0.25), seed=3, **ABS),
+    "uniform": UniformConfig(pruning_layers=(2, 5), keep_ratios=(0.5, 0.25), **ABS),
+    "visionzip": VisionZipConfig(dominant=12, contextual=4),
+    "visionzip+transprune": [VisionZipConfig(24, 8), tiny_config(keep_ratios=(0.5, 0.25, 0.125))],
+}
+EXPECTED_COUNTS = {  # kept image tokens after each stage for 64 image tokens
+    "fastv": [32], "pdrop": [32, 16, 8], "random": [56, 32, 16], "uniform": [32, 16], "visionzip": [16],
+    "visionzip+transprune": [32, 16, 8, 4],
+}
+OFF = {
+    "fastv": FastVConfig(k=2, r=0.0, **ABS),
+    "pdrop": PDropConfig(layers=(2, 4), ratio=1.0, **ABS),
+    "random": RandomConfig(pruning_layers=(2,), keep_ratios=(1.0,), **ABS),
+    "uniform": UniformConfig(pruning_layers=(2,), keep_ratios=(1.0,), **ABS),
+    "visionzip": VisionZipConfig(dominant=64, contextual=0),
+}
+
+
+def greedy(model, ids, mask, pix, n=12):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def batch(llava):
+    prompts = [make_prompt(llava, 2, 5, seed=1), make_prompt(llava, 7, 12, seed=2), make_prompt(llava, 4, 3, seed=3)]
+    return prompts, pixels(llava, 3, seed=4)
+
+
+# -- FLOPs: the published numbers ------------------------------------------------------------------
+@pytest.mark.parametrize("config, tflops", [
+    (FastVConfig(k=2, r=0.5), 2.01), (FastVConfig(k=2, r=0.75), 1.12), (PDropConfig(), 1.78),
+    (VisionZipConfig(256, 32), 1.89), (VisionZipConfig(162, 30), 1.25),
+    ([VisionZipConfig(256, 32), FastVConfig()], 1.00),
+    (preset("visionzip288+transprune"), 0.66), (preset("visionzip192+transprune"), 0.44),
+])
+def test_flops_reproduce_the_paper(config, tflops):
+    assert round(estimate(config, "llava-1.5-7b").tflops, 2) == tflops
+
+
+def test_flops_reference_sum_for_pdrop_on_next():
+    d, m = 4096, 11008
+    counts = [2880] * 8 + [1440] * 8 + [720] * 8 + [360] * 8
+    ref = sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in counts) / 1e12
+    assert math.isclose(estimate(PDropConfig(), "llava-next-7b").tflops, ref) and round(ref, 2) == 9.46
+
+
+# -- config validation and composition -------------------------------------------------------------
+@pytest.mark.parametrize("make, match", [
+    (lambda: FastVConfig(r=1.0), r"r must be a number in \[0, 1\)"),
+    (lambda: FastVConfig(k=32), "k must be < reference_depth=32"),
+    (lambda: PDropConfig(layers=(16, 8)), "layers must be strictly increasing"),
+    (lambda: PDropConfig(ratio=0), r"ratio must be a number in \(0, 1\]"),
+    (lambda: RandomConfig(keep_ratios=(0.5, 0.6, 0.1)), "keep_ratios must not increase"),
+    (lambda: UniformConfig(positions="x"), "positions='x' is not allowed"),
+    (lambda: VisionZipConfig(dominant=-1), "dominant must be an int >= 0"),
+    (lambda: split_methods([VisionZipConfig(), VisionZipConfig()]), "at most one pre-LLM"),
+    (lambda: build("fastv,nope"), "unknown method"),
+    (lambda: build("fastv", params={"dominant": "3"}), r"unknown parameter\(s\) \['dominant'\]"),
+])
+def test_bad_method_configs_name_the_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_build_applies_parameters_to_the_method_that_has_them():
+    vz, tp = build("visionzip,transprune", "low", {"dominant": "100", "contextual": "20", "alpha": "0.4"})
+    assert (vz.dominant, vz.contextual) == (100, 20)
+    assert tp.keep_ratios == (0.625, 0.1875, 0.0625) and tp.alpha == 0.4
+    assert build("pdrop", params={"layers": "4,8"}).layers == (4, 8)
+
+
+def test_visionzip_on_next_is_refused_before_any_change():
+    model = tiny_llava_next(seed=0)
+    with pytest.raises(ValueError, match="LLaVA-1.5"):
+        transprune.apply(model, VisionZipConfig())
+    assert "forward" not in vars(model.model) and "get_image_features" not in vars(model.model)
+
+
+# -- every method: counts, order, batch == one by one, backends, off == unpruned -------------------
+@pytest.mark.parametrize("name", list(METHODS))
+def test_counts_order_and_batch_equals_one_by_one(llava, batch, name):
+    prompts, pix = batch
+    ids, mask = left_pad(prompts)
+    with transprune.pruned(llava, METHODS[name]) as handle:
+        tokens = greedy(llava, ids, mask, pix)
+        stats = handle.last_stats
+        for b, p in enumerate(prompts):
+            alone = greedy(llava, p[None], torch.ones(1, len(p), dtype=torch.long), pix[b:b + 1])
+            assert torch.equal(alone[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == stats[b].kept_indices
+    for s in stats:
+        assert [len(k) for k in s.kept_indices] == EXPECTED_COUNTS[name]
+        previous = set(range(64))
+        for kept in s.kept_indices:
+            assert kept == sorted(kept) and set(kept) <= previous  # original order, nested stages
+            previous = set(kept)
+    assert "forward" not in vars(llava.model) and "get_image_features" not in vars(llava.model)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_sdpa_and_eager_agree(llava, llava_eager, batch, name):
+    prompts, pix = batch
+    ids, mask = left_pad(prompts[:2])
+    results = []
+    for model in (llava, llava_eager):
+        with transprune.pruned(model, METHODS[name]) as handle:
+            results.append((greedy(model, ids, mask, pix[:2], n=8), [s.kept_indices for s in handle.last_stats]))
+    assert results[0][1] == results[1][1]
+    assert torch.equal(results[0][0], results[1][0])
+
+
+@pytest.mark.parametrize("name", list(OFF))
+def test_switched_off_equals_unpruned(llava, batch, name):
+    prompts, pix = batch
+    ids, mask = left_pad(prompts)
+    ref = greedy(llava, ids, mask, pix)
+    with torch.no_grad():
+        ref_logits = llava(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+    with transprune.pruned(llava, OFF[name]) as handle:
+        got = greedy(llava, ids, mask, pix)
+        with torch.no_grad():
+            got_logits = llava(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        assert handle.last_stats[0].visual_tokens_per_layer == [64] * 8
+    assert torch.equal(got, ref)
+    valid = mask.bool()
+    assert torch.allclose(got_logits[valid], ref_logits[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "random", "uniform"])
+def test_in_llm_peers_work_on_llava_next(name):
+    model, processor = tiny_llava_next(seed=0), tiny_processor("llava_next")
+    sizes = [(64, 64), (128, 64), (128, 128)]
+    batch_inputs = sample_inputs(processor, 3, seed=5, sizes=sizes)
+    singles = sample_inputs_unbatched(processor, 3, seed=5, sizes=sizes)
+    cfg = METHODS[name]
+    with transprune.pruned(model, cfg) as handle, torch.no_grad():
+        out = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)[:, batch_inputs["input_ids"].shape[1]:]
+        stats = handle.last_stats
+        for b, single in enumerate(singles):
+            alone = model.generate(**single, max_new_tokens=6, do_sample=False)[0, single["input_ids"].shape[1]:]
+            assert torch.equal(alone, out[b]) and handle.last_stats[0].kept_indices == stats[b].kept_indices
+    for s in stats:
+        ratios = cfg.keep_ratios
+        assert [len(k) for k in s.kept_indices] == [int(s.n_image_tokens * r) for r in ratios]
+
+
+# -- scores against independent references ---------------------------------------------------------
+def _rope(t, cos, sin):
+    half = t.shape[-1] // 2
+    return t * cos[:, None] + torch.cat([-t[..., half:], t[..., :half]], -1) * sin[:, None]
+
+
+def _last_token_attention(layer, x_normed, cos, sin):
+    """Mean over heads of the last row's causal softmax(q k^T / sqrt(d)), written out (fp64)."""
+    hd = layer.self_attn.head_dim
+    q = _rope(layer.self_attn.q_proj(x_normed).view(len(x_normed), -1, hd), cos, sin).double()
+    k = _rope(layer.self_attn.k_proj(x_normed).view(len(x_normed), -1, hd), cos, sin).double()
+    groups = q.shape[1] // k.shape[1]
+    rows = [torch.softmax(k[:, h // groups] @ q[-1, h] / math.sqrt(hd), 0) for h in range(q.shape[1])]
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_last_token_scores_match_reference(llava, name):
+    cfg = METHODS[name]
+    ids = make_prompt(llava, 4, 9, seed=7)[None]
+    pix = pixels(llava, 1, seed=8)
+    lm = llava.model.language_model
+    p = cfg.pruning_layers[0]  # first stage runs on the unpruned sequence
+    seen = {}
+
+    def grab_input(module, args, kwargs):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+
+    def grab_output(module, args, out):
+        seen["out"] = out
+
+    hooks = [lm.layers[p - 1].register_forward_pre_hook(grab_input, with_kwargs=True),
+             lm.layers[p - 1].register_forward_hook(grab_output)]
+    try:
+        with torch.no_grad():
+            llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)  # plain HF run
+    finally:
+        for h in hooks:
+            h.remove()
+    with transprune.pruned(llava, cfg, record_scores=True) as handle, torch.no_grad():
+        llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
+    got = handle.last_stats[0].scores[0]["score"]
+    source, layer = (seen["in"][0], lm.layers[p - 1]) if name == "fastv" else (seen["out"][0], lm.layers[p])
+    cos, sin = lm.rotary_emb(source[None], torch.arange(len(source))[None])
+    with torch.no_grad():
+        ref = _last_token_attention(layer, layer.input_layernorm(source), cos[0], sin[0])
+    image = ids[0] == llava.config.image_token_id
+    assert torch.allclose(got.double(), ref[image], atol=1e-6)
+    assert handle.last_stats[0].kept_indices[0] == sorted(torch.topk(ref[image], 32).indices.tolist())
+
+
+def test_random_is_seeded_and_seed_dependent(llava, batch):
+    prompts, pix = batch
+    p = prompts[0][None]
+    kept = []
+    for seed in (3, 3, 4):
+        with transprune.pruned(llava, RandomConfig(pruning_layers=(2,), keep_ratios=(0.5,), seed=seed, **ABS)) as h:
+            greedy(llava, p, torch.ones_like(p), pix[:1], n=1)
+        kept.append(h.last_stats[0].kept_indices[0])
+    assert kept[0] == kept[1] != kept[2]
+
+
+def test_uniform_matches_farthest_point_reference(llava, batch):
+    prompts, pix = batch
+    p = prompts[0][None]
+    with transprune.pruned(llava, UniformConfig(pruning_layers=(2,), keep_ratios=(0.25,), **ABS)) as h:
+        greedy(llava, p, torch.ones_like(p), pix[:1], n=1)
+    coords = [(i // 8, i % 8) for i in range(64)]
+    # reference: start nearest the centre (3.5, 3.5), then repeatedly the farthest from all chosen
+    chosen = [min(range(64), key=lambda i: ((coords[i][0] - 3.5) ** 2 + (coords[i][1] - 3.5) ** 2, i))]
+    while len(chosen) < 16:
+        dist = [min((coords[i][0] - coords[j][0]) ** 2 + (coords[i][1] - coords[j][1]) ** 2 for j in chosen)
+                if i not in chosen else -1 for i in range(64)]
+        chosen.append(max(range(64), key=lambda i: (dist[i], -i)))
+    assert h.last_stats[0].kept_indices[0] == sorted(chosen)
+    rows = {c // 8 for c in chosen}
+    assert len(rows) >= 6  # spread over the grid, not a block
+
+
+def test_visionzip_selection_matches_eager_attention_reference(llava):
+    """Dominant tokens = top CLS attention, computed here by an eager vision tower asked for its weights;
+    contextual tokens = mean of their group in vision space, projected."""
+    cfg = VisionZipConfig(dominant=10, contextual=3)
+    ids = make_prompt(llava, 3, 5, seed=9)[None]
+    pix = pixels(llava, 1, seed=10)
+    eager = tiny_llava(seed=0, attn_implementation="eager")
+    with torch.no_grad():
+        vis = eager.model.vision_tower(pix, output_attentions=True, output_hidden_states=True)
+    layer_out = llava.config.vision_feature_layer  # -2: hidden_states[-2] is the output of layer -2
+    cls = vis.attentions[layer_out][0, :, 0, 1:].mean(0)
+    dominant = sorted(torch.topk(cls, 10).indices.tolist())
+    with transprune.pruned(llava, cfg) as handle:
+        greedy(llava, ids, torch.ones_like(ids), pix, n=1)
+    kept = handle.last_stats[0].kept_indices[0]
+    assert len(kept) == 13 and set(dominant) <= set(kept)
+    rest = [i for i in range(64) if i not in dominant]
+    targets = [rest[j * len(rest) // 3] for j in range(3)]
+    assert sorted(dominant + targets) == kept
+    # the merged features: reference from the vision keys and hidden states, then the projector
+    attn = llava.model.vision_tower.encoder.layers[layer_out].self_attn
+    normed = llava.model.vision_tower.encoder.layers[layer_out].layer_norm1(vis.hidden_states[layer_out - 1])
+    with torch.no_grad():
+        keys = torch.nn.functional.normalize(attn.k_proj(normed)[0, 1:], dim=-1)
+        patches = vis.hidden_states[layer_out][0, 1:]
+        groups = {t: [t] for t in targets}
+        for i in rest:
+            if i not in targets:
+                groups[max(targets, key=lambda t: float(keys[i] @ keys[t]))].append(i)
+        merged = torch.stack([patches[groups[t]].mean(0) for t in targets])
+        expected = llava.model.multi_modal_projector(merged)
+        with transprune.pruned(llava, cfg):
+            feats = llava.model.get_image_features(pixel_values=pix).pooler_output[0]
+    assert torch.allclose(feats[targets], expected, atol=1e-5)
