@@ -59,6 +59,11 @@ def test_flops_reproduce_the_paper(config, tflops):
     assert round(estimate(config, "llava-1.5-7b").tflops, 2) == tflops
 
 
+def test_flops_visionzip_on_next_counts_every_crop():
+    report = estimate(VisionZipConfig(54, 10), "llava-next-7b")
+    assert report.visual_tokens_per_layer == (5 * 64,) * 32
+
+
 def test_flops_reference_sum_for_pdrop_on_next():
     d, m = 4096, 11008
     counts = [2880] * 8 + [1440] * 8 + [720] * 8 + [360] * 8
@@ -91,11 +96,10 @@ def test_build_applies_parameters_to_the_method_that_has_them():
     assert build("pdrop", params={"layers": "4,8"}).layers == (4, 8)
 
 
-def test_visionzip_on_next_is_refused_before_any_change():
-    model = tiny_llava_next(seed=0)
-    with pytest.raises(ValueError, match="LLaVA-1.5"):
-        transprune.apply(model, VisionZipConfig())
-    assert "forward" not in vars(model.model) and "get_image_features" not in vars(model.model)
+def test_bad_visionzip_budget_is_refused_before_any_change(llava):
+    with pytest.raises(ValueError, match="dominant \\+ contextual = 80 tokens per image"):
+        transprune.apply(llava, VisionZipConfig(dominant=70, contextual=10))
+    assert "forward" not in vars(llava.model) and "get_image_features" not in vars(llava.model)
 
 
 # -- every method: counts, order, batch == one by one, backends, off == unpruned -------------------
@@ -148,22 +152,25 @@ def test_switched_off_equals_unpruned(llava, batch, name):
     assert torch.allclose(got_logits[valid], ref_logits[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "random", "uniform"])
-def test_in_llm_peers_work_on_llava_next(name):
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_works_on_llava_next(name):
+    """Anyres: samples with 136 / 200 / 336 image tokens (2 / 3 / 5 vision crops) in one batch."""
     model, processor = tiny_llava_next(seed=0), tiny_processor("llava_next")
     sizes = [(64, 64), (128, 64), (128, 128)]
     batch_inputs = sample_inputs(processor, 3, seed=5, sizes=sizes)
     singles = sample_inputs_unbatched(processor, 3, seed=5, sizes=sizes)
-    cfg = METHODS[name]
-    with transprune.pruned(model, cfg) as handle, torch.no_grad():
+    with transprune.pruned(model, METHODS[name]) as handle, torch.no_grad():
         out = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)[:, batch_inputs["input_ids"].shape[1]:]
         stats = handle.last_stats
         for b, single in enumerate(singles):
             alone = model.generate(**single, max_new_tokens=6, do_sample=False)[0, single["input_ids"].shape[1]:]
             assert torch.equal(alone, out[b]) and handle.last_stats[0].kept_indices == stats[b].kept_indices
-    for s in stats:
-        ratios = cfg.keep_ratios
-        assert [len(k) for k in s.kept_indices] == [int(s.n_image_tokens * r) for r in ratios]
+    pre, llm = split_methods(METHODS[name])
+    for s, crops in zip(stats, (2, 3, 5)):
+        counts = [pre.tokens * crops] if pre else []  # VisionZip: D + C per crop, newline tokens dropped
+        start = counts[0] if pre else s.n_image_tokens
+        counts += [int(start * r) for r in (llm.keep_ratios if llm else ())]
+        assert [len(k) for k in s.kept_indices] == counts
 
 
 # -- scores against independent references ---------------------------------------------------------

@@ -31,6 +31,7 @@ class ArchSpec:
     num_kv_heads: int
     head_dim: int
     image_tokens: int
+    crops: int = 1  # vision crops per image (LLaVA-NeXT: base + 2x2 grid = 5); VisionZip keeps D + C per crop
 
     @property
     def kv_dim(self) -> int:
@@ -43,7 +44,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 576),
         ArchSpec("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 576),
         # 2880 = 5 x 576: base image + 2x2 anyres grid, newline tokens not counted (paper number).
-        ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880),
+        ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880, crops=5),
     )
 }
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
@@ -77,7 +78,7 @@ def arch_from_config(path) -> ArchSpec:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     name = source.name if source.is_dir() else source.stem
     return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                    head_dim, n_image)
+                    head_dim, n_image, crops=1 if cfg.model_type == "llava" else 5)
 
 
 def resolve_arch(name_or_path) -> ArchSpec:
@@ -184,9 +185,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     schedule = llm.layers_for_depth(arch.num_layers) if llm is not None else Schedule(arch.num_layers, (), (), ())
     n_llm = arch.image_tokens
     if pre is not None:
-        if arch.image_tokens != 576:
-            raise ValueError("VisionZip FLOPs are defined for LLaVA-1.5 (576 image tokens per image) only")
-        n_llm = min(pre.tokens, arch.image_tokens)
+        n_llm = min(pre.tokens * arch.crops, arch.image_tokens)
     visual = schedule.tokens_per_layer(n_llm)
     unpruned = [arch.image_tokens] * arch.num_layers
     tflops, tflops_unpruned = paper_tflops(arch, visual), paper_tflops(arch, unpruned)

@@ -136,7 +136,8 @@ class PruneHandle:
                     captured = _VISION_CAPTURE.get()
                 finally:
                     _VISION_CAPTURE.reset(token)
-                keep = self.adapter.visionzip(self.pre, out, captured[-1])
+                sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+                keep = self.adapter.visionzip(self.pre, out, captured[-1], sizes)
                 object.__setattr__(out, "_transprune_keep", keep)  # travels with the encoded images
                 call = _CURRENT_CALL.get()
                 if call is not None and call.handle is self:
