@@ -48,3 +48,23 @@ def test_run_rejects_unknown_preset(checkpoint):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--model", str(folder), "--image", str(image), "--prompt", "hi", "--preset", "max"])
     assert exc.value.code == 2
+
+
+def test_run_with_a_composition(checkpoint, capsys):
+    folder, image = checkpoint
+    assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what ?", "--method",
+                 "visionzip,fastv", "--set", "dominant=20", "--set", "contextual=4", "--set", "k=3",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [m["method"] for m in out["method"]] == ["visionzip", "fastv"]
+    assert [len(k) for k in out["kept_indices"]] == [24, 12] and out["kept_after_layer"] == [0, 3]
+    assert out["visual_tokens_per_layer"] == [24] * 3 + [12] * 29
+
+
+def test_flops_methods_json(capsys):
+    assert main(["flops", "--arch", "llava-1.5-7b", "--method", "pdrop", "--json"]) == 0
+    assert round(json.loads(capsys.readouterr().out)["tflops"], 2) == 1.78
+    assert main(["flops", "--arch", "llava-1.5-7b", "--preset", "visionzip288+transprune", "--json"]) == 0
+    assert round(json.loads(capsys.readouterr().out)["tflops"], 2) == 0.66
+    assert main(["flops", "--arch", "llava-1.5-7b", "--method", "fastv", "--set", "z=1"]) == 2
+    assert "allowed: k, positions, r, reference_depth" in capsys.readouterr().err
