@@ -286,3 +286,20 @@ def test_visionzip_selection_matches_eager_attention_reference(llava):
         with transprune.pruned(llava, cfg):
             feats = llava.model.get_image_features(pixel_values=pix).pooler_output[0]
     assert torch.allclose(feats[targets], expected, atol=1e-5)
+
+
+def test_manual_decode_without_positions_matches_generate(llava):
+    """A hand-written decode loop that passes only the cache (no mask, no positions) continues each
+    layer at the right position even when layer 0 holds fewer tokens than the prompt (VisionZip)."""
+    cfg = METHODS["visionzip+transprune"]
+    ids = make_prompt(llava, 3, 6, seed=12)[None]
+    pix = pixels(llava, 1, seed=13)
+    with transprune.pruned(llava, cfg), torch.no_grad():
+        expected = greedy(llava, ids, torch.ones_like(ids), pix, n=6)
+        out = llava(input_ids=ids, pixel_values=pix, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(5):
+            out = llava(input_ids=tokens[-1][:, None], cache=out.cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert out.cache.get_seq_length(0) == ids.shape[1] - (64 - 32) + 5
+    assert torch.equal(torch.stack(tokens, 1), expected)

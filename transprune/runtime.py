@@ -78,6 +78,7 @@ class _Stage:
 @dataclass
 class _Generation:
     stages: list[_Stage] = field(default_factory=list)
+    next_position: torch.Tensor | None = None  # (B,) position of the next token, unpruned numbering
 
 
 class PruneHandle:
@@ -207,10 +208,15 @@ class PruneHandle:
         if use_cache and cache is None:
             cache = DynamicCache(config=decoder.config)
         batch, length = inputs_embeds.shape[:2]
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+        steps = torch.arange(length, device=inputs_embeds.device)[None]
+        if position_ids is None and generation is not None:
+            # Layer 0's cache may be shorter than the sequence (pre-LLM pruning): count from the state.
+            position_ids = generation.next_position[:, None] + steps
+        elif position_ids is None:
+            position_ids = steps + (cache.get_seq_length() if cache is not None else 0)
         position_ids = position_ids.expand(batch, -1)
+        if generation is not None:
+            generation.next_position = position_ids[:, -1] + 1
         if attention_mask is None:
             new_valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
         else:
@@ -306,6 +312,7 @@ class PruneHandle:
             hidden[-1] = scatter_to_input(h, layout, valid.shape[1])
             hidden.insert(0, embeds)
         if cache is not None:
+            generation.next_position = position_ids[:, -1] + 1
             self._generations[cache] = generation
         self._record(n_original, n_image, kept_ranks, scores, pre_keep is not None)
         return scatter_to_input(h, layout, valid.shape[1])
