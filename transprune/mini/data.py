@@ -1,0 +1,183 @@
+"""Generated visual questions with known answer regions: the testbed for the project's mini LLaVA.
+
+A scene holds 3-6 coloured shapes (some large ones carry a digit) on a noisy background. Every
+question's answer depends on one or two objects (or, for counts, every object it counts), and the
+sample carries the pixel mask of those objects, hence which image patches matter. A sample is a pure
+function of (split, index): splits draw from disjoint seed ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = {
+    "red": (215, 45, 40), "green": (45, 170, 70), "blue": (45, 85, 215),
+    "yellow": (230, 205, 40), "purple": (145, 60, 175), "orange": (240, 135, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (6, 8), "large": (11, 14)}  # radius range in pixels
+QUESTION_TYPES = ("colour", "shape_left", "count", "exists", "digit")
+SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+IMAGE_SIZE = 96
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    cx: int
+    cy: int
+    radius: int
+    digit: str | None = None
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+    relevant: np.ndarray  # (H, W) bool: pixels of the objects the answer depends on
+    objects: list[Obj] = field(default_factory=list)
+
+    def relevant_patches(self, patch: int) -> np.ndarray:
+        """(H/patch, W/patch) bool: patches that contain any relevant pixel."""
+        h, w = self.relevant.shape
+        return self.relevant.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
+
+
+def _place(rng, objects, radius, size):
+    for _ in range(200):
+        cx, cy = (int(v) for v in rng.integers(radius + 2, size - radius - 2, 2))
+        if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (radius + o.radius + 4) ** 2 for o in objects):
+            return cx, cy
+    return None
+
+
+def make_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> list[Obj]:
+    objects: list[Obj] = []
+    for _ in range(int(rng.integers(3, 7))):
+        kind = str(rng.choice(list(SIZES)))
+        radius = int(rng.integers(*SIZES[kind], endpoint=True))
+        spot = _place(rng, objects, radius, size)
+        if spot is None:
+            continue
+        digit = str(int(rng.integers(0, 10))) if kind == "large" else None
+        objects.append(Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), kind, *spot, radius, digit))
+    return objects
+
+
+def _draw_shape(draw, o: Obj, fill):
+    box = (o.cx - o.radius, o.cy - o.radius, o.cx + o.radius, o.cy + o.radius)
+    if o.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif o.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(o.cx, o.cy - o.radius), (o.cx - o.radius, o.cy + o.radius), (o.cx + o.radius, o.cy + o.radius)],
+                     fill=fill)
+
+
+def render(objects: list[Obj], rng: np.random.Generator, size: int = IMAGE_SIZE):
+    """The image and one pixel mask per object."""
+    noise = rng.integers(225, 250, (size, size, 1)).repeat(3, axis=2).astype(np.uint8)
+    image = Image.fromarray(noise)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    masks = []
+    for o in objects:
+        _draw_shape(draw, o, COLOURS[o.colour])
+        mask = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(mask), o, 255)
+        masks.append(np.array(mask) > 0)
+        if o.digit is not None:
+            y = o.cy + (o.radius // 3 if o.shape == "triangle" else 0)
+            draw.text((o.cx, y), o.digit, fill=(255, 255, 255), font=font, anchor="mm")
+    return image, masks
+
+
+def _unique(o: Obj, objects: list[Obj], fields: tuple[str, ...]) -> bool:
+    return sum(all(getattr(x, f) == getattr(o, f) for f in fields) for x in objects) == 1
+
+
+def _describe(o: Obj, objects: list[Obj], avoid: str | None = None) -> str | None:
+    """The shortest description naming only ``o`` in the scene (never using the field ``avoid``)."""
+    for fields in (("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape")):
+        if avoid not in fields and _unique(o, objects, fields):
+            return " ".join(getattr(o, f) for f in fields)
+    return None
+
+
+def _question(rng, qtype, objects, masks):
+    """(question, answer, relevant mask) for one question type, or None if the scene has no such question."""
+    empty = np.zeros_like(masks[0])
+    if qtype == "colour":
+        candidates = [(o, m) for o, m in zip(objects, masks) if _describe(o, objects, avoid="colour")]
+        if not candidates:
+            return None
+        o, m = candidates[int(rng.integers(len(candidates)))]
+        return f"what colour is the {_describe(o, objects, avoid='colour')} ?", o.colour, m
+    if qtype == "shape_left":
+        pairs = []
+        for t, tm in zip(objects, masks):
+            name = _describe(t, objects)
+            # objects to the left at roughly the same height ("left of" as a person would read it)
+            left = sorted(((o, m) for o, m in zip(objects, masks)
+                           if o.cx < t.cx - t.radius and abs(o.cy - t.cy) <= t.radius + o.radius),
+                          key=lambda x: x[0].cx)
+            # the nearest object on the left must be clearly the nearest
+            if name and left and (len(left) == 1 or left[-1][0].cx - left[-2][0].cx > 4):
+                pairs.append((tm, *left[-1], name))
+        if not pairs:
+            return None
+        tm, o, m, name = pairs[int(rng.integers(len(pairs)))]
+        return f"what shape is left of the {name} ?", o.shape, tm | m
+    if qtype == "count":
+        if rng.random() < 0.5:
+            key = str(rng.choice(list(COLOURS)))
+            hits = [m for o, m in zip(objects, masks) if o.colour == key]
+            question = f"how many {key} objects are there ?"
+        else:
+            key = str(rng.choice(SHAPES))
+            hits = [m for o, m in zip(objects, masks) if o.shape == key]
+            question = f"how many {key}s are there ?"
+        return question, str(len(hits)), np.logical_or.reduce(hits) if hits else empty
+    if qtype == "exists":
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        if rng.random() < 0.5:  # balance yes / no: ask about a real object half of the time
+            o = objects[int(rng.integers(len(objects)))]
+            colour, shape = o.colour, o.shape
+        hits = [m for o, m in zip(objects, masks) if (o.colour, o.shape) == (colour, shape)]
+        # For "no" the evidence is every object of that shape (the one it could have been).
+        evidence = hits or [m for o, m in zip(objects, masks) if o.shape == shape]
+        return (f"is there a {colour} {shape} ?", "yes" if hits else "no",
+                np.logical_or.reduce(evidence) if evidence else empty)
+    # digit
+    candidates = [(o, m) for o, m in zip(objects, masks) if o.digit is not None and _describe(o, objects)]
+    if not candidates:
+        return None
+    o, m = candidates[int(rng.integers(len(candidates)))]
+    return f"what digit is on the {_describe(o, objects)} ?", o.digit, m
+
+
+def sample(split: str, index: int, qtype: str | None = None, size: int = IMAGE_SIZE) -> Sample:
+    """The ``index``-th sample of ``split`` (``train``, ``val`` or ``test``); deterministic."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng(SPLITS[split] + index)
+    wanted = qtype or QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    if wanted not in QUESTION_TYPES:
+        raise ValueError(f"qtype={wanted!r}; choose one of {', '.join(QUESTION_TYPES)}")
+    while True:  # redraw the scene until it supports the wanted question type
+        objects = make_scene(rng, size)
+        if not objects:
+            continue
+        image, masks = render(objects, rng, size)
+        made = _question(rng, wanted, objects, masks)
+        if made is not None:
+            question, answer, relevant = made
+            return Sample(image, question, answer, wanted, relevant, objects)
