@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import transprune
+
 from transprune import TransPruneConfig
 from transprune.testing import tiny_llava
 
@@ -52,6 +54,25 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
 def pixels(model, n: int, seed: int) -> torch.Tensor:
     v = model.config.vision_config
     return torch.randn(n, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, mask, pix, n=20):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False)
+    return out[:, ids.shape[1]:]
+
+
+def assert_batch_matches_single(model, config, prompts, pix, n=20):
+    """Greedy tokens and kept indices of a padded batch equal each prompt run alone; returns the batch stats."""
+    ids, mask = left_pad(prompts)
+    with transprune.pruned(model, config) as handle:
+        tokens = greedy(model, ids, mask, pix, n)
+        stats = handle.last_stats
+        for b, p in enumerate(prompts):
+            alone = greedy(model, p[None], torch.ones(1, len(p), dtype=torch.long), pix[b:b + 1], n)
+            assert torch.equal(alone[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == stats[b].kept_indices
+    return stats
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from transprune.flops import estimate
 from transprune.methods import build, preset, split_methods
 from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_llava, tiny_llava_next, tiny_processor
 
-from conftest import left_pad, make_prompt, pixels, tiny_config
+from conftest import assert_batch_matches_single, left_pad, make_prompt, pixels, tiny_config
 
 ABS = dict(reference_depth=None)
 METHODS = {
@@ -106,14 +106,7 @@ def test_bad_visionzip_budget_is_refused_before_any_change(llava):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_counts_order_and_batch_equals_one_by_one(llava, batch, name):
     prompts, pix = batch
-    ids, mask = left_pad(prompts)
-    with transprune.pruned(llava, METHODS[name]) as handle:
-        tokens = greedy(llava, ids, mask, pix)
-        stats = handle.last_stats
-        for b, p in enumerate(prompts):
-            alone = greedy(llava, p[None], torch.ones(1, len(p), dtype=torch.long), pix[b:b + 1])
-            assert torch.equal(alone[0], tokens[b])
-            assert handle.last_stats[0].kept_indices == stats[b].kept_indices
+    stats = assert_batch_matches_single(llava, METHODS[name], prompts, pix, n=12)
     for s in stats:
         assert [len(k) for k in s.kept_indices] == EXPECTED_COUNTS[name]
         previous = set(range(64))

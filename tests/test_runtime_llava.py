@@ -10,7 +10,7 @@ import transprune
 from transprune import TransPruneConfig
 from transprune.testing import tiny_llava
 
-from conftest import left_pad, make_prompt, n_image_tokens, pixels, tiny_config
+from conftest import assert_batch_matches_single, left_pad, make_prompt, n_image_tokens, pixels, tiny_config
 
 
 def greedy(model, ids, mask, pix, n=20, **kw):
@@ -190,17 +190,8 @@ def test_text_never_dropped_and_cache_lengths_follow_tokens(llava):
 
 # -- 5. batch == one by one --------------------------------------------------------------------------
 def test_batch_matches_one_by_one(llava):
-    cfg = tiny_config()
     prompts = [make_prompt(llava, 2, 5, seed=31), make_prompt(llava, 7, 12, seed=32), make_prompt(llava, 4, 3, seed=33)]
-    pix = pixels(llava, 3, seed=34)
-    ids, mask = left_pad(prompts)
-    with transprune.pruned(llava, cfg) as handle:
-        batch_tokens = greedy(llava, ids, mask, pix)
-        batch_stats = handle.last_stats
-        for b, p in enumerate(prompts):
-            alone = greedy(llava, p[None], torch.ones(1, len(p), dtype=torch.long), pix[b:b + 1])
-            assert torch.equal(alone[0], batch_tokens[b])
-            assert handle.last_stats[0].kept_indices == batch_stats[b].kept_indices
+    assert_batch_matches_single(llava, tiny_config(), prompts, pixels(llava, 3, seed=34))
 
 
 def test_padding_content_never_matters(llava):

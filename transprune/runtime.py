@@ -265,15 +265,23 @@ class PruneHandle:
         kept_ranks: list[list[torch.Tensor]] = [[] for _ in n_original]
         h = embeds
         stage_dropped = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
+
+        def drop(keep, compact):
+            """Apply a keep mask; returns the gather index for other per-token tensors."""
+            nonlocal layout, h, stage_dropped
+            before = layout.valid.sum(1)
+            layout, index = drop_tokens(layout, keep, compact_positions=compact)
+            if compact:  # decode positions close up by as many tokens
+                stage_dropped = stage_dropped + before - layout.valid.sum(1)
+            h = gather_tokens(h, index)
+            return index
+
         if pre_keep is not None:
             # Pre-LLM stage (VisionZip): the LLM never sees the other image tokens; positions close up.
             keep = layout.valid & (~layout.image | pre_keep)
             for b in range(len(n_original)):
                 kept_ranks[b].append(layout.image_rank[b][layout.image[b] & keep[b]])
-            before = layout.valid.sum(1)
-            layout, index = drop_tokens(layout, keep, compact_positions=True)
-            stage_dropped = before - layout.valid.sum(1)
-            h = gather_tokens(h, index)
+            drop(keep, compact=True)
         n_image = layout.image.sum(1).tolist()  # in-LLM ratios apply to what reaches the LLM
         keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
         ttv = torch.zeros(layout.valid.shape, dtype=torch.float32, device=embeds.device)
@@ -300,12 +308,7 @@ class PruneHandle:
                 stage = prune_at[i]
                 keep = self._select(h, h_in, layout, ttv, rope, layer, layers[i + 1], stage,
                                     [c[stage] for c in keep_counts], kept_ranks, scores)
-                before = layout.valid.sum(1)
-                layout, index = drop_tokens(layout, keep, compact_positions=cfg.positions == "compact")
-                if cfg.positions == "compact":
-                    stage_dropped = stage_dropped + before - layout.valid.sum(1)
-                h = gather_tokens(h, index)
-                ttv = gather_tokens(ttv, index)
+                ttv = gather_tokens(ttv, drop(keep, compact=cfg.positions == "compact"))
                 mask, rope = open_stage(i + 1)
         h = decoder.norm(h)
         if hidden is not None:
