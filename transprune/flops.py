@@ -64,9 +64,14 @@ def arch_from_config(path) -> ArchSpec:
     # AutoConfig fills the defaults a saved config.json leaves out; it wants the folder for config.json.
     source = path.parent if path.is_file() and path.name == "config.json" else path
     cfg = AutoConfig.from_pretrained(str(source))
+    return arch_from_hf_config(cfg, source.name if source.is_dir() else source.stem, where=str(path))
+
+
+def arch_from_hf_config(cfg, name: str, where: str | None = None) -> ArchSpec:
+    """`arch_from_config` for a config object already in memory (e.g. a `LlavaConfig` built in code)."""
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"{path}: model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{where or name}: model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     vision, text = cfg.vision_config, cfg.text_config
     per_crop = (vision.image_size // vision.patch_size) ** 2
@@ -76,7 +81,6 @@ def arch_from_config(path) -> ArchSpec:
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    name = source.name if source.is_dir() else source.stem
     return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
                     head_dim, n_image, crops=1 if cfg.model_type == "llava" else 5)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -41,6 +42,59 @@ class _Call:
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
 # (CLS attention, keys) of the vision feature layer, captured while VisionZip encodes images.
 _VISION_CAPTURE: ContextVar[list | None] = ContextVar("transprune_vision", default=None)
+
+
+class _Profiler:
+    """Wall time of the scoring pieces of one prefill, only while `handle.profile` is on.
+
+    On CUDA every span is a pair of events: recording them never blocks the host, and the one
+    synchronisation happens in `result()`, at the end of the prefill. On CPU spans are perf_counter
+    intervals (CPU ops run synchronously). With profiling off the runtime uses `_NO_PROFILE`, whose
+    spans are no-ops, so a normal run adds no events and no host syncs.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, int, object, object]] = []  # (kind, stage, start, end)
+
+    @contextlib.contextmanager
+    def span(self, kind: str, stage: int = -1):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.spans.append((kind, stage, start, end))
+
+    def result(self, n_stages: int) -> dict:
+        """Seconds per kind: `ttv_s` (TTV accumulation), `pre_llm_s` (VisionZip's selection), and per
+        pruning stage `select_s` (scoring + top-k) and `drop_s` (removing the tokens); `scoring_s` =
+        ttv + pre-LLM + select, the cost of deciding what to drop; `pre_llm_drop_s` removes the
+        tokens VisionZip dropped."""
+        if self.cuda and self.spans:
+            self.spans[-1][3].synchronize()
+        out = {"ttv_s": 0.0, "pre_llm_s": 0.0, "pre_llm_drop_s": 0.0,
+               "select_s": [0.0] * n_stages, "drop_s": [0.0] * n_stages}
+        for kind, stage, start, end in self.spans:
+            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+            if stage >= 0:
+                out[kind][stage] += seconds
+            else:
+                out[kind] += seconds
+        out["scoring_s"] = out["ttv_s"] + out["pre_llm_s"] + sum(out["select_s"])
+        return out
+
+
+class _NoProfile:
+    def span(self, kind: str, stage: int = -1):
+        return contextlib.nullcontext()
+
+
+_NO_PROFILE = _NoProfile()
 
 
 @dataclass
@@ -84,9 +138,14 @@ class _Generation:
 class PruneHandle:
     """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
 
-    def __init__(self, model, config, adapter, schedule: Schedule, record_scores: bool = False):
+    def __init__(self, model, config, adapter, schedule: Schedule, record_scores: bool = False,
+                 profile: bool = False):
         self.model = model
         self.record_scores = record_scores
+        # With profile=True each pruned prefill times its scoring steps into `last_profile` (see _Profiler).
+        self.profile = profile
+        self.last_profile: dict | None = None
+        self._pre_llm_profile: _Profiler | None = None
         self.config = config
         self.pre, self.llm = split_methods(config)
         self.adapter = adapter
@@ -138,7 +197,11 @@ class PruneHandle:
                 finally:
                     _VISION_CAPTURE.reset(token)
                 sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-                keep = self.adapter.visionzip(self.pre, out, captured[-1], sizes)
+                prof = _Profiler(out.pooler_output[0].device) if self.profile else _NO_PROFILE
+                with prof.span("pre_llm_s"):
+                    keep = self.adapter.visionzip(self.pre, out, captured[-1], sizes)
+                if self.profile:
+                    self._pre_llm_profile = prof
                 object.__setattr__(out, "_transprune_keep", keep)  # travels with the encoded images
                 call = _CURRENT_CALL.get()
                 if call is not None and call.handle is self:
@@ -265,15 +328,20 @@ class PruneHandle:
         kept_ranks: list[list[torch.Tensor]] = [[] for _ in n_original]
         h = embeds
         stage_dropped = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
+        prof = _NO_PROFILE
+        if self.profile:
+            prof = self._pre_llm_profile if pre_keep is not None and self._pre_llm_profile else _Profiler(embeds.device)
+        self._pre_llm_profile = None
 
-        def drop(keep, compact):
+        def drop(keep, compact, kind="drop_s", stage=-1):
             """Apply a keep mask; returns the gather index for other per-token tensors."""
             nonlocal layout, h, stage_dropped
-            before = layout.valid.sum(1)
-            layout, index = drop_tokens(layout, keep, compact_positions=compact)
-            if compact:  # decode positions close up by as many tokens
-                stage_dropped = stage_dropped + before - layout.valid.sum(1)
-            h = gather_tokens(h, index)
+            with prof.span(kind, stage):
+                before = layout.valid.sum(1)
+                layout, index = drop_tokens(layout, keep, compact_positions=compact)
+                if compact:  # decode positions close up by as many tokens
+                    stage_dropped = stage_dropped + before - layout.valid.sum(1)
+                h = gather_tokens(h, index)
             return index
 
         if pre_keep is not None:
@@ -281,7 +349,7 @@ class PruneHandle:
             keep = layout.valid & (~layout.image | pre_keep)
             for b in range(len(n_original)):
                 kept_ranks[b].append(layout.image_rank[b][layout.image[b] & keep[b]])
-            drop(keep, compact=True)
+            drop(keep, compact=True, kind="pre_llm_drop_s")
         n_image = layout.image.sum(1).tolist()  # in-LLM ratios apply to what reaches the LLM
         keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
         ttv = torch.zeros(layout.valid.shape, dtype=torch.float32, device=embeds.device)
@@ -300,15 +368,17 @@ class PruneHandle:
             h, moved = adapter.run_layer(layer, h, mask=mask, position_embeddings=rope, position_ids=layout.positions,
                                          cache=cache, use_cache=cache is not None, capture=capture)
             if capture:
-                ttv += scoring.module_ttv(moved[0], moved[1], layout.valid, cfg.direction)
-                ttv += scoring.module_ttv(moved[2], moved[3], layout.valid, cfg.direction)
+                with prof.span("ttv_s"):
+                    ttv += scoring.module_ttv(moved[0], moved[1], layout.valid, cfg.direction)
+                    ttv += scoring.module_ttv(moved[2], moved[3], layout.valid, cfg.direction)
             if hidden is not None:
                 hidden.append(scatter_to_input(h, layout, valid.shape[1]))
             if i in prune_at:
                 stage = prune_at[i]
-                keep = self._select(h, h_in, layout, ttv, rope, layer, layers[i + 1], stage,
-                                    [c[stage] for c in keep_counts], kept_ranks, scores)
-                ttv = gather_tokens(ttv, drop(keep, compact=cfg.positions == "compact"))
+                with prof.span("select_s", stage):
+                    keep = self._select(h, h_in, layout, ttv, rope, layer, layers[i + 1], stage,
+                                        [c[stage] for c in keep_counts], kept_ranks, scores)
+                ttv = gather_tokens(ttv, drop(keep, compact=cfg.positions == "compact", stage=stage))
                 mask, rope = open_stage(i + 1)
         h = decoder.norm(h)
         if hidden is not None:
@@ -318,6 +388,10 @@ class PruneHandle:
             generation.next_position = position_ids[:, -1] + 1
             self._generations[cache] = generation
         self._record(n_original, n_image, kept_ranks, scores, pre_keep is not None)
+        if self.profile:
+            result = prof.result(len(sched.pruning_layers))
+            with self._lock:
+                self.last_profile = result
         return scatter_to_input(h, layout, valid.shape[1])
 
     def _select(self, h, h_in, layout, ttv, rope, layer, next_layer, stage, keep_counts, kept_ranks, scores=None):
@@ -439,13 +513,16 @@ def cache_is_fresh(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0
 
 
-def apply(model, config, *, record_scores: bool = False) -> PruneHandle:
+def apply(model, config, *, record_scores: bool = False, profile: bool = False) -> PruneHandle:
     """Attach pruning to this one model instance; returns the handle that undoes it.
 
     `config` is one method config (TransPruneConfig, FastVConfig, PDropConfig, VisionZipConfig,
     RandomConfig, UniformConfig) or a list with at most one pre-LLM and one in-LLM config, e.g.
     `[VisionZipConfig(...), TransPruneConfig(...)]`. `record_scores=True` keeps every stage's scores
-    in `handle.last_stats`. Everything is validated before the model is touched.
+    in `handle.last_stats`; `profile=True` (or setting `handle.profile` later) times the scoring of
+    every pruned prefill into `handle.last_profile` (CUDA events, read once at the end of the prefill;
+    off by default, so normal runs add no host syncs). Everything is validated before the model is
+    touched.
     """
     pre, llm = split_methods(config)
     adapter = adapter_for(model)
@@ -457,15 +534,15 @@ def apply(model, config, *, record_scores: bool = False) -> PruneHandle:
     schedule = llm.layers_for_depth(depth) if llm is not None else Schedule(depth, (), (), ())
     if pre is not None:
         adapter.check_visionzip(pre)
-    handle = PruneHandle(model, config, adapter, schedule, record_scores)
+    handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)
     handle._install()
     return handle
 
 
 @contextlib.contextmanager
-def pruned(model, config, *, record_scores: bool = False):
+def pruned(model, config, *, record_scores: bool = False, profile: bool = False):
     """`with pruned(model, config) as handle:` apply for the block, then restore the model."""
-    handle = apply(model, config, record_scores=record_scores)
+    handle = apply(model, config, record_scores=record_scores, profile=profile)
     try:
         yield handle
     finally:

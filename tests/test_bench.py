@@ -1,0 +1,101 @@
+"""`transprune bench` on the reduced LLaVA-1.5 arch (576 image tokens, 32 layers, small hidden size), CPU."""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from transprune import TransPruneConfig
+from transprune.bench import arch_config, arch_spec, method_names, summarize
+from transprune.cli import main
+from transprune.flops import estimate
+
+BATCH, TEXT, NEW = 2, 16, 3
+
+
+@pytest.fixture(scope="module")
+def report():
+    argv = ["bench", "--arch", "llava-1.5-reduced", "--methods", "none,transprune-high", "--batch", str(BATCH),
+            "--dtype", "fp32", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--new-tokens", str(NEW),
+            "--text-tokens", str(TEXT), "--json"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+def test_report_fields_and_same_inputs(report):
+    assert report["random_weights"] is True and "random" in report["weights"]
+    assert report["batch"] == BATCH and report["image_tokens"] == [576] * BATCH and report["text_tokens"] == [TEXT] * BATCH
+    assert report["attn_implementation"] == "sdpa" and report["memory_measure"].startswith("cpu:")
+    none, high = report["methods"]
+    assert [none["name"], high["name"]] == ["none", "transprune-high"]
+    assert none["inputs_sha256"] == high["inputs_sha256"] == report["inputs_sha256"]
+    for m in (none, high):
+        for key in ("prefill_s", "ttft_s", "decode_tokens_per_s"):
+            assert m[key]["median"] > 0 and m[key]["min"] <= m[key]["median"] <= m[key]["max"]
+        assert m["kv_cache_bytes"] > 0 and m["peak_memory_bytes"] > 0
+    assert none["scoring_s"] is None and none["config"] == []
+    assert 0 < high["scoring_s"]["median"] < high["prefill_s"]["median"]
+    assert set(high["scoring_detail"]) >= {"ttv_s", "select_s", "drop_s", "scoring_s"}
+    assert len(high["scoring_detail"]["select_s"]) == 3
+    assert high["config"][0]["method"] == "transprune" and high["config"][0]["keep_ratios"] == [0.875, 0.625, 0.125]
+    assert high["ratios"]["prefill"] == pytest.approx(high["prefill_s"]["median"] / none["prefill_s"]["median"])
+    assert none["ratios"]["prefill"] == 1.0
+
+
+def test_decode_count_equal_across_methods(report):
+    assert all(m["new_tokens"] == [NEW] for m in report["methods"])
+
+
+def test_tflops_match_the_estimate(report):
+    none, high = report["methods"]
+    spec = arch_spec("llava-1.5-reduced")
+    assert (spec.image_tokens, spec.num_layers, spec.hidden_size) == (576, 32, 128)
+    est = estimate(TransPruneConfig.preset("high"), spec, text_tokens=TEXT)
+    assert high["tflops"] == pytest.approx(est.tflops, rel=1e-12)
+    assert none["tflops"] == pytest.approx(est.tflops_unpruned, rel=1e-12)
+    assert high["ratios"]["tflops"] == pytest.approx(est.ratio, rel=1e-12)
+    assert high["visual_tokens_per_layer"] == [list(est.visual_tokens_per_layer)] * BATCH
+
+
+def test_kv_bytes_are_what_the_kept_tokens_imply(report):
+    text = arch_config("llava-1.5-reduced").text_config
+    layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = 2 * kv_heads * head_dim * 4  # key + value, fp32
+
+    # Independently of the runtime: TransPrune-High keeps int(576 * r) image tokens after layers 7, 9, 12.
+    image = [576] * 7 + [int(576 * 0.875)] * 2 + [int(576 * 0.625)] * 3 + [int(576 * 0.125)] * 20
+    none, high = report["methods"]
+    assert none["kv_tokens_per_layer"] == [576 + TEXT] * layers
+    assert none["kv_cache_bytes"] == BATCH * layers * (576 + TEXT) * per_token
+    assert high["kv_tokens_per_layer"] == [n + TEXT for n in image]
+    assert high["kv_cache_bytes"] == BATCH * sum(n + TEXT for n in image) * per_token
+    assert high["ratios"]["kv_cache"] == pytest.approx(sum(n + TEXT for n in image) / (layers * (576 + TEXT)))
+
+
+def test_text_table_says_random_weights(report, capsys):
+    from transprune.bench import format_report
+
+    text = format_report(report)
+    assert "random weights were used" in text and "transprune-high" in text and "0.37x" in text
+
+
+def test_bad_method_is_a_usage_error_naming_the_allowed_values(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--arch", "llava-1.5-reduced", "--methods", "none,fastvv"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastvv" in err and all(name in err for name in method_names())
+
+
+def test_full_size_arch_needs_random_weights(capsys):
+    assert main(["bench", "--arch", "llava-1.5-7b", "--methods", "none", "--device", "cpu"]) == 2
+    assert "--random-weights" in capsys.readouterr().err
+
+
+def test_summarize():
+    assert summarize([3.0, 1.0, 2.0, 4.0]) == {"median": 2.5, "min": 1.0, "max": 4.0, "q1": 1.75, "q3": 3.25, "n": 4}
+    assert summarize([2.0])["q1"] == 2.0
