@@ -162,6 +162,92 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_train_mini(args) -> int:
+    from .mini.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
+    record = train(args.out, cfg, progress=not args.quiet)
+    last = record["history"][-1]["val"] if record["history"] else {}
+    print(f"saved {args.out} after {record['minutes']} min; validation accuracy {json.dumps(last)}")
+    return 0
+
+
+def _load_mini(path):
+    from .mini.model import load_mini
+
+    return load_mini(path)
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .mini.evaluate import evaluate, format_table, resolve
+
+    try:
+        names = resolve(args.methods)
+        model, processor = _load_mini(args.model)
+    except (ValueError, OSError) as exc:
+        print(f"transprune eval: error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    results = evaluate(model, processor, names, n=args.n, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps({"suite": "mini", "n": args.n, "model": str(args.model or "shipped"),
+                          "results": [r.to_dict() for r in results]}))
+    else:
+        print(format_table(results))
+    return 0
+
+
+def _label(args) -> str:
+    """A short name for the method chosen on the command line."""
+    preset = args.preset or ("high" if args.method == "transprune" else None)
+    extra = " " + " ".join(args.params) if args.params else ""
+    return f"{args.method}{' ' + preset if preset else ''}{extra}"
+
+
+def cmd_demo(args) -> int:
+    import torch
+    from PIL import Image
+
+    from .mini import data
+    from .mini.demo import run_demo
+
+    if (args.image is None) != (args.prompt is None):
+        print("transprune demo: error: give both --image and --prompt, or neither", file=sys.stderr)
+        return 2
+    try:
+        config = _method(args)
+        model, processor = _load_mini(args.model)
+        if args.image is not None:
+            image, question, expected = Image.open(args.image), args.prompt, None
+        else:
+            s = data.sample("test", args.index)
+            image, question, expected = s.image, s.question, s.answer
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"transprune demo: error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    result = run_demo(model, processor, image, question, args.out, config=config, expected=expected)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    rows = [("question", result.question)]
+    if expected is not None:
+        rows.append(("expected", expected))
+    rows += [("answer, unpruned", result.answer_unpruned),
+             (f"answer, pruned ({_label(args)})", result.answer_pruned),
+             ("image tokens", str(result.n_image_tokens)),
+             ("kept per stage", ", ".join(f"after layer {layer}: {k}" for layer, k in result.kept_per_stage)),
+             ("TFLOPs, paper convention", f"{result.tflops:.4g} of {result.tflops_unpruned:.4g} unpruned "
+                                          f"({100 * (1 - result.tflops / result.tflops_unpruned):.1f}% saved)"),
+             ("picture", result.png)]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transprune", description="TransPrune visual-token pruning tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -187,6 +273,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="accuracy, relevant-token recall and TFLOPs of every method on a test suite",
+                       description="Run held-out questions of the mini testbed through each method on the same "
+                                   "model and inputs; report accuracy (overall and per question type), the recall "
+                                   "of answer-relevant image tokens after each pruning stage, and TFLOPs relative "
+                                   "to unpruned.")
+    p.add_argument("--suite", choices=["mini"], required=True, help="the test suite (mini: the shipped mini LLaVA)")
+    p.add_argument("--methods", default=None, metavar="A,B,...", help="comma-separated suite methods (default: all)")
+    p.add_argument("--n", type=_count, default=500, help="questions (default 500)")
+    p.add_argument("--batch-size", type=_count, default=50)
+    p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
+    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="answer a generated (or your) question with and without pruning; draw a PNG",
+                       description="With no arguments: generate a scene and a question, answer with and without "
+                                   "pruning on the shipped mini model, and write a PNG with the image, the kept "
+                                   "tokens per stage and the TTV / IGA / combined score heatmaps.")
+    p.add_argument("--image", default=None, metavar="IMG", help="your image (resized to 96x96)")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="your question, in the testbed's words")
+    p.add_argument("--index", type=_count, default=3, help="which generated test question (default 3)")
+    _add_method_args(p)
+    p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
+    p.add_argument("--out", default="transprune-demo.png", metavar="PNG", help="where to write the picture")
+    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-mini", help="train the mini LLaVA from scratch (deterministic; ~1 h on 2 CPU cores)",
+                       description="Train the mini testbed model on generated questions and save a folder that "
+                                   "from_pretrained / AutoProcessor load. The shipped checkpoint was made with the "
+                                   "defaults.")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--steps", type=_count, default=3000)
+    p.add_argument("--seed", type=_count, default=0)
+    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench
     _register_bench(sub)
     return parser

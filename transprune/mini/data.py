@@ -181,3 +181,57 @@ def sample(split: str, index: int, qtype: str | None = None, size: int = IMAGE_S
         if made is not None:
             question, answer, relevant = made
             return Sample(image, question, answer, wanted, relevant, objects)
+
+
+def scene(split: str, index: int, size: int = IMAGE_SIZE):
+    """(image, objects, per-object masks, rng) of the ``index``-th training scene of ``split``.
+
+    Training draws whole scenes and asks several questions about each (`scene_questions`); evaluation uses
+    `sample`, one question per index.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng(SPLITS[split] + index)
+    while True:
+        objects = make_scene(rng, size)
+        if objects:
+            image, masks = render(objects, rng, size)
+            return image, objects, masks, rng
+
+
+def scene_questions(rng: np.random.Generator, objects: list[Obj], masks: list[np.ndarray]):
+    """One (question, answer, qtype, relevant) per question type; types the scene cannot support are
+    replaced by a count / exists question (always possible), so every scene yields exactly five."""
+    out = []
+    for qtype in QUESTION_TYPES:
+        made = _question(rng, qtype, objects, masks)
+        if made is None:
+            qtype = ("count", "exists")[int(rng.integers(2))]
+            made = _question(rng, qtype, objects, masks)
+        question, answer, relevant = made
+        out.append((question, answer, qtype, relevant))
+    return out
+
+
+def patch_labels(objects: list[Obj], masks: list[np.ndarray], patch: int) -> dict[str, np.ndarray]:
+    """Per-patch targets (row-major, length (H/patch)^2) for an auxiliary training loss on the image tokens:
+    the colour / shape / digit of the object covering most of the patch (0 = background or no digit; a patch
+    counts as covered from 1/6 of its pixels) and whether the patch holds the object's centre."""
+    h, w = masks[0].shape if masks else (IMAGE_SIZE, IMAGE_SIZE)
+    grid = (h // patch, w // patch)
+    cover = np.stack([m.reshape(grid[0], patch, grid[1], patch).sum(axis=(1, 3)) for m in masks])  # (O, gh, gw)
+    best = cover.argmax(0)
+    covered = cover.max(0) * 6 >= patch * patch
+    colours, shapes = list(COLOURS), list(SHAPES)
+    colour = np.zeros(grid, np.int64)
+    shape = np.zeros(grid, np.int64)
+    digit = np.zeros(grid, np.int64)
+    centre = np.zeros(grid, np.int64)
+    for i, o in enumerate(objects):
+        here = covered & (best == i)
+        colour[here] = colours.index(o.colour) + 1
+        shape[here] = shapes.index(o.shape) + 1
+        digit[here] = 0 if o.digit is None else int(o.digit) + 1
+        centre[min(o.cy // patch, grid[0] - 1), min(o.cx // patch, grid[1] - 1)] = colours.index(o.colour) + 1
+    return {k: v.reshape(-1) for k, v in
+            dict(colour=colour, shape=shape, digit=digit, centre=centre).items()}

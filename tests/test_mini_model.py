@@ -1,0 +1,91 @@
+"""The mini LLaVA's tokenizer / processor, the training step's prefix-sharing trick, and the trainer."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from transprune.mini import data
+from transprune.mini.model import (EOS_ID, IMAGE_ID, IMAGE_TOKENS, PATCH_SIZE, build_mini, mini_config,
+                                   mini_processor, prompt)
+from transprune.mini.train import AUX_CLASSES, Batcher, TrainConfig, forward_losses, train
+
+
+def test_every_generated_question_and_answer_is_in_the_vocabulary():
+    tokenizer = mini_processor().tokenizer
+    for i in range(100):
+        s = data.sample("train", i)
+        ids = tokenizer(prompt(s.question))["input_ids"]
+        assert tokenizer.unk_token_id not in ids, s.question
+        assert len(tokenizer(s.answer, add_special_tokens=False)["input_ids"]) == 1  # one-word answers
+
+
+def test_geometry_leaves_room_for_the_schedule():
+    cfg = mini_config()
+    assert cfg.text_config.num_hidden_layers >= 12
+    assert IMAGE_TOKENS == (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 == 256
+
+
+def test_processor_round_trips_through_auto_processor(tmp_path):
+    mini_processor().save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    s = data.sample("test", 0)
+    inputs = processor(images=s.image, text=prompt(s.question), return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE_ID).sum()) == IMAGE_TOKENS
+    assert inputs["pixel_values"].shape == (1, 3, 96, 96)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == prompt(s.question)
+
+
+def test_patch_labels_name_the_object_at_its_centre():
+    image, objects, masks, _ = data.scene("train", 3)
+    labels = data.patch_labels(objects, masks, PATCH_SIZE)
+    side = 96 // PATCH_SIZE
+    for o in objects:
+        at = (o.cy // PATCH_SIZE) * side + o.cx // PATCH_SIZE
+        assert labels["colour"][at] == list(data.COLOURS).index(o.colour) + 1
+        assert labels["shape"][at] == list(data.SHAPES).index(o.shape) + 1
+        assert labels["digit"][at] == (0 if o.digit is None else int(o.digit) + 1)
+        assert labels["centre"][at] == list(data.COLOURS).index(o.colour) + 1
+    assert (labels["colour"] == 0).sum() > 0  # background exists
+
+
+def test_shared_prefix_loss_equals_full_sequence_loss():
+    """The trainer runs the image prefix once and repeats its cache per question: the answer loss must be
+    the plain next-token loss of each full prompt + answer sequence."""
+    torch.manual_seed(0)
+    model = build_mini(seed=1).eval()
+    batcher = Batcher()
+    batch = batcher.batch(0, 2)
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(model.config.text_config.hidden_size, c)
+                                 for k, c in AUX_CLASSES.items()})
+    with torch.no_grad():
+        losses = forward_losses(model, heads, batch)
+        answer_losses, eos_losses = [], []
+        for index in range(2):
+            image, objects, masks, rng = data.scene("train", index)
+            pixel_values = batcher.pixels([image])
+            for question, answer, _, _ in data.scene_questions(rng, objects, masks):
+                inputs = batcher.processor(images=image, text=prompt(question), return_tensors="pt")
+                ids = torch.cat([inputs["input_ids"][0], torch.tensor([batcher.answer_id(answer), EOS_ID])])[None]
+                logits = model(input_ids=ids, pixel_values=pixel_values).logits[0]
+                answer_losses.append(F.cross_entropy(logits[-3:-2], ids[0, -2:-1]))
+                eos_losses.append(F.cross_entropy(logits[-2:-1], ids[0, -1:]))
+    torch.testing.assert_close(losses["answer"], torch.stack(answer_losses).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["eos"], torch.stack(eos_losses).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=2, scenes_per_step=2, warmup=1, eval_every=2, eval_n=5, threads=1)
+    first = train(tmp_path / "a", cfg, progress=False, log=lambda *a, **k: None)
+    train(tmp_path / "b", cfg, progress=False, log=lambda *a, **k: None)
+    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
+    b = LlavaForConditionalGeneration.from_pretrained(tmp_path / "b", local_files_only=True)
+    untrained = build_mini(seed=0)
+    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), untrained.parameters()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), untrained.parameters()))
+    assert first["history"][-1]["step"] == 2 and set(first["history"][-1]["val"]) >= {"overall"}
+    AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
+    torch.set_num_threads(1)

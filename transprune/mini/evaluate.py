@@ -1,0 +1,155 @@
+"""`transprune eval --suite mini`: accuracy, relevant-token recall and TFLOPs of every method on held-out
+questions of the mini testbed.
+
+Every method sees the same questions (``data.sample("test", i)`` for i < n), the same batches and the same
+model. The answer is the greedy first token after the prompt (all answers are one word), which is what
+``generate`` would emit first. Relevant-token recall at a stage is, per question, the share of the
+answer-relevant image tokens (patches that overlap the answer's objects) still kept after that stage,
+averaged over the questions that have any (a count of zero has none).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ..config import TransPruneConfig
+from ..methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig
+from . import data
+from .model import IMAGE_TOKENS, PATCH_SIZE, prompt
+
+
+def _visionzip(total_of_576: int, dominant_of_576: int) -> VisionZipConfig:
+    """VisionZip's LLaVA-1.5 setting scaled to this model's image tokens (same share of tokens kept)."""
+    total = round(total_of_576 * IMAGE_TOKENS / 576)
+    dominant = round(dominant_of_576 * IMAGE_TOKENS / 576)
+    return VisionZipConfig(dominant=dominant, contextual=total - dominant)
+
+
+_HIGH = TransPruneConfig.preset("high")
+# name -> (what it is, factory). In-LLM schedules are the papers' LLaVA-1.5 (32-layer) settings, mapped to
+# this model's depth by the configs themselves (`layers_for_depth`); nothing here is tuned on the testbed.
+SUITE = {
+    "none": ("no pruning", lambda: None),
+    "transprune-high": ("TransPrune, paper's high-budget preset", lambda: _HIGH),
+    "transprune-low": ("TransPrune, paper's low-budget preset", lambda: TransPruneConfig.preset("low")),
+    "ttv-only": ("TransPrune high, TTV score only", lambda: replace(_HIGH, score="ttv", name="ttv-only")),
+    "iga-only": ("TransPrune high, IGA score only", lambda: replace(_HIGH, score="iga", name="iga-only")),
+    "direction-1-abs-cos": ("TransPrune high, direction term 1-|cos| (the other variant)",
+                            lambda: replace(_HIGH, direction="1-abs-cos", name="direction-1-abs-cos")),
+    "positions-original": ("TransPrune high, kept tokens keep original positions",
+                           lambda: replace(_HIGH, positions="original", name="positions-original")),
+    "fastv": ("FastV K=2, R=50% (32-layer setting)", lambda: FastVConfig()),
+    "pdrop": ("PDrop, layers 8/16/24 of 32, ratio 0.5", lambda: PDropConfig()),
+    "visionzip": ("VisionZip, 192-of-576 share (85 of 256 tokens)", lambda: _visionzip(192, 162)),
+    "visionzip+transprune": ("VisionZip 192-of-576 share, then TransPrune ratios 0.5/0.25/0.125",
+                             lambda: [_visionzip(192, 162),
+                                      TransPruneConfig(keep_ratios=(0.5, 0.25, 0.125), name="visionzip+transprune")]),
+    "random": ("random tokens, TransPrune-high schedule", lambda: RandomConfig()),
+    "uniform": ("spatially uniform tokens, TransPrune-high schedule", lambda: UniformConfig()),
+}
+
+
+def resolve(names: str | list[str] | None) -> list[str]:
+    """Method names from a comma-separated string (None: the whole suite); unknown names raise."""
+    if names is None:
+        return list(SUITE)
+    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    unknown = [n for n in items if n not in SUITE]
+    if unknown or not items:
+        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                         f"choose from {', '.join(SUITE)}")
+    return items
+
+
+@dataclass
+class MethodResult:
+    name: str
+    description: str
+    n: int
+    accuracy: float
+    accuracy_by_type: dict[str, float]
+    stages: list[dict]  # per pruning stage: after_layer, mean tokens kept, kept share, relevant recall
+    tflops_ratio: float  # paper convention, relative to the same model unpruned
+    seconds: float
+    config: object = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        cfg = d.pop("config")
+        d["config"] = None if cfg is None else ([c.to_dict() for c in cfg] if isinstance(cfg, list) else cfg.to_dict())
+        return d
+
+
+def questions(n: int, first: int = 0) -> list[data.Sample]:
+    """The held-out questions: test split, question types in rotation."""
+    return [data.sample("test", i) for i in range(first, first + n)]
+
+
+def _batches(processor, samples, batch_size):
+    processor.tokenizer.padding_side = "left"
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        yield chunk, processor(images=[s.image for s in chunk], text=[prompt(s.question) for s in chunk],
+                               padding=True, return_tensors="pt")
+
+
+def evaluate(model, processor, names=None, n: int = 500, batch_size: int = 50, progress: bool = True,
+             samples: list[data.Sample] | None = None) -> list[MethodResult]:
+    """Run each named method of `SUITE` on the same ``n`` held-out questions."""
+    from tqdm import tqdm
+
+    from ..runtime import pruned
+
+    names = resolve(names)
+    samples = samples if samples is not None else questions(n)
+    relevant = [np.flatnonzero(s.relevant_patches(PATCH_SIZE).reshape(-1)) for s in samples]
+    batches = list(_batches(processor, samples, batch_size))
+    answer_ids = [processor.tokenizer.convert_tokens_to_ids(s.answer) for s in samples]
+    bar = tqdm(total=len(names) * len(samples), desc="eval mini", unit="q", disable=not progress)
+    results = []
+    for name in names:
+        description, factory = SUITE[name]
+        config = factory()
+        started = time.perf_counter()
+        predictions, stats = [], []
+        handle_ctx = pruned(model, config if config is not None else TransPruneConfig.preset("off"))
+        with handle_ctx as handle, torch.inference_mode():
+            for chunk, inputs in batches:
+                logits = model(**inputs).logits[:, -1]
+                predictions += logits.argmax(-1).tolist()
+                stats += handle.last_stats
+                bar.update(len(chunk))
+        seconds = time.perf_counter() - started
+        hits = np.array([p == a for p, a in zip(predictions, answer_ids)])
+        by_type = {t: float(hits[[s.qtype == t for s in samples]].mean())
+                   for t in data.QUESTION_TYPES if any(s.qtype == t for s in samples)}
+        stages = []
+        for k, layer in enumerate(stats[0].kept_after_layer):
+            kept = [set(st.kept_indices[k]) for st in stats]
+            recalls = [np.mean([i in kept_b for i in rel]) for kept_b, rel in zip(kept, relevant) if len(rel)]
+            stages.append({"after_layer": layer,
+                           "tokens": float(np.mean([len(s) for s in kept])),
+                           "kept_share": float(np.mean([len(s) / st.n_image_tokens for s, st in zip(kept, stats)])),
+                           "recall": float(np.mean(recalls))})
+        ratio = float(sum(s.tflops for s in stats) / sum(s.tflops_unpruned for s in stats))
+        results.append(MethodResult(name, description, len(samples), float(hits.mean()), by_type, stages, ratio,
+                                    round(seconds, 2), config))
+    bar.close()
+    return results
+
+
+def format_table(results: list[MethodResult]) -> str:
+    """A Markdown table: accuracy (overall and per type), recall per stage, relative TFLOPs."""
+    types = list(results[0].accuracy_by_type)
+    head = ["method", "acc", *types, "recall by stage (layer: recall / kept share)", "TFLOPs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        stages = ", ".join(f"L{s['after_layer']}: {s['recall']:.2f} / {s['kept_share']:.2f}" for s in r.stages) or "-"
+        cells = [r.name, f"{100 * r.accuracy:.1f}", *(f"{100 * r.accuracy_by_type[t]:.1f}" for t in types), stages,
+                 f"{100 * r.tflops_ratio:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
