@@ -99,3 +99,32 @@ def test_full_size_arch_needs_random_weights(capsys):
 def test_summarize():
     assert summarize([3.0, 1.0, 2.0, 4.0]) == {"median": 2.5, "min": 1.0, "max": 4.0, "q1": 1.75, "q3": 3.25, "n": 4}
     assert summarize([2.0])["q1"] == 2.0
+
+
+def test_checkpoint_folder_runs_through_its_processor(tmp_path):
+    from transprune.testing import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "ckpt", kind="llava", seed=0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "--arch", str(folder), "--methods", "none,fastv", "--batch", "2", "--device", "cpu",
+                     "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--text-tokens", "12", "--json"]) == 0
+    rep = json.loads(out.getvalue())
+    assert rep["random_weights"] is False and rep["weights"].startswith("checkpoint")
+    assert rep["image_tokens"] == [64, 64] and all(n <= 12 for n in rep["text_tokens"])
+    assert [m["new_tokens"] for m in rep["methods"]] == [[2], [2]]
+    assert rep["methods"][1]["visual_tokens_per_layer"][0] == [64] * 1 + [32] * 7  # FastV k=2 of 32 -> 1 of 8
+
+
+def test_llava_next_inputs_use_the_models_own_packing():
+    from transprune.bench import measure_method, synthetic_inputs
+    from transprune.testing import tiny_llava_next
+
+    model = tiny_llava_next(seed=0)
+    inputs = synthetic_inputs(model, 2, text_tokens=10)
+    assert inputs.image_tokens == [336, 336]  # 128x128: base 64 + 2x2 grid 256 + 16 newlines
+    assert inputs.tensors["pixel_values"].shape[:2] == (2, 5)
+    cfg = TransPruneConfig(accumulation_layers=(2, 3), pruning_layers=(2, 3), keep_ratios=(0.5, 0.25), reference_depth=None)
+    result = measure_method(model, inputs, "tp", cfg, repeats=1, warmup=0, new_tokens=2)
+    assert result.new_tokens == [2] and result.visual_tokens_per_layer[0] == [336] * 2 + [168] + [84] * 5
+    assert result.kv_tokens_per_layer == [346] * 2 + [178] + [94] * 5

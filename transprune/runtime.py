@@ -30,6 +30,9 @@ from .methods import split_methods
 from .surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
 
 _APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
+# Attention backends for which "no mask" means "attend to every cached key" (a 1-token decode step with no
+# padding needs nothing else): sdpa (HF returns None itself there), eager (its mask would be all zeros), flash.
+_MASK_FREE_DECODE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -127,6 +130,7 @@ class _Stage:
     first_layer: int  # 0-based index of the stage's first layer
     key_valid: torch.Tensor  # (B, kv_len) bool over this stage's cached tokens
     shift: torch.Tensor  # (B,) dropped tokens whose positions were closed up before this stage
+    all_valid: bool = False  # known on the host: key_valid is all True (no padding), so a 1-token step needs no mask
 
 
 @dataclass
@@ -253,11 +257,13 @@ class PruneHandle:
         call = _CURRENT_CALL.get()
         image_mask = call.image_mask if call is not None and call.handle is self else None
         generation = self._generations.get(cache) if cache is not None else None
-        has_images = image_mask is not None and bool(image_mask.any())
+        fresh = cache_is_fresh(cache)
+        # Only a prefill looks for images (a decode step's mask is never read: no host sync per step).
+        has_images = fresh and image_mask is not None and bool(image_mask.any())
         enabled = self.pre is not None or (self.llm is not None and self.llm.enabled)
-        prunes = enabled and has_images and cache_is_fresh(cache)
+        prunes = enabled and has_images
         if generation is None and not prunes:
-            if has_images and cache_is_fresh(cache):
+            if has_images:
                 self._record_unpruned(image_mask, attention_mask)
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
@@ -333,12 +339,16 @@ class PruneHandle:
             prof = self._pre_llm_profile if pre_keep is not None and self._pre_llm_profile else _Profiler(embeds.device)
         self._pre_llm_profile = None
 
-        def drop(keep, compact, kind="drop_s", stage=-1):
-            """Apply a keep mask; returns the gather index for other per-token tensors."""
-            nonlocal layout, h, stage_dropped
+        all_valid = bool(valid.all())  # host-side: no padding anywhere in the current sequence
+
+        def drop(keep, compact, kind="drop_s", stage=-1, new_length=None):
+            """Apply a keep mask; returns the gather index for other per-token tensors. ``new_length``:
+            every row keeps exactly that many tokens (known on the host: no sync, no padding after)."""
+            nonlocal layout, h, stage_dropped, all_valid
             with prof.span(kind, stage):
                 before = layout.valid.sum(1)
-                layout, index = drop_tokens(layout, keep, compact_positions=compact)
+                layout, index = drop_tokens(layout, keep, compact_positions=compact, new_length=new_length)
+                all_valid = new_length is not None or bool(layout.valid.all())
                 if compact:  # decode positions close up by as many tokens
                     stage_dropped = stage_dropped + before - layout.valid.sum(1)
                 h = gather_tokens(h, index)
@@ -357,7 +367,7 @@ class PruneHandle:
         generation = _Generation()
 
         def open_stage(first_layer):
-            generation.stages.append(_Stage(first_layer, layout.valid, stage_dropped.clone()))
+            generation.stages.append(_Stage(first_layer, layout.valid, stage_dropped.clone(), all_valid))
             mask = self._stage_mask(h, layout.valid, layout.length)
             return mask, decoder.rotary_emb(h, layout.positions)
 
@@ -376,9 +386,10 @@ class PruneHandle:
             if i in prune_at:
                 stage = prune_at[i]
                 with prof.span("select_s", stage):
-                    keep = self._select(h, h_in, layout, ttv, rope, layer, layers[i + 1], stage,
-                                        [c[stage] for c in keep_counts], kept_ranks, scores)
-                ttv = gather_tokens(ttv, drop(keep, compact=cfg.positions == "compact", stage=stage))
+                    keep, new_length = self._select(h, h_in, layout, ttv, rope, layer, layers[i + 1], stage,
+                                                    [c[stage] for c in keep_counts], kept_ranks, scores, all_valid)
+                ttv = gather_tokens(ttv, drop(keep, compact=cfg.positions == "compact", stage=stage,
+                                              new_length=new_length))
                 mask, rope = open_stage(i + 1)
         h = decoder.norm(h)
         if hidden is not None:
@@ -394,9 +405,18 @@ class PruneHandle:
                 self.last_profile = result
         return scatter_to_input(h, layout, valid.shape[1])
 
-    def _select(self, h, h_in, layout, ttv, rope, layer, next_layer, stage, keep_counts, kept_ranks, scores=None):
-        """Score the image tokens of every sample and return the (B, L) mask of tokens to keep."""
+    def _select(self, h, h_in, layout, ttv, rope, layer, next_layer, stage, keep_counts, kept_ranks, scores=None,
+                all_valid=False):
+        """Score the image tokens of every sample; return the (B, L) mask of tokens to keep and, when every
+        row keeps the same number of tokens with no padding, that number (else None)."""
         cfg = self.llm
+        if all_valid and cfg.scorer != "uniform":
+            # One batched pass when the rows line up: no padding and image tokens in the same columns (the
+            # usual benchmark / serving batch of same-length prompts, and any single sample).
+            if layout.image.shape[0] == 1 or bool((layout.image == layout.image[:1]).all()):
+                image_cols = layout.image[0].cpu().nonzero().squeeze(1)  # on the host: one copy, no more syncs
+                return self._select_aligned(h, h_in, layout, ttv, rope, layer, next_layer, stage, keep_counts[0],
+                                            kept_ranks, scores, image_cols)
         keep = layout.valid & ~layout.image
         cos, sin = rope
         for b, k in enumerate(keep_counts):
@@ -433,7 +453,51 @@ class PruneHandle:
             if scores is not None:
                 scores[b].append({"image_index": layout.image_rank[b, cols[image_at]].cpu(),
                                   **{n: v.cpu() for n, v in parts.items()}, "score": score.float().cpu()})
-        return keep
+        return keep, None
+
+    def _select_aligned(self, h, h_in, layout, ttv, rope, layer, next_layer, stage, k, kept_ranks, scores, image_cols):
+        """`_select` for rows that line up (no padding, image tokens at the same columns ``image_cols`` in
+        every row): the same per-sample arithmetic on (B, ...) tensors, with the host syncs of the loop
+        (nonzero per sample) replaced by one index computed from row 0. Every row keeps k image tokens."""
+        cfg = self.llm
+        batch, length = layout.valid.shape
+        device = layout.valid.device
+        keep = layout.valid & ~layout.image
+        n = image_cols.numel()
+        if n == 0:
+            for b in range(batch):
+                kept_ranks[b].append(layout.image_rank.new_zeros(0))
+            return keep, length
+        last_image = int(image_cols[-1])  # a host tensor: no sync
+        image_cols = image_cols.to(device)
+        cos, sin = rope
+        parts = {}
+        if cfg.scorer in ("transprune", "ttv", "iga"):
+            ttv_img = ttv[:, image_cols]
+            iga_img = torch.zeros_like(ttv_img)
+            if cfg.scorer != "ttv":
+                # Instruction rows: the text after the last image token (D3 in method.md).
+                after = torch.arange(last_image + 1, length, device=device)
+                iga_img = self._attention_to(next_layer, h, cos, sin, after)[:, image_cols]
+            score = scoring.combine(ttv_img, iga_img, cfg.alpha, cfg.scorer)
+            parts = {"ttv": scoring.l1_normalize(ttv_img), "iga": scoring.l1_normalize(iga_img)}
+        elif cfg.scorer in ("fastv", "pdrop"):
+            source, weights = (h_in, layer) if cfg.scorer == "fastv" else (h, next_layer)
+            last = torch.tensor([length - 1], device=device)
+            score = self._attention_to(weights, source, cos, sin, last)[:, image_cols]
+        else:  # random: seeded per stage, the same draw for every sample (as in the loop)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage)
+            score = torch.rand(n, generator=gen).to(h.device).expand(batch, n)
+        chosen = image_cols[scoring.select_top(score, k)]  # (B, k) columns
+        keep.scatter_(1, chosen, True)
+        ranks = layout.image_rank.gather(1, chosen)
+        image_rank = layout.image_rank[:, image_cols]
+        for b in range(batch):
+            kept_ranks[b].append(ranks[b])
+            if scores is not None:
+                scores[b].append({"image_index": image_rank[b].cpu(), **{m: v[b].cpu() for m, v in parts.items()},
+                                  "score": score[b].float().cpu()})
+        return keep, length - n + k
 
     def _attention_to(self, layer, h, cos, sin, query_idx):
         q, k, scale = self.adapter.scoring_qk(layer, h, cos, sin, query_idx)
@@ -453,13 +517,19 @@ class PruneHandle:
         layers = decoder.layers[: decoder.config.num_hidden_layers]
         q_len = embeds.shape[1]
         starts = {s.first_layer: s for s in generation.stages}
+        # One host check per step (HF's own mask does the same): are the new tokens all real? Stages whose
+        # cache has no padding then need no mask for a 1-token step (all keys are visible), in any backend
+        # whose mask only hides padding and future keys; their mask is None, as HF's sdpa mask would be.
+        no_mask_ok = q_len == 1 and decoder.config._attn_implementation in _MASK_FREE_DECODE
+        new_all = bool(new_valid.all()) if any(s.all_valid for s in generation.stages) else False
         h = embeds
         for i, layer in enumerate(layers):
             if i in starts:
                 stage = starts[i]
                 stage.key_valid = torch.cat([stage.key_valid, new_valid], dim=1)
+                stage.all_valid = stage.all_valid and new_all
                 positions = position_ids - stage.shift[:, None]
-                mask = self._stage_mask(h, stage.key_valid, q_len)
+                mask = None if no_mask_ok and stage.all_valid else self._stage_mask(h, stage.key_valid, q_len)
                 rope = decoder.rotary_emb(h, positions)
             h, _ = self.adapter.run_layer(layer, h, mask=mask, position_embeddings=rope, position_ids=positions,
                                           cache=cache, use_cache=True, capture=False)

@@ -59,15 +59,20 @@ def instruction_attention(
     q: (H, T, hd) queries of the instruction rows, already rotated; k: (H, S, hd) keys of all S valid
     tokens (KV heads already repeated for GQA); query_pos: (T,) index of each query row among the S
     tokens, for the causal mask. The softmax runs over all keys each row may see, in fp32, then the
-    result is averaged over heads and rows: shape (S,).
+    result is averaged over heads and rows: shape (S,). Leading batch dims (q (B, H, T, hd), k (B, H, S,
+    hd), the same query rows in every sample) give (B, S), each row computed as alone.
     """
-    if q.shape[1] == 0:
-        return torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (H, T, S)
-    key_idx = torch.arange(k.shape[1], device=k.device)
+    if q.shape[-2] == 0:
+        return torch.zeros(*k.shape[:-3], k.shape[-2], dtype=torch.float32, device=k.device)
+    if q.dim() == 4:  # sample by sample: one (H, T, S) product each, summed exactly as for a lone sample
+        logits = torch.stack([torch.matmul(qb.float(), kb.float().transpose(-1, -2)) for qb, kb in zip(q, k)])
+    else:
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    logits = logits * scaling  # (..., H, T, S)
+    key_idx = torch.arange(k.shape[-2], device=k.device)
     future = key_idx[None, :] > query_pos[:, None]  # (T, S)
     logits = logits.masked_fill(future, float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(0).mean(0)
+    return torch.softmax(logits, dim=-1).mean(-3).mean(-2)
 
 
 def combine(ttv: torch.Tensor, iga: torch.Tensor, alpha: float, score: str) -> torch.Tensor:
@@ -80,9 +85,10 @@ def combine(ttv: torch.Tensor, iga: torch.Tensor, alpha: float, score: str) -> t
 
 
 def select_top(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, back in ascending (original) order. Ties go to the earlier token."""
-    order = torch.sort(score, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+    """Indices of the k highest scores, back in ascending (original) order. Ties go to the earlier token.
+    A (B, n) score gives (B, k): each row on its own."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
 
 
 def even_spread_priority(coords: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,16 @@ class Layout:
         return self.valid.shape[1]
 
 
-def keep_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_index(keep: torch.Tensor, new_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather index (B, L_new) that packs the ``keep`` columns of each row to the right (left padding).
 
-    Returns (index, new_valid). Padding slots point at column 0 and are marked invalid.
+    Returns (index, new_valid). Padding slots point at column 0 and are marked invalid. ``new_length``:
+    the caller knows every row keeps exactly that many columns; the same index then comes from a stable
+    sort, with no host synchronisation (nothing is padded).
     """
+    if new_length is not None:
+        index = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :new_length]
+        return index, torch.ones(keep.shape[0], new_length, dtype=torch.bool, device=keep.device)
     counts = keep.sum(1)
     new_len = int(counts.max()) if keep.shape[0] else 0
     dest = keep.long().cumsum(1) - 1 + (new_len - counts)[:, None]
@@ -56,15 +61,17 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def drop_tokens(layout: Layout, keep: torch.Tensor, compact_positions: bool) -> tuple[Layout, torch.Tensor]:
+def drop_tokens(layout: Layout, keep: torch.Tensor, compact_positions: bool,
+                new_length: int | None = None) -> tuple[Layout, torch.Tensor]:
     """The layout after keeping the ``keep`` tokens (a (B, L) bool mask over the current sequence).
 
     With compact positions every kept token moves down by the number of tokens dropped before it,
     which equals the official code's ``arange(L_new)`` renumbering for an unpadded sample. Returns the
-    new layout and the gather index to apply to hidden states and per-token scores.
+    new layout and the gather index to apply to hidden states and per-token scores. ``new_length``: see
+    `keep_index` (every row keeps exactly that many tokens).
     """
     keep = keep & layout.valid
-    index, new_valid = keep_index(keep)
+    index, new_valid = keep_index(keep, new_length)
     positions = layout.positions
     if compact_positions:
         dropped = layout.valid & ~keep

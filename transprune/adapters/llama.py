@@ -44,14 +44,23 @@ def scoring_qk(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     h: (S, d) hidden states of one sample's valid tokens, input to ``layer``; cos/sin: (S, head_dim).
     Returns q (H, T, hd), k (H, S, hd) with KV heads repeated for GQA, and the attention scaling.
     Only T query rows are projected: the instruction is short, the keys must cover every token because
-    the softmax denominator does.
+    the softmax denominator does. With a batch dim (h (B, S, d), cos/sin (B, S, hd), the same rows
+    ``query_idx`` in every sample) q and k are (B, H, T, hd) and (B, H, S, hd).
     """
     attn = layer.self_attn
     head_dim = attn.head_dim
     x = layer.input_layernorm(h)
-    k = attn.k_proj(x).view(x.shape[0], -1, head_dim).transpose(0, 1)
-    q = attn.q_proj(x[query_idx]).view(query_idx.shape[0], -1, head_dim).transpose(0, 1)
+    lead = x.shape[:-2]
+    k = attn.k_proj(x).view(*lead, x.shape[-2], -1, head_dim).transpose(-3, -2)
+    rows = x[..., query_idx, :]
+    # Queries sample by sample: a GEMM over T rows accumulates like the one-sample call (over B*T rows, or
+    # as a GEMV when T == 1, BLAS may order the sums differently), so batched scores equal the loop's bits.
+    q = torch.stack([attn.q_proj(r) for r in rows]) if lead else attn.q_proj(rows)
+    q = q.view(*lead, query_idx.shape[0], -1, head_dim).transpose(-3, -2)
+    cos_q, sin_q = cos[..., query_idx, :].unsqueeze(-3), sin[..., query_idx, :].unsqueeze(-3)
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # broadcast over heads
     k = k * cos + rotate_half(k) * sin
-    q = q * cos[query_idx] + rotate_half(q) * sin[query_idx]
-    k = repeat_kv(k[None], q.shape[0] // k.shape[0])[0]
+    q = q * cos_q + rotate_half(q) * sin_q
+    n_rep = q.shape[-3] // k.shape[-3]
+    k = repeat_kv(k[None], n_rep)[0] if k.dim() == 3 else repeat_kv(k, n_rep)
     return q, k, attn.scaling
