@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=_count, default=3000)
     p.add_argument("--seed", type=_count, default=0)
-    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=_count, default=1, help="torch CPU threads (default 1: see TrainConfig)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench

@@ -34,13 +34,15 @@ AUX_CLASSES = {"colour": len(data.COLOURS) + 1, "shape": len(data.SHAPES) + 1, "
 @dataclass
 class TrainConfig:
     steps: int = 3000
-    scenes_per_step: int = 16
-    lr: float = 1e-3
-    warmup: int = 150
+    scenes_per_step: int = 8
+    lr: float = 2e-3
+    warmup: int = 100
     weight_decay: float = 0.01
     aux_weight: float = 0.5
+    deep_layer: int = 6  # also read the answer from this layer's output (0: off)
+    deep_weight: float = 0.5
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: on 2 cores, OpenMP with 2 threads stalls badly if anything else runs
     eval_every: int = 250
     eval_n: int = 250
 
@@ -87,8 +89,13 @@ class Batcher:
                     labels={k: torch.from_numpy(np.stack(v)) for k, v in labels.items()})
 
 
-def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5) -> dict[str, torch.Tensor]:
-    """Answer loss (prefix once, cache repeated per question) and the auxiliary per-patch losses."""
+def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5,
+                   deep_layer: int = 0) -> dict[str, torch.Tensor]:
+    """Answer loss (prefix once, cache repeated per question) and the auxiliary per-patch losses.
+
+    With ``deep_layer`` > 0 also ``deep``: the answer loss read out (final norm + lm_head) from that layer's
+    output; the shorter gradient path helps the 12-layer decoder learn to look at the image tokens early in
+    training."""
     lm = model.model.language_model
     features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
     b = features.shape[0]
@@ -101,7 +108,9 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5) 
     suffix, valid = batch["suffix"], batch["suffix_valid"]
     mask = torch.cat([torch.ones(suffix.shape[0], p, dtype=torch.long), valid], dim=1)
     positions = (p + torch.arange(suffix.shape[1])).unsqueeze(0).expand(suffix.shape[0], -1)
-    hidden = lm(input_ids=suffix, cache=cache, attention_mask=mask, position_ids=positions).last_hidden_state
+    out = lm(input_ids=suffix, cache=cache, attention_mask=mask, position_ids=positions,
+             output_hidden_states=deep_layer > 0)
+    hidden = out.last_hidden_state
     rows = torch.arange(suffix.shape[0])
     at = batch["answer_at"]
     # The answer word is predicted at position at-1 and </s> at position at.
@@ -109,6 +118,9 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5) 
     target = torch.cat([suffix[rows, at], suffix[rows, at + 1]])
     losses = {"answer": F.cross_entropy(logits[:len(rows)], target[:len(rows)]),
               "eos": F.cross_entropy(logits[len(rows):], target[len(rows):])}
+    if deep_layer > 0:
+        early = model.lm_head(lm.norm(out.hidden_states[deep_layer][rows, at - 1]))
+        losses["deep"] = F.cross_entropy(early, target[:len(rows)])
     for key, head_layer in aux_heads.items():
         losses[key] = F.cross_entropy(head_layer(features).flatten(0, 1), batch["labels"][key].flatten())
     return losses
@@ -171,9 +183,9 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
         batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step)
-        losses = forward_losses(model, aux_heads, batch)
+        losses = forward_losses(model, aux_heads, batch, deep_layer=cfg.deep_layer)
         aux = sum(losses[k] for k in AUX_CLASSES)
-        loss = losses["answer"] + losses["eos"] + cfg.aux_weight * aux
+        loss = losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
