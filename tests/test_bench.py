@@ -128,3 +128,19 @@ def test_llava_next_inputs_use_the_models_own_packing():
     result = measure_method(model, inputs, "tp", cfg, repeats=1, warmup=0, new_tokens=2)
     assert result.new_tokens == [2] and result.visual_tokens_per_layer[0] == [336] * 2 + [168] + [84] * 5
     assert result.kv_tokens_per_layer == [346] * 2 + [178] + [94] * 5
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b"])
+def test_full_size_configs_match_the_flops_archs(name):
+    import dataclasses
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from transprune.flops import ARCHS
+
+    assert dataclasses.replace(arch_spec(name), name=name) == ARCHS[name]
+    if name == "llava-1.5-7b":  # the llava-hf/llava-1.5-7b-hf parameter count, built on the meta device
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration._from_config(arch_config(name))
+        assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
