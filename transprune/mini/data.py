@@ -58,9 +58,10 @@ def _place(rng, objects, radius, size):
     return None
 
 
-def make_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> list[Obj]:
+def make_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, count: tuple[int, int] = (3, 6)) -> list[Obj]:
+    """Up to ``count`` = (fewest, most) objects (fewer if they do not fit)."""
     objects: list[Obj] = []
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
         kind = str(rng.choice(list(SIZES)))
         radius = int(rng.integers(*SIZES[kind], endpoint=True))
         spot = _place(rng, objects, radius, size)
@@ -183,7 +184,7 @@ def sample(split: str, index: int, qtype: str | None = None, size: int = IMAGE_S
             return Sample(image, question, answer, wanted, relevant, objects)
 
 
-def scene(split: str, index: int, size: int = IMAGE_SIZE):
+def scene(split: str, index: int, size: int = IMAGE_SIZE, count: tuple[int, int] = (3, 6)):
     """(image, objects, per-object masks, rng) of the ``index``-th training scene of ``split``.
 
     Training draws whole scenes and asks several questions about each (`scene_questions`); evaluation uses
@@ -193,7 +194,7 @@ def scene(split: str, index: int, size: int = IMAGE_SIZE):
         raise ValueError(f"split={split!r}; choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng(SPLITS[split] + index)
     while True:
-        objects = make_scene(rng, size)
+        objects = make_scene(rng, size, count)
         if objects:
             image, masks = render(objects, rng, size)
             return image, objects, masks, rng
