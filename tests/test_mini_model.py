@@ -9,6 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transprune.mini import data
 from transprune.mini.model import (EOS_ID, IMAGE_ID, IMAGE_TOKENS, PATCH_SIZE, build_mini, mini_config,
                                    mini_processor, prompt)
+from transprune.mini.card import write_card
 from transprune.mini.train import AUX_CLASSES, Batcher, TrainConfig, forward_losses, train
 
 
@@ -89,3 +90,7 @@ def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
     assert first["history"][-1]["step"] == 2 and set(first["history"][-1]["val"]) >= {"overall"}
     AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
     torch.set_num_threads(1)
+    card = write_card(tmp_path / "a", n=10).read_text()
+    assert "transprune train-mini --out DIR --steps 2 --seed 0 --threads 1" in card
+    assert all(f"| {t} |" in card for t in ("colour", "shape_left", "count", "exists", "digit"))
+    assert "(10 questions)" in card

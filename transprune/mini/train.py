@@ -149,6 +149,18 @@ def answer_accuracy(model, batcher: Batcher, split: str, n: int, first: int = 0)
     return acc
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = True, log=print) -> dict:
     """Train, save the model + processor to ``out`` (``from_pretrained`` loads it), return the log."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -208,6 +220,6 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     model.eval().save_pretrained(out)
     batcher.processor.save_pretrained(out)
     record = {"config": asdict(cfg), "minutes": round((time.perf_counter() - started) / 60, 2),
-              "threads": cfg.threads, "torch": torch.__version__, "history": history}
+              "threads": cfg.threads, "torch": torch.__version__, "machine": _machine(), "history": history}
     (out / "training_log.json").write_text(json.dumps(record, indent=1))
     return record
