@@ -87,6 +87,15 @@ def test_eval_cli_json_and_errors(random_mini, capsys):
     assert [r["name"] for r in out["results"]] == ["none", "random"] and out["results"][0]["n"] == 6
     assert main(["eval", "--suite", "mini", "--model", str(random_mini), "--methods", "fastvv"]) == 2
     assert "choose from" in capsys.readouterr().err
+    assert main(["eval", "--suite", "mini", "--model", str(random_mini), "--n", "0"]) == 2
+    assert "--n and --batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--suite", "mini", "--model", str(tmp_path)]) == 2
+    assert "no mini checkpoint at" in capsys.readouterr().err
+    assert main(["demo", "--model", str(tmp_path)]) == 2
+    assert "train-mini" in capsys.readouterr().err
 
 
 def test_demo_writes_a_picture_and_reports_stages(random_mini, tmp_path, capsys):

@@ -185,6 +185,8 @@ def cmd_eval(args) -> int:
 
     try:
         names = resolve(args.methods)
+        if args.n < 1 or args.batch_size < 1:
+            raise ValueError(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
         model, processor = _load_mini(args.model)
     except (ValueError, OSError) as exc:
         print(f"transprune eval: error: {exc}", file=sys.stderr)
