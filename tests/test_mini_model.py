@@ -10,7 +10,7 @@ from transprune.mini import data
 from transprune.mini.model import (EOS_ID, IMAGE_ID, IMAGE_TOKENS, PATCH_SIZE, build_mini, mini_config,
                                    mini_processor, prompt)
 from transprune.mini.card import write_card
-from transprune.mini.train import AUX_CLASSES, Batcher, TrainConfig, forward_losses, train
+from transprune.mini.train import AUX_CLASSES, Batcher, TrainConfig, forward_losses, init_decoder, train
 
 
 def test_every_generated_question_and_answer_is_in_the_vocabulary():
@@ -94,3 +94,15 @@ def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
     assert "transprune train-mini --out DIR --steps 2 --seed 0 --threads 1" in card
     assert all(f"| {t} |" in card for t in ("colour", "shape_left", "count", "exists", "digit"))
     assert "(10 questions)" in card
+
+
+def test_decoder_reinit_touches_only_decoder_matrices_and_is_seeded():
+    a, b, untouched = build_mini(seed=0), build_mini(seed=0), build_mini(seed=0)
+    init_decoder(a, 0.15, seed=4)
+    init_decoder(b, 0.15, seed=4)
+    q = a.model.language_model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q, b.model.language_model.layers[0].self_attn.q_proj.weight)
+    assert abs(float(q.std()) - 0.15) < 0.01
+    for (name, pa), pu in zip(a.named_parameters(), untouched.parameters()):
+        changed = not torch.equal(pa, pu)
+        assert changed == (name.startswith("model.language_model.") and pa.dim() == 2), name

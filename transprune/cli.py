@@ -165,7 +165,9 @@ def cmd_run(args) -> int:
 def cmd_train_mini(args) -> int:
     from .mini.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
+    overrides = {} if args.lr is None else {"lr": args.lr}
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads,
+                      decoder_init_std=args.decoder_init_std, **overrides)
     record = train(args.out, cfg, progress=not args.quiet)
     last = record["history"][-1]["val"] if record["history"] else {}
     print(f"saved {args.out} after {record['minutes']} min; validation accuracy {json.dumps(last)}")
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_count, default=3000)
     p.add_argument("--seed", type=_count, default=0)
     p.add_argument("--threads", type=_count, default=1, help="torch CPU threads (default 1: see TrainConfig)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
+    p.add_argument("--decoder-init-std", type=float, default=None,
+                   help="redraw the decoder's matrices from N(0, STD) before training (default: transformers' init)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench

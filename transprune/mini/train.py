@@ -45,6 +45,9 @@ class TrainConfig:
     # in evaluation (3-6 objects). With one or two objects the answer is in *any* object token, so the
     # decoder learns to read image tokens before it must learn to pick the right ones.
     curriculum: tuple = ((0.1, 1, 2), (0.25, 1, 4))
+    # None: transformers' init (std 0.02). Probes on one-object colour questions learned ~3x faster with
+    # the decoder's matrices drawn at std 0.15 (lr 3e-4); not yet validated on a full run.
+    decoder_init_std: float | None = None
     seed: int = 0
     threads: int = 1  # one thread: on 2 cores, OpenMP with 2 threads stalls badly if anything else runs
     eval_every: int = 250
@@ -130,6 +133,15 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5,
     return losses
 
 
+def init_decoder(model, std: float, seed: int) -> None:
+    """Redraw every matrix of the text decoder (not norms, not the vision side) from N(0, std), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.model.language_model.named_parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
 @torch.no_grad()
 def answer_accuracy(model, batcher: Batcher, split: str, n: int, first: int = 0) -> dict[str, float]:
     """Greedy next-token accuracy of the answer word on ``n`` questions of ``split`` (sample(split, i))."""
@@ -178,6 +190,8 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     from tqdm import tqdm
 
     model = build_mini(seed=cfg.seed, attn_implementation="sdpa").train()
+    if cfg.decoder_init_std is not None:
+        init_decoder(model, cfg.decoder_init_std, cfg.seed)
     width = model.config.text_config.hidden_size
     aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, c) for k, c in AUX_CLASSES.items()})
     params = list(model.parameters()) + list(aux_heads.parameters())
