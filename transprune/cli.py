@@ -41,6 +41,11 @@ def _add_method_args(p, default_preset=None):
                    help="a method parameter, e.g. --set k=3 --set r=0.75, --set layers=8,16,24 (repeatable)")
 
 
+def _add_mini_args(p):
+    p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
+    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+
+
 def _method(args):
     params = {}
     for item in args.params:
@@ -287,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, metavar="A,B,...", help="comma-separated suite methods (default: all)")
     p.add_argument("--n", type=_count, default=500, help="questions (default 500)")
     p.add_argument("--batch-size", type=_count, default=50)
-    p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
-    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+    _add_mini_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_eval)
 
@@ -300,9 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, metavar="TEXT", help="your question, in the testbed's words")
     p.add_argument("--index", type=_count, default=3, help="which generated test question (default 3)")
     _add_method_args(p)
-    p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
+    _add_mini_args(p)
     p.add_argument("--out", default="transprune-demo.png", metavar="PNG", help="where to write the picture")
-    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)
 

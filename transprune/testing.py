@@ -48,7 +48,7 @@ from transformers import (
 
 __all__ = [
     "IMAGE_SIZE", "PATCH_SIZE", "GRID_PINPOINTS", "INIT_STD", "UNK_ID", "BOS_ID", "EOS_ID", "PAD_ID", "IMAGE_ID",
-    "tiny_tokenizer", "tiny_llava_config", "tiny_llava_next_config", "tiny_llava", "tiny_llava_next",
+    "SPECIAL_TOKENS", "CHAT_TEMPLATE", "word_level_tokenizer", "tiny_tokenizer", "tiny_llava_config", "tiny_llava_next_config", "tiny_llava", "tiny_llava_next",
     "tiny_model", "tiny_processor", "save_tiny_checkpoint", "random_image", "sample_prompts", "sample_images",
     "sample_inputs", "sample_inputs_unbatched",
 ]
@@ -92,13 +92,12 @@ def _vocab() -> dict[str, int]:
     return vocab
 
 
-def tiny_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (~150 ids) over a fixed word list; unknown words map to ``<unk>``.
+def word_level_tokenizer(vocab: dict[str, int], padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """Offline word-level tokenizer over ``vocab`` whose first five ids are ``SPECIAL_TOKENS``.
 
-    Ids: ``<unk>`` 0, ``<s>`` 1 (prepended to every sequence), ``</s>`` 2, ``<pad>`` 3, ``<image>`` 4.
-    Whitespace separates words, ``\\n`` and punctuation are tokens of their own, digits are split.
+    Whitespace separates words, ``\\n`` and punctuation are tokens of their own, digits are split,
+    unknown words map to ``<unk>`` and ``<s>`` is prepended to every sequence.
     """
-    vocab = _vocab()
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
@@ -114,6 +113,14 @@ def tiny_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID and len(tokenizer) == len(vocab)
     return tokenizer
+
+
+def tiny_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (~150 ids) over a fixed word list (see `word_level_tokenizer`).
+
+    Ids: ``<unk>`` 0, ``<s>`` 1 (prepended to every sequence), ``</s>`` 2, ``<pad>`` 3, ``<image>`` 4.
+    """
+    return word_level_tokenizer(_vocab(), padding_side)
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -15,7 +15,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -26,27 +25,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..testing import CHAT_TEMPLATE, SPECIAL_TOKENS, word_level_tokenizer
 from .data import COLOURS, IMAGE_SIZE, SHAPES, SIZES
 
 PATCH_SIZE = 6
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(len(SPECIAL_TOKENS))
 WORDS = (
     ["USER", "ASSISTANT", ":", "?", "\n", "what", "colour", "is", "the", "shape", "left", "of", "how", "many",
      "objects", "are", "there", "a", "digit", "on", "yes", "no"]
     + list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(SIZES) + [str(d) for d in range(10)]
-)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'user' %} {% else %}</s> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 
@@ -63,23 +51,8 @@ def vocab() -> dict[str, int]:
 
 
 def mini_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the generator's words (~55 ids); ``<s>`` is prepended to every sequence."""
-    table = vocab()
-    tok = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"[ \t\r]+"), behavior="removed"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", BOS_ID)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side=padding_side, model_max_length=512)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID and len(tokenizer) == len(table)
-    return tokenizer
+    """Word-level tokenizer over the generator's words (51 ids); ``<s>`` is prepended to every sequence."""
+    return word_level_tokenizer(vocab(), padding_side)
 
 
 def mini_processor() -> LlavaProcessor:
