@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from .evaluate import evaluate
 from .model import IMAGE_TOKENS, load_mini
+from .train import machine
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s) at evaluation, torch {torch.__version__}"
+    return f"{machine()}, {torch.get_num_threads()} torch thread(s) at evaluation, torch {torch.__version__}"
 
 
 def write_card(folder: str | Path, n: int = 1000) -> Path:

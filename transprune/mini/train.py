@@ -161,7 +161,8 @@ def answer_accuracy(model, batcher: Batcher, split: str, n: int, first: int = 0)
     return acc
 
 
-def _machine() -> str:
+def machine() -> str:
+    """The CPU model and core count, for training and evaluation records."""
     import os
     import platform
 
@@ -234,6 +235,6 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     model.eval().save_pretrained(out)
     batcher.processor.save_pretrained(out)
     record = {"config": asdict(cfg), "minutes": round((time.perf_counter() - started) / 60, 2),
-              "threads": cfg.threads, "torch": torch.__version__, "machine": _machine(), "history": history}
+              "threads": cfg.threads, "torch": torch.__version__, "machine": machine(), "history": history}
     (out / "training_log.json").write_text(json.dumps(record, indent=1))
     return record
