@@ -52,29 +52,42 @@ def test_patch_labels_name_the_object_at_its_centre():
     assert (labels["colour"] == 0).sum() > 0  # background exists
 
 
-def test_shared_prefix_loss_equals_full_sequence_loss():
+@pytest.mark.parametrize("per_type", [1, 2])
+def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
     """The trainer runs the image prefix once and repeats its cache per question: the answer loss must be
-    the plain next-token loss of each full prompt + answer sequence."""
+    the plain next-token loss of each full prompt + answer sequence, and the attention loss must use the
+    attention probabilities the model itself computes (eager attention as the reference)."""
     torch.manual_seed(0)
-    model = build_mini(seed=1).eval()
+    model = build_mini(seed=1, attn_implementation="eager").eval()
+    init_decoder(model, 0.15, seed=2)  # sharper attention than the default init: a stronger check
     batcher = Batcher()
-    batch = batcher.batch(0, 2)
+    batch = batcher.batch(0, 2, per_type=per_type)
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(model.config.text_config.hidden_size, c)
                                  for k, c in AUX_CLASSES.items()})
     with torch.no_grad():
-        losses = forward_losses(model, heads, batch)
-        answer_losses, eos_losses = [], []
+        losses = forward_losses(model, heads, batch, questions_per_scene=5 * per_type, attn_layer=8, attn_heads=2)
+        answer_losses, eos_losses, attention_losses = [], [], []
         for index in range(2):
             image, objects, masks, rng = data.scene("train", index)
             pixel_values = batcher.pixels([image])
-            for question, answer, _, _ in data.scene_questions(rng, objects, masks):
+            questions = data.scene_questions(rng, objects, masks, per_type)
+            assert len(questions) == 5 * per_type
+            for question, answer, _, mask in questions:
                 inputs = batcher.processor(images=image, text=prompt(question), return_tensors="pt")
                 ids = torch.cat([inputs["input_ids"][0], torch.tensor([batcher.answer_id(answer), EOS_ID])])[None]
-                logits = model(input_ids=ids, pixel_values=pixel_values).logits[0]
+                out = model(input_ids=ids, pixel_values=pixel_values, output_attentions=True)
+                logits = out.logits[0]
                 answer_losses.append(F.cross_entropy(logits[-3:-2], ids[0, -2:-1]))
                 eos_losses.append(F.cross_entropy(logits[-2:-1], ids[0, -1:]))
+                # layer 8's first two heads, from the position that predicts the answer, onto relevant patches
+                row = out.attentions[7][0, :2, -3]
+                image_cols = (ids[0] == IMAGE_ID).nonzero()[:, 0]
+                relevant = torch.from_numpy(mask.reshape(16, 6, 16, 6).any(axis=(1, 3)).reshape(-1))
+                if relevant.any():
+                    attention_losses.append(-torch.log(row[:, image_cols[relevant]].sum(-1) + 1e-6))
     torch.testing.assert_close(losses["answer"], torch.stack(answer_losses).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["eos"], torch.stack(eos_losses).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["attention"], torch.cat(attention_losses).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):

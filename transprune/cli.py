@@ -170,9 +170,9 @@ def cmd_run(args) -> int:
 def cmd_train_mini(args) -> int:
     from .mini.train import TrainConfig, train
 
-    overrides = {} if args.lr is None else {"lr": args.lr}
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads,
-                      decoder_init_std=args.decoder_init_std, **overrides)
+    fields = ("steps", "seed", "threads", "lr", "decoder_init_std", "questions_per_type", "scenes_per_step",
+              "attn_heads", "attn_layer", "deep_layer")
+    cfg = TrainConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
     record = train(args.out, cfg, progress=not args.quiet)
     last = record["history"][-1]["val"] if record["history"] else {}
     print(f"saved {args.out} after {record['minutes']} min; validation accuracy {json.dumps(last)}")
@@ -314,12 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from_pretrained / AutoProcessor load. The shipped checkpoint was made with the "
                                    "defaults.")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--steps", type=_count, default=3000)
-    p.add_argument("--seed", type=_count, default=0)
-    p.add_argument("--threads", type=_count, default=1, help="torch CPU threads (default 1: see TrainConfig)")
+    p.add_argument("--steps", type=_count, default=None, help="optimiser steps (default: TrainConfig's)")
+    p.add_argument("--seed", type=int, default=None, help="(default 0)")
+    p.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default 1: see TrainConfig)")
+    p.add_argument("--scenes-per-step", type=_count, default=None, help="scenes per batch (default: TrainConfig's)")
+    p.add_argument("--questions-per-type", type=_count, default=None,
+                   help="questions of each of the 5 types asked per scene (default: TrainConfig's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
     p.add_argument("--decoder-init-std", type=float, default=None,
-                   help="redraw the decoder's matrices from N(0, STD) before training (default: transformers' init)")
+                   help="redraw the decoder's matrices from N(0, STD) before training (default: TrainConfig's)")
+    p.add_argument("--attn-heads", type=int, default=None,
+                   help="supervise the attention of this many heads to the relevant patches (0: off)")
+    p.add_argument("--attn-layer", type=_count, default=None, help="1-indexed layer of --attn-heads")
+    p.add_argument("--deep-layer", type=int, default=None, help="also read the answer out after this layer (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench

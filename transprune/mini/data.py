@@ -46,8 +46,13 @@ class Sample:
 
     def relevant_patches(self, patch: int) -> np.ndarray:
         """(H/patch, W/patch) bool: patches that contain any relevant pixel."""
-        h, w = self.relevant.shape
-        return self.relevant.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
+        return mask_patches(self.relevant, patch)
+
+
+def mask_patches(mask: np.ndarray, patch: int) -> np.ndarray:
+    """(H/patch, W/patch) bool: the patches that contain any pixel of the (H, W) ``mask``."""
+    h, w = mask.shape
+    return mask.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
 
 
 def _place(rng, objects, radius, size):
@@ -200,11 +205,12 @@ def scene(split: str, index: int, size: int = IMAGE_SIZE, count: tuple[int, int]
             return image, objects, masks, rng
 
 
-def scene_questions(rng: np.random.Generator, objects: list[Obj], masks: list[np.ndarray]):
-    """One (question, answer, qtype, relevant) per question type; types the scene cannot support are
-    replaced by a count / exists question (always possible), so every scene yields exactly five."""
+def scene_questions(rng: np.random.Generator, objects: list[Obj], masks: list[np.ndarray], per_type: int = 1):
+    """``per_type`` (question, answer, qtype, relevant) per question type (drawn independently, so they may
+    repeat); types the scene cannot support are replaced by a count / exists question (always possible), so
+    every scene yields exactly ``5 * per_type``."""
     out = []
-    for qtype in QUESTION_TYPES:
+    for qtype in [q for q in QUESTION_TYPES for _ in range(per_type)]:
         made = _question(rng, qtype, objects, masks)
         if made is None:
             qtype = ("count", "exists")[int(rng.integers(2))]

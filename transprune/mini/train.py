@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 from . import data
 from .model import BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, mini_processor, prompt
@@ -35,12 +36,22 @@ AUX_CLASSES = {"colour": len(data.COLOURS) + 1, "shape": len(data.SHAPES) + 1, "
 class TrainConfig:
     steps: int = 3000
     scenes_per_step: int = 8
+    # Questions of each type per scene: they all share the scene's image prefix (computed once), so more
+    # questions add answer signal for little extra compute.
+    questions_per_type: int = 1
     lr: float = 4e-4  # 1e-3 and above stall at the answer priors (checked on one-object scenes)
     warmup: int = 100
     weight_decay: float = 0.01
     aux_weight: float = 0.5
     deep_layer: int = 6  # also read the answer from this layer's output (0: off)
     deep_weight: float = 0.5
+    # Attention supervision: the first `attn_heads` heads of decoder layer `attn_layer` (1-indexed) are pushed
+    # to look, from the answer position, at the question's relevant patches (0 heads: off). It attacks the
+    # slowest part of learning (where to look). A layer after every pruning stage of the presets (3/4/5 of
+    # 12) leaves the layers where scores are computed unsupervised.
+    attn_layer: int = 8
+    attn_heads: int = 0
+    attn_weight: float = 1.0
     # Curriculum: (share of the steps, fewest objects, most objects) for the first phases, then scenes as
     # in evaluation (3-6 objects). With one or two objects the answer is in *any* object token, so the
     # decoder learns to read image tokens before it must learn to pick the right ones.
@@ -74,14 +85,16 @@ class Batcher:
     def answer_id(self, answer: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(answer)
 
-    def batch(self, first_scene: int, n: int, split: str = "train", count: tuple[int, int] = (3, 6)) -> dict:
-        images, labels, suffixes, targets = [], {k: [] for k in AUX_CLASSES}, [], []
+    def batch(self, first_scene: int, n: int, split: str = "train", count: tuple[int, int] = (3, 6),
+              per_type: int = 1) -> dict:
+        images, labels, suffixes, targets, relevant = [], {k: [] for k in AUX_CLASSES}, [], [], []
         for index in range(first_scene, first_scene + n):
             image, objects, masks, rng = data.scene(split, index, count=count)
             images.append(image)
             for key, value in data.patch_labels(objects, masks, PATCH_SIZE).items():
                 labels[key].append(value)
-            for question, answer, _, _ in data.scene_questions(rng, objects, masks):
+            for question, answer, _, mask in data.scene_questions(rng, objects, masks, per_type):
+                relevant.append(data.mask_patches(mask, PATCH_SIZE).reshape(-1))
                 head, tail = self.split_prompt(question)
                 suffixes.append(tail + [self.answer_id(answer), EOS_ID])
                 targets.append(len(tail))  # the logit at suffix position len(tail) - 1 predicts the answer
@@ -92,17 +105,19 @@ class Batcher:
             suffix[i, :len(ids)] = torch.tensor(ids)
             valid[i, :len(ids)] = 1
         return dict(pixel_values=self.pixels(images), head=torch.tensor(head), suffix=suffix, suffix_valid=valid,
-                    answer_at=torch.tensor(targets),
+                    answer_at=torch.tensor(targets), relevant=torch.from_numpy(np.stack(relevant)),
                     labels={k: torch.from_numpy(np.stack(v)) for k, v in labels.items()})
 
 
-def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5,
-                   deep_layer: int = 0) -> dict[str, torch.Tensor]:
+def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, deep_layer: int = 0,
+                   attn_layer: int = 0, attn_heads: int = 0) -> dict[str, torch.Tensor]:
     """Answer loss (prefix once, cache repeated per question) and the auxiliary per-patch losses.
 
     With ``deep_layer`` > 0 also ``deep``: the answer loss read out (final norm + lm_head) from that layer's
     output; the shorter gradient path helps the 12-layer decoder learn to look at the image tokens early in
-    training."""
+    training. With ``attn_heads`` > 0 also ``attention``: -log of the attention mass that the first
+    ``attn_heads`` heads of layer ``attn_layer`` (1-indexed) put, from the position that predicts the answer,
+    on the question's relevant image patches (questions with no relevant patch are left out)."""
     lm = model.model.language_model
     features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
     b = features.shape[0]
@@ -116,7 +131,7 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5,
     mask = torch.cat([torch.ones(suffix.shape[0], p, dtype=torch.long), valid], dim=1)
     positions = (p + torch.arange(suffix.shape[1])).unsqueeze(0).expand(suffix.shape[0], -1)
     out = lm(input_ids=suffix, cache=cache, attention_mask=mask, position_ids=positions,
-             output_hidden_states=deep_layer > 0)
+             output_hidden_states=deep_layer > 0 or attn_heads > 0)
     hidden = out.last_hidden_state
     rows = torch.arange(suffix.shape[0])
     at = batch["answer_at"]
@@ -128,9 +143,34 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5,
     if deep_layer > 0:
         early = model.lm_head(lm.norm(out.hidden_states[deep_layer][rows, at - 1]))
         losses["deep"] = F.cross_entropy(early, target[:len(rows)])
+    if attn_heads > 0:
+        probs = answer_attention(lm, attn_layer, out.hidden_states[attn_layer - 1][rows, at - 1],
+                                 cache.layers[attn_layer - 1].keys, p + at - 1)[:, :attn_heads, batch["head"].shape[0]:p]
+        relevant = batch["relevant"]
+        keep = relevant.any(-1)
+        mass = (probs * relevant[:, None]).sum(-1)[keep]
+        losses["attention"] = -torch.log(mass + 1e-6).mean()
     for key, head_layer in aux_heads.items():
         losses[key] = F.cross_entropy(head_layer(features).flatten(0, 1), batch["labels"][key].flatten())
     return losses
+
+
+def answer_attention(lm, layer: int, h: torch.Tensor, keys: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities (N, heads, S) of one query row per sequence in ``lm.layers[layer - 1]``.
+
+    h: (N, d) the rows' input to that layer; keys: (N, kv_heads, S, head_dim) its cached (rotated) keys;
+    position: (N,) the rows' positions. Keys after a row's position (later tokens, padding) get no mass.
+    Computed from q and k so the model keeps its own attention backend."""
+    block = lm.layers[layer - 1]
+    attn = block.self_attn
+    x = block.input_layernorm(h)
+    q = attn.q_proj(x).view(x.shape[0], -1, attn.head_dim)  # (N, H, hd)
+    cos, sin = lm.rotary_emb(x[:, None], position[:, None])  # (N, 1, hd)
+    q = q * cos + rotate_half(q) * sin
+    k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # GQA: kv head j serves heads j*rep ...
+    scores = torch.einsum("nhd,nhsd->nhs", q, k) * attn.scaling
+    late = torch.arange(k.shape[2]) > position[:, None]
+    return scores.masked_fill(late[:, None], float("-inf")).softmax(-1)
 
 
 def init_decoder(model, std: float, seed: int) -> None:
@@ -214,10 +254,13 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
         count = next(((lo, hi) for share, lo, hi in cfg.curriculum if step < share * cfg.steps), (3, 6))
-        batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count)
-        losses = forward_losses(model, aux_heads, batch, deep_layer=cfg.deep_layer)
+        batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
+                              per_type=cfg.questions_per_type)
+        losses = forward_losses(model, aux_heads, batch, questions_per_scene=5 * cfg.questions_per_type,
+                                deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer, attn_heads=cfg.attn_heads)
         aux = sum(losses[k] for k in AUX_CLASSES)
-        loss = losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
+        loss = (losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
+                + cfg.attn_weight * losses.get("attention", 0.0))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
