@@ -1,5 +1,8 @@
 """The mini LLaVA's tokenizer / processor, the training step's prefix-sharing trick, and the trainer."""
 
+import shlex
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transprune.mini import data
 from transprune.mini.model import (EOS_ID, IMAGE_ID, IMAGE_TOKENS, PATCH_SIZE, build_mini, mini_config,
                                    mini_processor, prompt)
-from transprune.mini.card import write_card
+from transprune.cli import build_parser, train_config
+from transprune.mini.card import command, write_card
 from transprune.mini.train import AUX_CLASSES, Batcher, TrainConfig, forward_losses, init_decoder, train
 
 
@@ -119,3 +123,12 @@ def test_decoder_reinit_touches_only_decoder_matrices_and_is_seeded():
     for (name, pa), pu in zip(a.named_parameters(), untouched.parameters()):
         changed = not torch.equal(pa, pu)
         assert changed == (name.startswith("model.language_model.") and pa.dim() == 2), name
+
+
+def test_card_command_reproduces_the_training_config():
+    cfg = TrainConfig(steps=7, seed=3, lr=3e-4, decoder_init_std=0.15, attn_heads=2, attn_layer=9,
+                      questions_per_type=2, scenes_per_step=4, deep_layer=0)
+    line = command(asdict(cfg))
+    assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
+    assert "in code" not in line
+    assert "TrainConfig(warmup=5)" in command(asdict(TrainConfig(warmup=5)))  # no option for it: said so

@@ -167,12 +167,19 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_train_mini(args) -> int:
-    from .mini.train import TrainConfig, train
+def train_config(args):
+    """The TrainConfig of parsed `train-mini` options (TrainConfig's defaults where an option is not given)."""
+    from .mini.card import OPTIONS
+    from .mini.train import TrainConfig
 
-    fields = ("steps", "seed", "threads", "lr", "decoder_init_std", "questions_per_type", "scenes_per_step",
-              "attn_heads", "attn_layer", "deep_layer")
-    cfg = TrainConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    fields = ("steps", "seed", "threads") + OPTIONS
+    return TrainConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+
+
+def cmd_train_mini(args) -> int:
+    from .mini.train import train
+
+    cfg = train_config(args)
     record = train(args.out, cfg, progress=not args.quiet)
     last = record["history"][-1]["val"] if record["history"] else {}
     print(f"saved {args.out} after {record['minutes']} min; validation accuracy {json.dumps(last)}")

@@ -10,17 +10,36 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .evaluate import evaluate
 from .model import IMAGE_TOKENS, load_mini
-from .train import machine
+from .train import TrainConfig, machine
 
 
 def _machine() -> str:
     return f"{machine()}, {torch.get_num_threads()} torch thread(s) at evaluation, torch {torch.__version__}"
+
+
+# TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
+OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
+           "deep_layer")
+
+
+def command(cfg: dict) -> str:
+    """The `train-mini` command that reproduces a logged config (options only where it differs from the
+    defaults; a field without an option that differs is reported, as it cannot be set from the command line)."""
+    default = asdict(TrainConfig())
+    parts = [f"transprune train-mini --out DIR --steps {cfg['steps']} --seed {cfg['seed']} --threads {cfg['threads']}"]
+    parts += [f"--{k.replace('_', '-')} {cfg[k]}" for k in OPTIONS if k in cfg and cfg[k] != default[k]]
+    fixed = [k for k in default if k not in OPTIONS + ("steps", "seed", "threads") and k in cfg
+             and json.loads(json.dumps(cfg[k])) != json.loads(json.dumps(default[k]))]
+    if fixed:
+        parts.append(f"  # and TrainConfig({', '.join(f'{k}={cfg[k]!r}' for k in fixed)}) in code")
+    return " ".join(parts)
 
 
 def write_card(folder: str | Path, n: int = 1000) -> Path:
@@ -55,7 +74,7 @@ def write_card(folder: str | Path, n: int = 1000) -> Path:
         "Command (deterministic: fixed seed, fixed step count, one torch thread, deterministic algorithms):",
         "",
         "```bash",
-        f"transprune train-mini --out DIR --steps {cfg['steps']} --seed {cfg['seed']} --threads {cfg['threads']}",
+        command(cfg),
         "```",
         "",
         "Recipe (`transprune/mini/train.py`, `TrainConfig`): " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()) + ".",
