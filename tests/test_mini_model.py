@@ -127,7 +127,7 @@ def test_decoder_reinit_touches_only_decoder_matrices_and_is_seeded():
 
 def test_card_command_reproduces_the_training_config():
     cfg = TrainConfig(steps=7, seed=3, lr=3e-4, decoder_init_std=0.15, attn_heads=2, attn_layer=9,
-                      questions_per_type=2, scenes_per_step=4, deep_layer=0)
+                      questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0)
     line = command(asdict(cfg))
     assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
     assert "in code" not in line

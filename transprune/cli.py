@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="supervise the attention of this many heads to the relevant patches (0: off)")
     p.add_argument("--attn-layer", type=_count, default=None, help="1-indexed layer of --attn-heads")
     p.add_argument("--deep-layer", type=int, default=None, help="also read the answer out after this layer (0: off)")
+    p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench
