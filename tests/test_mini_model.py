@@ -56,6 +56,30 @@ def test_patch_labels_name_the_object_at_its_centre():
     assert (labels["colour"] == 0).sum() > 0  # background exists
 
 
+def test_patch_labels_carry_the_scene_facts_the_questions_ask_for():
+    """left_shape / colour_count / shape_count at an object's centre patch must be the answers the question
+    generator gives about that object (computed here from the objects, independently of patch_labels)."""
+    side = 96 // PATCH_SIZE
+    checked_left = 0
+    for index in range(40):
+        image, objects, masks, _ = data.scene("train", index)
+        labels = data.patch_labels(objects, masks, PATCH_SIZE)
+        for t in objects:
+            at = (t.cy // PATCH_SIZE) * side + t.cx // PATCH_SIZE
+            assert labels["size"][at] == list(data.SIZES).index(t.size) + 1
+            assert labels["colour_count"][at] == sum(o.colour == t.colour for o in objects)
+            assert labels["shape_count"][at] == sum(o.shape == t.shape for o in objects)
+            left = [o for o in objects if o.cx < t.cx - t.radius and abs(o.cy - t.cy) <= t.radius + o.radius]
+            left.sort(key=lambda o: o.cx)
+            clear = left and (len(left) == 1 or left[-1].cx - left[-2].cx > 4)
+            expected = list(data.SHAPES).index(left[-1].shape) + 1 if clear else 0
+            assert labels["left_shape"][at] == expected
+            checked_left += expected > 0
+    assert checked_left > 10  # the scenes do have left neighbours
+    assert set(labels) == set(data.PATCH_LABELS)
+    assert all(int(v.max()) < data.PATCH_LABELS[k] for k, v in labels.items())
+
+
 @pytest.mark.parametrize("per_type", [1, 2])
 def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
     """The trainer runs the image prefix once and repeats its cache per question: the answer loss must be
@@ -113,6 +137,31 @@ def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
     assert "(10 questions)" in card
 
 
+def test_vision_stage_trains_only_the_vision_side_and_freezing_keeps_it(tmp_path):
+    """Stage 1 must leave the decoder at its init; with freeze_vision, stage 2 must leave the vision tower and
+    projector exactly as stage 1 left them while it trains the decoder."""
+    quiet = dict(progress=False, log=lambda *a, **k: None)
+    base = dict(scenes_per_step=2, warmup=1, eval_every=50, eval_n=5, vision_scenes=2,
+                aux_labels=("colour", "left_shape", "colour_count"))
+    train(tmp_path / "v", TrainConfig(steps=0, vision_steps=2, **base), **quiet)
+    train(tmp_path / "f", TrainConfig(steps=2, vision_steps=2, freeze_vision=True, **base), **quiet)
+    stage1 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "v", local_files_only=True)
+    frozen = LlavaForConditionalGeneration.from_pretrained(tmp_path / "f", local_files_only=True)
+    untrained = build_mini(seed=0)
+    for (name, p1), pf, p0 in zip(stage1.named_parameters(), frozen.parameters(), untrained.parameters()):
+        vision_side = name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+        if vision_side:
+            assert torch.equal(pf, p1), name
+        else:
+            assert torch.equal(p1, p0), name
+    changed = [n for (n, p1), pf in zip(stage1.named_parameters(), frozen.parameters()) if not torch.equal(p1, pf)]
+    assert changed and all(n.startswith(("model.language_model.", "lm_head.")) for n in changed)
+    assert any(n.startswith("model.vision_tower.") for (n, p1), p0 in zip(stage1.named_parameters(), untrained.parameters())
+               if not torch.equal(p1, p0))
+    with pytest.raises(ValueError, match="aux_labels"):
+        train(tmp_path / "x", TrainConfig(steps=1, aux_labels=("colour", "hue")), **quiet)
+
+
 def test_decoder_reinit_touches_only_decoder_matrices_and_is_seeded():
     a, b, untouched = build_mini(seed=0), build_mini(seed=0), build_mini(seed=0)
     init_decoder(a, 0.15, seed=4)
@@ -127,7 +176,9 @@ def test_decoder_reinit_touches_only_decoder_matrices_and_is_seeded():
 
 def test_card_command_reproduces_the_training_config():
     cfg = TrainConfig(steps=7, seed=3, lr=3e-4, decoder_init_std=0.15, attn_heads=2, attn_layer=9,
-                      questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0)
+                      questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0,
+                      aux_labels=("colour", "left_shape"), vision_steps=5, vision_scenes=3, vision_lr=2e-3,
+                      freeze_vision=True)
     line = command(asdict(cfg))
     assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
     assert "in code" not in line

@@ -167,6 +167,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _patch_labels() -> list[str]:
+    from .mini.data import PATCH_LABELS
+
+    return list(PATCH_LABELS)
+
+
+def _aux_labels(text: str) -> tuple:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in names if x not in _patch_labels()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(_patch_labels())}")
+    return names
+
+
 def train_config(args):
     """The TrainConfig of parsed `train-mini` options (TrainConfig's defaults where an option is not given)."""
     from .mini.card import OPTIONS
@@ -181,7 +195,7 @@ def cmd_train_mini(args) -> int:
 
     cfg = train_config(args)
     record = train(args.out, cfg, progress=not args.quiet)
-    last = record["history"][-1]["val"] if record["history"] else {}
+    last = next((e["val"] for e in reversed(record["history"]) if "val" in e), {})
     print(f"saved {args.out} after {record['minutes']} min; validation accuracy {json.dumps(last)}")
     return 0
 
@@ -335,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-layer", type=_count, default=None, help="1-indexed layer of --attn-heads")
     p.add_argument("--deep-layer", type=int, default=None, help="also read the answer out after this layer (0: off)")
     p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-patch auxiliary loss (0: off)")
+    p.add_argument("--aux-labels", type=_aux_labels, default=None, metavar="A,B,...",
+                   help="per-patch labels of the auxiliary loss, from: " + ", ".join(_patch_labels()))
+    p.add_argument("--vision-steps", type=int, default=None,
+                   help="stage 1: steps training only the vision tower + projector on the per-patch labels (0: off)")
+    p.add_argument("--vision-scenes", type=_count, default=None, help="scenes per stage-1 step")
+    p.add_argument("--vision-lr", type=float, default=None, help="stage-1 peak learning rate")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the vision tower + projector fixed after stage 1")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench

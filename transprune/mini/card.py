@@ -26,7 +26,16 @@ def _machine() -> str:
 
 # TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
 OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
-           "deep_layer", "aux_weight")
+           "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision")
+
+
+def _option(key: str, value) -> str:
+    flag = f"--{key.replace('_', '-')}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 def command(cfg: dict) -> str:
@@ -34,7 +43,8 @@ def command(cfg: dict) -> str:
     defaults; a field without an option that differs is reported, as it cannot be set from the command line)."""
     default = asdict(TrainConfig())
     parts = [f"transprune train-mini --out DIR --steps {cfg['steps']} --seed {cfg['seed']} --threads {cfg['threads']}"]
-    parts += [f"--{k.replace('_', '-')} {cfg[k]}" for k in OPTIONS if k in cfg and cfg[k] != default[k]]
+    parts += [_option(k, cfg[k]) for k in OPTIONS
+              if k in cfg and json.loads(json.dumps(cfg[k])) != json.loads(json.dumps(default[k]))]
     fixed = [k for k in default if k not in OPTIONS + ("steps", "seed", "threads") and k in cfg
              and json.loads(json.dumps(cfg[k])) != json.loads(json.dumps(default[k]))]
     if fixed:
@@ -49,7 +59,7 @@ def write_card(folder: str | Path, n: int = 1000) -> Path:
     result = evaluate(model, processor, ["none"], n=n, progress=False)[0]
     params = sum(p.numel() for p in model.parameters())
     cfg = record["config"]
-    last = record["history"][-1] if record["history"] else {}
+    last = next((e for e in reversed(record["history"]) if "val" in e), {})
     text = model.config.text_config
     vision = model.config.vision_config
     lines = [

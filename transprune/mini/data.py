@@ -118,6 +118,16 @@ def _describe(o: Obj, objects: list[Obj], avoid: str | None = None) -> str | Non
     return None
 
 
+def left_neighbour(t: Obj, objects: list[Obj]) -> int | None:
+    """Index of the object a person would call "left of" ``t``: the nearest one on its left at roughly the
+    same height, if it is clearly the nearest (else None)."""
+    left = sorted((i for i, o in enumerate(objects) if o.cx < t.cx - t.radius and abs(o.cy - t.cy) <= t.radius + o.radius),
+                  key=lambda i: objects[i].cx)
+    if left and (len(left) == 1 or objects[left[-1]].cx - objects[left[-2]].cx > 4):
+        return left[-1]
+    return None
+
+
 def _question(rng, qtype, objects, masks):
     """(question, answer, relevant mask) for one question type, or None if the scene has no such question."""
     empty = np.zeros_like(masks[0])
@@ -131,13 +141,9 @@ def _question(rng, qtype, objects, masks):
         pairs = []
         for t, tm in zip(objects, masks):
             name = _describe(t, objects)
-            # objects to the left at roughly the same height ("left of" as a person would read it)
-            left = sorted(((o, m) for o, m in zip(objects, masks)
-                           if o.cx < t.cx - t.radius and abs(o.cy - t.cy) <= t.radius + o.radius),
-                          key=lambda x: x[0].cx)
-            # the nearest object on the left must be clearly the nearest
-            if name and left and (len(left) == 1 or left[-1][0].cx - left[-2][0].cx > 4):
-                pairs.append((tm, *left[-1], name))
+            left = left_neighbour(t, objects)
+            if name and left is not None:
+                pairs.append((tm, objects[left], masks[left], name))
         if not pairs:
             return None
         tm, o, m, name = pairs[int(rng.integers(len(pairs)))]
@@ -221,24 +227,34 @@ def scene_questions(rng: np.random.Generator, objects: list[Obj], masks: list[np
 
 
 def patch_labels(objects: list[Obj], masks: list[np.ndarray], patch: int) -> dict[str, np.ndarray]:
-    """Per-patch targets (row-major, length (H/patch)^2) for an auxiliary training loss on the image tokens:
-    the colour / shape / digit of the object covering most of the patch (0 = background or no digit; a patch
-    counts as covered from 1/6 of its pixels) and whether the patch holds the object's centre."""
+    """Per-patch targets (row-major, length (H/patch)^2) for an auxiliary training loss on the image tokens.
+
+    Of the object covering most of the patch (a patch counts as covered from 1/6 of its pixels; 0 = background):
+    ``colour``, ``shape``, ``size``, ``digit`` (0 also for no digit); scene facts about that object:
+    ``left_shape`` (shape of its left neighbour as `left_neighbour` defines it, 0 for none),
+    ``colour_count`` / ``shape_count`` (objects in the scene sharing its colour / shape); and ``centre``: the
+    colour of the object whose centre is in the patch."""
     h, w = masks[0].shape if masks else (IMAGE_SIZE, IMAGE_SIZE)
     grid = (h // patch, w // patch)
     cover = np.stack([m.reshape(grid[0], patch, grid[1], patch).sum(axis=(1, 3)) for m in masks])  # (O, gh, gw)
     best = cover.argmax(0)
     covered = cover.max(0) * 6 >= patch * patch
-    colours, shapes = list(COLOURS), list(SHAPES)
-    colour = np.zeros(grid, np.int64)
-    shape = np.zeros(grid, np.int64)
-    digit = np.zeros(grid, np.int64)
-    centre = np.zeros(grid, np.int64)
+    colours, shapes, sizes = list(COLOURS), list(SHAPES), list(SIZES)
+    labels = {k: np.zeros(grid, np.int64) for k in PATCH_LABELS}
     for i, o in enumerate(objects):
         here = covered & (best == i)
-        colour[here] = colours.index(o.colour) + 1
-        shape[here] = shapes.index(o.shape) + 1
-        digit[here] = 0 if o.digit is None else int(o.digit) + 1
-        centre[min(o.cy // patch, grid[0] - 1), min(o.cx // patch, grid[1] - 1)] = colours.index(o.colour) + 1
-    return {k: v.reshape(-1) for k, v in
-            dict(colour=colour, shape=shape, digit=digit, centre=centre).items()}
+        left = left_neighbour(o, objects)
+        labels["colour"][here] = colours.index(o.colour) + 1
+        labels["shape"][here] = shapes.index(o.shape) + 1
+        labels["size"][here] = sizes.index(o.size) + 1
+        labels["digit"][here] = 0 if o.digit is None else int(o.digit) + 1
+        labels["left_shape"][here] = 0 if left is None else shapes.index(objects[left].shape) + 1
+        labels["colour_count"][here] = sum(x.colour == o.colour for x in objects)
+        labels["shape_count"][here] = sum(x.shape == o.shape for x in objects)
+        labels["centre"][min(o.cy // patch, grid[0] - 1), min(o.cx // patch, grid[1] - 1)] = colours.index(o.colour) + 1
+    return {k: v.reshape(-1) for k, v in labels.items()}
+
+
+# Number of classes of each per-patch label (class 0 included).
+PATCH_LABELS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "digit": 11,
+                "left_shape": len(SHAPES) + 1, "colour_count": 7, "shape_count": 7, "centre": len(COLOURS) + 1}

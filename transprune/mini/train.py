@@ -28,8 +28,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from . import data
 from .model import BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, mini_processor, prompt
 
-AUX_CLASSES = {"colour": len(data.COLOURS) + 1, "shape": len(data.SHAPES) + 1, "digit": 11,
-               "centre": len(data.COLOURS) + 1}
+AUX_CLASSES = data.PATCH_LABELS
 
 
 @dataclass
@@ -43,6 +42,15 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     aux_weight: float = 0.5
+    # Per-patch labels of the auxiliary loss (names of `data.PATCH_LABELS`).
+    aux_labels: tuple = ("colour", "shape", "digit", "centre")
+    # Stage 1 (0 steps: off): before the answer training, the vision tower + projector alone learn the
+    # per-patch labels (`vision_scenes` scenes per step, peak lr `vision_lr`); no decoder runs, so a step is
+    # cheap. With `freeze_vision` stage 2 then keeps them fixed and trains only the decoder.
+    vision_steps: int = 0
+    vision_scenes: int = 16
+    vision_lr: float = 1e-3
+    freeze_vision: bool = False
     deep_layer: int = 6  # also read the answer from this layer's output (0: off)
     deep_weight: float = 0.5
     # Attention supervision: the first `attn_heads` heads of decoder layer `attn_layer` (1-indexed) are pushed
@@ -227,6 +235,48 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = Tr
         torch.use_deterministic_algorithms(deterministic)
 
 
+def _cosine(peak: float, warmup: int, steps: int, step: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _train_vision(model, aux_heads, batcher: Batcher, cfg: TrainConfig, progress: bool, log, started) -> list:
+    """Stage 1: the vision tower + projector learn the per-patch labels; the decoder does not run."""
+    from tqdm import tqdm
+
+    modules = [model.model.vision_tower, model.model.multi_modal_projector, aux_heads]
+    params = [p for m in modules for p in m.parameters()]
+    optim = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=cfg.vision_lr, betas=(0.9, 0.98))
+    history = []
+    first = 10_000_000 - 1_000_000  # train scenes of their own, far from stage 2's
+    for step in tqdm(range(cfg.vision_steps), desc="train-mini vision", disable=not progress, mininterval=2):
+        for group in optim.param_groups:
+            group["lr"] = _cosine(cfg.vision_lr, cfg.warmup, cfg.vision_steps, step)
+        images, labels = [], {k: [] for k in aux_heads}
+        for index in range(first + step * cfg.vision_scenes, first + (step + 1) * cfg.vision_scenes):
+            image, objects, masks, _ = data.scene("train", index)
+            images.append(image)
+            patch = data.patch_labels(objects, masks, PATCH_SIZE)
+            for key in aux_heads:
+                labels[key].append(patch[key])
+        features = torch.stack(model.model.get_image_features(pixel_values=batcher.pixels(images)).pooler_output)
+        losses = {k: F.cross_entropy(head(features).flatten(0, 1), torch.from_numpy(np.stack(labels[k])).flatten())
+                  for k, head in aux_heads.items()}
+        optim.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.vision_steps:
+            entry = {"vision_step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
+                     **{k: round(v.item(), 4) for k, v in losses.items()}}
+            history.append(entry)
+            log(json.dumps(entry), flush=True)
+    return history
+
+
 def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     from tqdm import tqdm
 
@@ -234,31 +284,35 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     if cfg.decoder_init_std is not None:
         init_decoder(model, cfg.decoder_init_std, cfg.seed)
     width = model.config.text_config.hidden_size
-    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, c) for k, c in AUX_CLASSES.items()})
-    params = list(model.parameters()) + list(aux_heads.parameters())
+    unknown = sorted(set(cfg.aux_labels) - set(AUX_CLASSES))
+    if unknown:
+        raise ValueError(f"aux_labels: unknown {unknown}; choose from {', '.join(AUX_CLASSES)}")
+    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, AUX_CLASSES[k]) for k in cfg.aux_labels})
+    batcher = Batcher()
+    history, started = [], time.perf_counter()
+    if cfg.vision_steps > 0:
+        history += _train_vision(model, aux_heads, batcher, cfg, progress, log, started)
+    if cfg.freeze_vision:
+        for module in (model.model.vision_tower, model.model.multi_modal_projector):
+            module.requires_grad_(False)
+        aux_heads = torch.nn.ModuleDict()  # nothing left for them to shape
+    params = [p for p in model.parameters() if p.requires_grad] + list(aux_heads.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
-    def lr_at(step):
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-
-    batcher = Batcher()
-    history, started = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train-mini", disable=not progress, mininterval=2)
     running = None
     for step in bar:
         for group in optim.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = _cosine(cfg.lr, cfg.warmup, cfg.steps, step)
         count = next(((lo, hi) for share, lo, hi in cfg.curriculum if step < share * cfg.steps), (3, 6))
         batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
                               per_type=cfg.questions_per_type)
         losses = forward_losses(model, aux_heads, batch, questions_per_scene=5 * cfg.questions_per_type,
                                 deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer, attn_heads=cfg.attn_heads)
-        aux = sum(losses[k] for k in AUX_CLASSES)
+        aux = sum(losses[k] for k in aux_heads)
         loss = (losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
                 + cfg.attn_weight * losses.get("attention", 0.0))
         optim.zero_grad(set_to_none=True)
@@ -275,6 +329,7 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
             history.append(entry)
             log(json.dumps(entry), flush=True)
     out = Path(out)
+    model.requires_grad_(True)
     model.eval().save_pretrained(out)
     batcher.processor.save_pretrained(out)
     record = {"config": asdict(cfg), "minutes": round((time.perf_counter() - started) / 60, 2),
