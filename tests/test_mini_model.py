@@ -14,7 +14,8 @@ from transprune.mini.model import (EOS_ID, IMAGE_ID, IMAGE_TOKENS, PATCH_SIZE, b
                                    mini_processor, prompt)
 from transprune.cli import build_parser, train_config
 from transprune.mini.card import command, write_card
-from transprune.mini.train import AUX_CLASSES, Batcher, TrainConfig, forward_losses, init_decoder, train
+from transprune.mini.train import (AUX_CLASSES, Batcher, TrainConfig, _patch_batch, forward_losses, init_decoder,
+                                   patch_accuracy, train)
 
 
 def test_every_generated_question_and_answer_is_in_the_vocabulary():
@@ -160,6 +161,25 @@ def test_vision_stage_trains_only_the_vision_side_and_freezing_keeps_it(tmp_path
                if not torch.equal(p1, p0))
     with pytest.raises(ValueError, match="aux_labels"):
         train(tmp_path / "x", TrainConfig(steps=1, aux_labels=("colour", "hue")), **quiet)
+
+
+def test_patch_accuracy_counts_only_object_patches():
+    torch.manual_seed(0)
+    model = build_mini(seed=0).eval()
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(96, AUX_CLASSES[k]) for k in ("shape", "digit", "centre")})
+    pixels, labels = _patch_batch(Batcher(), "val", 0, 3)
+    got = patch_accuracy(model, heads, pixels, labels)
+    with torch.no_grad():
+        features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+    for key, where in (("shape", labels["shape"] > 0), ("digit", labels["digit"] > 0), ("centre", labels["centre"] > 0)):
+        pred = heads[key](features).argmax(-1)
+        hits = [int(pred[i, j] == labels[key][i, j]) for i in range(3) for j in range(256) if where[i, j]]
+        assert got[key] == round(sum(hits) / len(hits), 3)
+    # a head that always answers "background" scores 0 on object patches
+    with torch.no_grad():
+        heads["shape"].weight.zero_()
+        heads["shape"].bias.copy_(torch.tensor([5.0, 0, 0, 0]))
+    assert patch_accuracy(model, heads, pixels, labels)["shape"] == 0.0
 
 
 def test_decoder_reinit_touches_only_decoder_matrices_and_is_seeded():

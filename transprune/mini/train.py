@@ -252,29 +252,49 @@ def _train_vision(model, aux_heads, batcher: Batcher, cfg: TrainConfig, progress
                               lr=cfg.vision_lr, betas=(0.9, 0.98))
     history = []
     first = 10_000_000 - 1_000_000  # train scenes of their own, far from stage 2's
+    val_pixels, val_labels = _patch_batch(batcher, "val", 0, 64)
     for step in tqdm(range(cfg.vision_steps), desc="train-mini vision", disable=not progress, mininterval=2):
         for group in optim.param_groups:
             group["lr"] = _cosine(cfg.vision_lr, cfg.warmup, cfg.vision_steps, step)
-        images, labels = [], {k: [] for k in aux_heads}
-        for index in range(first + step * cfg.vision_scenes, first + (step + 1) * cfg.vision_scenes):
-            image, objects, masks, _ = data.scene("train", index)
-            images.append(image)
-            patch = data.patch_labels(objects, masks, PATCH_SIZE)
-            for key in aux_heads:
-                labels[key].append(patch[key])
-        features = torch.stack(model.model.get_image_features(pixel_values=batcher.pixels(images)).pooler_output)
-        losses = {k: F.cross_entropy(head(features).flatten(0, 1), torch.from_numpy(np.stack(labels[k])).flatten())
-                  for k, head in aux_heads.items()}
+        pixels, labels = _patch_batch(batcher, "train", first + step * cfg.vision_scenes, cfg.vision_scenes)
+        features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+        losses = {k: F.cross_entropy(head(features).flatten(0, 1), labels[k].flatten()) for k, head in aux_heads.items()}
         optim.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.vision_steps:
             entry = {"vision_step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
-                     **{k: round(v.item(), 4) for k, v in losses.items()}}
+                     **{k: round(v.item(), 4) for k, v in losses.items()},
+                     "val_object_patch_accuracy": patch_accuracy(model, aux_heads, val_pixels, val_labels)}
             history.append(entry)
             log(json.dumps(entry), flush=True)
     return history
+
+
+def _patch_batch(batcher: Batcher, split: str, first: int, n: int):
+    """(pixel values, {label: (n, 256) tensor} for every label of `data.PATCH_LABELS`) of scenes first ..
+    first + n - 1 of ``split``."""
+    images, labels = [], {k: [] for k in AUX_CLASSES}
+    for index in range(first, first + n):
+        image, objects, masks, _ = data.scene(split, index)
+        images.append(image)
+        for key, value in data.patch_labels(objects, masks, PATCH_SIZE).items():
+            labels[key].append(value)
+    return batcher.pixels(images), {k: torch.from_numpy(np.stack(v)) for k, v in labels.items()}
+
+
+@torch.no_grad()
+def patch_accuracy(model, aux_heads, pixels: torch.Tensor, labels: dict) -> dict[str, float]:
+    """Per auxiliary head, its accuracy on the image tokens whose patch shows an object (``digit``: an object
+    that carries a digit; ``centre``: an object's centre), where "background" is never the answer."""
+    features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+    out = {}
+    for key, head in aux_heads.items():
+        where = labels[key if key in ("digit", "centre") else "colour"] > 0
+        hit = head(features).argmax(-1) == labels[key]
+        out[key] = round(float(hit[where].float().mean()), 3)
+    return out
 
 
 def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
