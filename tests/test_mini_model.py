@@ -159,6 +159,11 @@ def test_vision_stage_trains_only_the_vision_side_and_freezing_keeps_it(tmp_path
     assert changed and all(n.startswith(("model.language_model.", "lm_head.")) for n in changed)
     assert any(n.startswith("model.vision_tower.") for (n, p1), p0 in zip(stage1.named_parameters(), untrained.parameters())
                if not torch.equal(p1, p0))
+    # --init: a run that starts from the stage-1 folder and freezes the vision side ends where "f" ended
+    train(tmp_path / "i", TrainConfig(steps=2, freeze_vision=True, init=str(tmp_path / "v"), **base), **quiet)
+    resumed = LlavaForConditionalGeneration.from_pretrained(tmp_path / "i", local_files_only=True)
+    for (name, pi), pf in zip(resumed.named_parameters(), frozen.parameters()):
+        assert torch.equal(pi, pf), name
     with pytest.raises(ValueError, match="aux_labels"):
         train(tmp_path / "x", TrainConfig(steps=1, aux_labels=("colour", "hue")), **quiet)
 

@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-lr", type=float, default=None, help="stage-1 peak learning rate")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the vision tower + projector fixed after stage 1")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from this checkpoint folder (e.g. a stage-1-only run: --steps 0) instead of a fresh model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench

@@ -26,7 +26,7 @@ def _machine() -> str:
 
 # TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
 OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
-           "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision")
+           "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init")
 
 
 def _option(key: str, value) -> str:
@@ -50,6 +50,29 @@ def command(cfg: dict) -> str:
     if fixed:
         parts.append(f"  # and TrainConfig({', '.join(f'{k}={cfg[k]!r}' for k in fixed)}) in code")
     return " ".join(parts)
+
+
+def _recipe(cfg: dict) -> list[str]:
+    """The training recipe in words, from a logged config."""
+    labels = " / ".join(cfg.get("aux_labels", ()))
+    lines = []
+    if cfg.get("vision_steps", 0) > 0:
+        lines.append(f"Stage 1: {cfg['vision_steps']} steps of {cfg['vision_scenes']} fresh scenes train the vision tower and "
+                     f"projector alone to predict per-patch labels from the image tokens ({labels}; linear heads, "
+                     "discarded after training)" + (", then they are frozen." if cfg.get("freeze_vision") else "."))
+    stage = "Stage 2: " if lines else ""
+    per_scene = 5 * cfg.get("questions_per_type", 1)
+    text = (f"{stage}{cfg['steps']} steps of {cfg['scenes_per_step']} fresh scenes (no epochs), {per_scene} questions per "
+            "scene sharing one image prefix; loss on the answer word and `</s>`")
+    if cfg.get("deep_layer", 0) > 0:
+        text += f", plus the answer read out after layer {cfg['deep_layer']}"
+    if cfg.get("aux_weight", 0) > 0 and not cfg.get("freeze_vision"):
+        text += f", plus the per-patch auxiliary loss ({labels}) at weight {cfg['aux_weight']}"
+    if cfg.get("attn_heads", 0) > 0:
+        text += f", plus attention supervision of {cfg['attn_heads']} heads of layer {cfg['attn_layer']}"
+    if cfg.get("curriculum"):
+        text += "; an object-count curriculum at the start"
+    return lines + [text + "."]
 
 
 def write_card(folder: str | Path, n: int = 1000) -> Path:
@@ -88,10 +111,7 @@ def write_card(folder: str | Path, n: int = 1000) -> Path:
         "```",
         "",
         "Recipe (`transprune/mini/train.py`, `TrainConfig`): " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()) + ".",
-        "Fresh scenes every step (no epochs), five questions per scene sharing one image prefix; answer loss on the",
-        "answer word and `</s>`, plus the answer read out from a middle layer and an auxiliary per-patch loss on",
-        "the image tokens (colour / shape / digit / object centre; its heads are discarded); an object-count",
-        "curriculum at the start.",
+        *_recipe(cfg),
         "",
         f"Wall time: {record['minutes']} min on the machine that trained it ({record.get('machine', 'not recorded')}).",
         "",

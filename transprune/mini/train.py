@@ -51,6 +51,9 @@ class TrainConfig:
     vision_scenes: int = 16
     vision_lr: float = 1e-3
     freeze_vision: bool = False
+    # Start from this checkpoint folder instead of a fresh model (e.g. the output of a stage-1-only run:
+    # steps=0), so recipes can be compared from the same vision tower.
+    init: str | None = None
     deep_layer: int = 6  # also read the answer from this layer's output (0: off)
     deep_weight: float = 0.5
     # Attention supervision: the first `attn_heads` heads of decoder layer `attn_layer` (1-indexed) are pushed
@@ -300,7 +303,13 @@ def patch_accuracy(model, aux_heads, pixels: torch.Tensor, labels: dict) -> dict
 def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     from tqdm import tqdm
 
-    model = build_mini(seed=cfg.seed, attn_implementation="sdpa").train()
+    if cfg.init is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32, local_files_only=True,
+                                                              attn_implementation="sdpa").train()
+    else:
+        model = build_mini(seed=cfg.seed, attn_implementation="sdpa").train()
     if cfg.decoder_init_std is not None:
         init_decoder(model, cfg.decoder_init_std, cfg.seed)
     width = model.config.text_config.hidden_size
