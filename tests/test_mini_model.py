@@ -120,7 +120,8 @@ def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
 
 
 def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
-    cfg = TrainConfig(steps=2, scenes_per_step=2, warmup=1, eval_every=2, eval_n=5, threads=1)
+    cfg = TrainConfig(steps=2, scenes_per_step=2, warmup=1, eval_every=2, eval_n=5, threads=1, vision_steps=2,
+                      vision_scenes=2)
     first = train(tmp_path / "a", cfg, progress=False, log=lambda *a, **k: None)
     train(tmp_path / "b", cfg, progress=False, log=lambda *a, **k: None)
     a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
@@ -160,7 +161,7 @@ def test_vision_stage_trains_only_the_vision_side_and_freezing_keeps_it(tmp_path
     assert any(n.startswith("model.vision_tower.") for (n, p1), p0 in zip(stage1.named_parameters(), untrained.parameters())
                if not torch.equal(p1, p0))
     # --init: a run that starts from the stage-1 folder and freezes the vision side ends where "f" ended
-    train(tmp_path / "i", TrainConfig(steps=2, freeze_vision=True, init=str(tmp_path / "v"), **base), **quiet)
+    train(tmp_path / "i", TrainConfig(steps=2, vision_steps=0, freeze_vision=True, init=str(tmp_path / "v"), **base), **quiet)
     resumed = LlavaForConditionalGeneration.from_pretrained(tmp_path / "i", local_files_only=True)
     for (name, pi), pf in zip(resumed.named_parameters(), frozen.parameters()):
         assert torch.equal(pi, pf), name
@@ -203,7 +204,7 @@ def test_card_command_reproduces_the_training_config():
     cfg = TrainConfig(steps=7, seed=3, lr=3e-4, decoder_init_std=0.15, attn_heads=2, attn_layer=9,
                       questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0,
                       aux_labels=("colour", "left_shape"), vision_steps=5, vision_scenes=3, vision_lr=2e-3,
-                      freeze_vision=True)
+                      freeze_vision=False)
     line = command(asdict(cfg))
     assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
     assert "in code" not in line

@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-mini", help="train the mini LLaVA from scratch (deterministic; ~1 h on 2 CPU cores)",
                        description="Train the mini testbed model on generated questions and save a folder that "
-                                   "from_pretrained / AutoProcessor load. The shipped checkpoint was made with the "
-                                   "defaults.")
+                                   "from_pretrained / AutoProcessor load. The defaults are the best recipe measured so "
+                                   "far (docs/mini-benchmark.md).")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=_count, default=None, help="optimiser steps (default: TrainConfig's)")
     p.add_argument("--seed", type=int, default=None, help="(default 0)")
