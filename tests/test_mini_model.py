@@ -165,6 +165,12 @@ def test_vision_stage_trains_only_the_vision_side_and_freezing_keeps_it(tmp_path
     resumed = LlavaForConditionalGeneration.from_pretrained(tmp_path / "i", local_files_only=True)
     for (name, pi), pf in zip(resumed.named_parameters(), frozen.parameters()):
         assert torch.equal(pi, pf), name
+    with pytest.raises(ValueError, match="device='tpu'"):
+        train(tmp_path / "x", TrainConfig(steps=1, device="tpu"), **quiet)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train(tmp_path / "x", TrainConfig(steps=1, device="cuda"), **quiet)
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="aux_labels"):
         train(tmp_path / "x", TrainConfig(steps=1, aux_labels=("colour", "hue")), **quiet)
 
@@ -204,8 +210,15 @@ def test_card_command_reproduces_the_training_config():
     cfg = TrainConfig(steps=7, seed=3, lr=3e-4, decoder_init_std=0.15, attn_heads=2, attn_layer=9,
                       questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0,
                       aux_labels=("colour", "left_shape"), vision_steps=5, vision_scenes=3, vision_lr=2e-3,
-                      freeze_vision=False)
+                      freeze_vision=False, device="cuda:1")
     line = command(asdict(cfg))
     assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
     assert "in code" not in line
     assert "TrainConfig(warmup=5)" in command(asdict(TrainConfig(warmup=5)))  # no option for it: said so
+
+
+def test_train_mini_rejects_an_unknown_device_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train-mini", "--out", "x", "--device", "tpu"])
+    assert exit_info.value.code == 2
+    assert "device='tpu'" in capsys.readouterr().err

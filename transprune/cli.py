@@ -181,6 +181,16 @@ def _aux_labels(text: str) -> tuple:
     return names
 
 
+def _train_device(name: str) -> str:
+    from .mini.train import _device
+
+    try:
+        _device(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
 def train_config(args):
     """The TrainConfig of parsed `train-mini` options (TrainConfig's defaults where an option is not given)."""
     from .mini.card import OPTIONS
@@ -359,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the vision tower + projector fixed after stage 1")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from this checkpoint folder (e.g. a stage-1-only run: --steps 0) instead of a fresh model")
+    p.add_argument("--device", type=_train_device, default=None,
+                   help="cpu (default) or a CUDA device, e.g. cuda:0 (not bitwise reproducible there)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mini)
     from .bench import register as _register_bench

@@ -26,7 +26,7 @@ def _machine() -> str:
 
 # TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
 OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
-           "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init")
+           "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init", "device")
 
 
 def _option(key: str, value) -> str:

@@ -76,6 +76,9 @@ class TrainConfig:
     # the decoder's matrices drawn at std 0.15 (lr 3e-4); not yet validated on a full run.
     decoder_init_std: float | None = None
     seed: int = 0
+    # "cpu" or a CUDA device ("cuda", "cuda:0"). Only the CPU path has been run: on CUDA the run is seeded
+    # but bitwise reproducibility is not guaranteed (deterministic algorithms only warn there).
+    device: str = "cpu"
     threads: int = 1  # one thread: on 2 cores, OpenMP with 2 threads stalls badly if anything else runs
     eval_every: int = 250
     eval_n: int = 250
@@ -144,12 +147,12 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
     cache.batch_repeat_interleave(questions_per_scene)
     p = prefix.shape[1]
     suffix, valid = batch["suffix"], batch["suffix_valid"]
-    mask = torch.cat([torch.ones(suffix.shape[0], p, dtype=torch.long), valid], dim=1)
-    positions = (p + torch.arange(suffix.shape[1])).unsqueeze(0).expand(suffix.shape[0], -1)
+    mask = torch.cat([torch.ones(suffix.shape[0], p, dtype=torch.long, device=suffix.device), valid], dim=1)
+    positions = (p + torch.arange(suffix.shape[1], device=suffix.device)).unsqueeze(0).expand(suffix.shape[0], -1)
     out = lm(input_ids=suffix, cache=cache, attention_mask=mask, position_ids=positions,
              output_hidden_states=deep_layer > 0 or attn_heads > 0)
     hidden = out.last_hidden_state
-    rows = torch.arange(suffix.shape[0])
+    rows = torch.arange(suffix.shape[0], device=suffix.device)
     at = batch["answer_at"]
     # The answer word is predicted at position at-1 and </s> at position at.
     logits = model.lm_head(torch.cat([hidden[rows, at - 1], hidden[rows, at]]))
@@ -185,7 +188,7 @@ def answer_attention(lm, layer: int, h: torch.Tensor, keys: torch.Tensor, positi
     q = q * cos + rotate_half(q) * sin
     k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # GQA: kv head j serves heads j*rep ...
     scores = torch.einsum("nhd,nhsd->nhs", q, k) * attn.scaling
-    late = torch.arange(k.shape[2]) > position[:, None]
+    late = torch.arange(k.shape[2], device=k.device) > position[:, None]
     return scores.masked_fill(late[:, None], float("-inf")).softmax(-1)
 
 
@@ -207,7 +210,7 @@ def answer_accuracy(model, batcher: Batcher, split: str, n: int, first: int = 0)
     for start in range(first, first + n, 50):
         samples = [data.sample(split, i) for i in range(start, min(start + 50, first + n))]
         inputs = batcher.processor(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
-                                   padding=True, return_tensors="pt")
+                                   padding=True, return_tensors="pt").to(model.device)
         logits = model(**inputs).logits[:, -1]
         for s, token in zip(samples, logits.argmax(-1).tolist()):
             hits.setdefault(s.qtype, []).append(tokenizer.convert_ids_to_tokens(token) == s.answer)
@@ -232,15 +235,41 @@ def machine() -> str:
 
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = True, log=print) -> dict:
     """Train, save the model + processor to ``out`` (``from_pretrained`` loads it), return the log."""
+    device = _device(cfg.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic mode
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
     try:
         return _train(out, cfg, progress, log)
     finally:  # process-wide settings go back to what the caller had
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r}: use 'cpu' or a CUDA device such as 'cuda' or 'cuda:0'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}: use 'cpu' or a CUDA device such as 'cuda' or 'cuda:0'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}, but this torch has no CUDA device (torch.cuda.is_available() is False)")
+    return device
+
+
+def _to(batch, device):
+    """A batch (tensors, nested dicts of tensors) on ``device``."""
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_to(v, device) for v in batch)
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
 def _cosine(peak: float, warmup: int, steps: int, step: int) -> float:
@@ -260,11 +289,12 @@ def _train_vision(model, aux_heads, batcher: Batcher, cfg: TrainConfig, progress
                               lr=cfg.vision_lr, betas=(0.9, 0.98))
     history = []
     first = 10_000_000 - 1_000_000  # train scenes of their own, far from stage 2's
-    val_pixels, val_labels = _patch_batch(batcher, "val", 0, 64)
+    val_pixels, val_labels = _to(_patch_batch(batcher, "val", 0, 64), model.device)
     for step in tqdm(range(cfg.vision_steps), desc="train-mini vision", disable=not progress, mininterval=2):
         for group in optim.param_groups:
             group["lr"] = _cosine(cfg.vision_lr, cfg.warmup, cfg.vision_steps, step)
-        pixels, labels = _patch_batch(batcher, "train", first + step * cfg.vision_scenes, cfg.vision_scenes)
+        pixels, labels = _to(_patch_batch(batcher, "train", first + step * cfg.vision_scenes, cfg.vision_scenes),
+                             model.device)
         features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
         losses = {k: F.cross_entropy(head(features).flatten(0, 1), labels[k].flatten()) for k, head in aux_heads.items()}
         optim.zero_grad(set_to_none=True)
@@ -317,11 +347,12 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
         model = build_mini(seed=cfg.seed, attn_implementation="sdpa").train()
     if cfg.decoder_init_std is not None:
         init_decoder(model, cfg.decoder_init_std, cfg.seed)
+    model.to(cfg.device)
     width = model.config.text_config.hidden_size
     unknown = sorted(set(cfg.aux_labels) - set(AUX_CLASSES))
     if unknown:
         raise ValueError(f"aux_labels: unknown {unknown}; choose from {', '.join(AUX_CLASSES)}")
-    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, AUX_CLASSES[k]) for k in cfg.aux_labels})
+    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, AUX_CLASSES[k]) for k in cfg.aux_labels}).to(cfg.device)
     batcher = Batcher()
     history, started = [], time.perf_counter()
     if cfg.vision_steps > 0:
@@ -344,6 +375,7 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
         count = next(((lo, hi) for share, lo, hi in cfg.curriculum if step < share * cfg.steps), (3, 6))
         batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
                               per_type=cfg.questions_per_type)
+        batch = _to(batch, model.device)
         losses = forward_losses(model, aux_heads, batch, questions_per_scene=5 * cfg.questions_per_type,
                                 deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer, attn_heads=cfg.attn_heads)
         aux = sum(losses[k] for k in aux_heads)
@@ -364,7 +396,7 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
             log(json.dumps(entry), flush=True)
     out = Path(out)
     model.requires_grad_(True)
-    model.eval().save_pretrained(out)
+    model.to("cpu").eval().save_pretrained(out)
     batcher.processor.save_pretrained(out)
     record = {"config": asdict(cfg), "minutes": round((time.perf_counter() - started) / 60, 2),
               "threads": cfg.threads, "torch": torch.__version__, "machine": machine(), "history": history}
