@@ -222,3 +222,12 @@ def test_train_mini_rejects_an_unknown_device_at_parse_time(capsys):
         build_parser().parse_args(["train-mini", "--out", "x", "--device", "tpu"])
     assert exit_info.value.code == 2
     assert "device='tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_train_mini_without_cuda_says_so_and_exits_2(tmp_path, capsys):
+    from transprune.cli import main
+
+    assert main(["train-mini", "--out", str(tmp_path / "m"), "--device", "cuda", "--steps", "1"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

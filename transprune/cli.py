@@ -185,7 +185,7 @@ def _train_device(name: str) -> str:
     from .mini.train import _device
 
     try:
-        _device(name)
+        _device(name, check_available=False)  # the form here; whether the device exists: cmd_train_mini
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return name
@@ -203,7 +203,14 @@ def train_config(args):
 def cmd_train_mini(args) -> int:
     from .mini.train import train
 
+    from .mini.train import _device
+
     cfg = train_config(args)
+    try:
+        _device(cfg.device)
+    except ValueError as exc:
+        print(f"transprune train-mini: error: {exc}", file=sys.stderr)
+        return 2
     record = train(args.out, cfg, progress=not args.quiet)
     last = next((e["val"] for e in reversed(record["history"]) if "val" in e), {})
     print(f"saved {args.out} after {record['minutes']} min; validation accuracy {json.dumps(last)}")

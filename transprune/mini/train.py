@@ -251,14 +251,14 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = Tr
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, check_available: bool = True) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"device={name!r}: use 'cpu' or a CUDA device such as 'cuda' or 'cuda:0'") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r}: use 'cpu' or a CUDA device such as 'cuda' or 'cuda:0'")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if check_available and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}, but this torch has no CUDA device (torch.cuda.is_available() is False)")
     return device
 
