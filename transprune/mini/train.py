@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from . import data
-from .model import BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, mini_processor, prompt
+from .model import BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, load_mini, mini_processor, prompt
 
 AUX_CLASSES = data.PATCH_LABELS
 
@@ -272,6 +272,13 @@ def _to(batch, device):
     return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
+def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
 def _cosine(peak: float, warmup: int, steps: int, step: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -284,9 +291,7 @@ def _train_vision(model, aux_heads, batcher: Batcher, cfg: TrainConfig, progress
 
     modules = [model.model.vision_tower, model.model.multi_modal_projector, aux_heads]
     params = [p for m in modules for p in m.parameters()]
-    optim = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=cfg.vision_lr, betas=(0.9, 0.98))
+    optim = _adamw(params, cfg.vision_lr, cfg.weight_decay)
     history = []
     first = 10_000_000 - 1_000_000  # train scenes of their own, far from stage 2's
     val_pixels, val_labels = _to(_patch_batch(batcher, "val", 0, 64), model.device)
@@ -339,10 +344,7 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     from tqdm import tqdm
 
     if cfg.init is not None:
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32, local_files_only=True,
-                                                              attn_implementation="sdpa").train()
+        model = load_mini(cfg.init, attn_implementation="sdpa")[0].train()
     else:
         model = build_mini(seed=cfg.seed, attn_implementation="sdpa").train()
     if cfg.decoder_init_std is not None:
@@ -362,10 +364,7 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
             module.requires_grad_(False)
         aux_heads = torch.nn.ModuleDict()  # nothing left for them to shape
     params = [p for p in model.parameters() if p.requires_grad] + list(aux_heads.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    optim = _adamw(params, cfg.lr, cfg.weight_decay)
 
     bar = tqdm(range(cfg.steps), desc="train-mini", disable=not progress, mininterval=2)
     running = None
