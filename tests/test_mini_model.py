@@ -14,8 +14,8 @@ from transprune.mini.model import (EOS_ID, IMAGE_ID, IMAGE_TOKENS, PATCH_SIZE, b
                                    mini_processor, prompt)
 from transprune.cli import build_parser, train_config
 from transprune.mini.card import command, write_card
-from transprune.mini.train import (AUX_CLASSES, Batcher, TrainConfig, _patch_batch, forward_losses, init_decoder,
-                                   patch_accuracy, train)
+from transprune.mini.train import (AUX_CLASSES, Batcher, TrainConfig, _patch_batch, focus_targets, forward_losses,
+                                   init_decoder, patch_accuracy, train)
 
 
 def test_every_generated_question_and_answer_is_in_the_vocabulary():
@@ -84,7 +84,7 @@ def test_patch_labels_carry_the_scene_facts_the_questions_ask_for():
 @pytest.mark.parametrize("per_type", [1, 2])
 def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
     """The trainer runs the image prefix once and repeats its cache per question: the answer loss must be
-    the plain next-token loss of each full prompt + answer sequence, and the attention loss must use the
+    the plain next-token loss of each full prompt + answer sequence, and both attention losses must use the
     attention probabilities the model itself computes (eager attention as the reference)."""
     torch.manual_seed(0)
     model = build_mini(seed=1, attn_implementation="eager").eval()
@@ -95,15 +95,17 @@ def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
                                  for k, c in AUX_CLASSES.items()})
     with torch.no_grad():
         losses = forward_losses(model, heads, batch, questions_per_scene=5 * per_type, attn_layer=8, attn_heads=2)
-        answer_losses, eos_losses, attention_losses = [], [], []
+        focus = forward_losses(model, heads, batch, questions_per_scene=5 * per_type, attn_layer=8, attn_heads=2,
+                               find_layer=5, attn_targets="focus")["attention"]
+        answer_losses, eos_losses, attention_losses, focus_losses = [], [], [], []
         for index in range(2):
             image, objects, masks, rng = data.scene("train", index)
             pixel_values = batcher.pixels([image])
             questions = data.scene_questions(rng, objects, masks, per_type)
             assert len(questions) == 5 * per_type
-            for question, answer, _, mask in questions:
-                inputs = batcher.processor(images=image, text=prompt(question), return_tensors="pt")
-                ids = torch.cat([inputs["input_ids"][0], torch.tensor([batcher.answer_id(answer), EOS_ID])])[None]
+            for q in questions:
+                inputs = batcher.processor(images=image, text=prompt(q.question), return_tensors="pt")
+                ids = torch.cat([inputs["input_ids"][0], torch.tensor([batcher.answer_id(q.answer), EOS_ID])])[None]
                 out = model(input_ids=ids, pixel_values=pixel_values, output_attentions=True)
                 logits = out.logits[0]
                 answer_losses.append(F.cross_entropy(logits[-3:-2], ids[0, -2:-1]))
@@ -111,12 +113,54 @@ def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
                 # layer 8's first two heads, from the position that predicts the answer, onto relevant patches
                 row = out.attentions[7][0, :2, -3]
                 image_cols = (ids[0] == IMAGE_ID).nonzero()[:, 0]
-                relevant = torch.from_numpy(mask.reshape(16, 6, 16, 6).any(axis=(1, 3)).reshape(-1))
+                relevant = torch.from_numpy(q.relevant.reshape(16, 6, 16, 6).any(axis=(1, 3)).reshape(-1))
                 if relevant.any():
                     attention_losses.append(-torch.log(row[:, image_cols[relevant]].sum(-1) + 1e-6))
+                # focus: layer 5 to the named objects, layer 8 to those read; <s> + patches; counts: exact shares
+                for layer, objects_of in ((5, q.find), (8, q.read)):
+                    row = out.attentions[layer - 1][0, :2, -3]
+                    probs = torch.cat([row[:, :1], row[:, image_cols]], dim=1)
+                    target = torch.zeros(257)
+                    for i in objects_of:
+                        if q.qtype == "count":  # the patch holding the object's centre
+                            target[1 + objects[i].cy // 6 * 16 + objects[i].cx // 6] = 1
+                        else:
+                            target[1:] += torch.from_numpy(masks[i].reshape(16, 6, 16, 6).any(axis=(1, 3)).reshape(-1))
+                    target = (target > 0).float()
+                    if q.qtype in ("count", "exists"):
+                        target[0] = 1
+                        focus_losses.append(-(target / target.sum() * torch.log(probs + 1e-6)).sum(-1))
+                    else:
+                        focus_losses.append(-torch.log(probs[:, target > 0].sum(-1) + 1e-6))
     torch.testing.assert_close(losses["answer"], torch.stack(answer_losses).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["eos"], torch.stack(eos_losses).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["attention"], torch.cat(attention_losses).mean(), rtol=1e-4, atol=1e-5)
+    # the mean over questions and heads of each layer's loss, summed over the two layers
+    torch.testing.assert_close(focus, torch.stack(focus_losses).view(-1, 2, 2).mean(dim=(0, 2)).sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_focus_targets_follow_the_question():
+    """Counts: the sink plus one centre patch per counted object (a count of 0: all on the sink); "is there":
+    the sink plus the matches' patches; two-object questions: the named object first, the answer's second."""
+    seen = set()
+    for index in range(40):
+        image, objects, masks, rng = data.scene("train", index)
+        for q in data.scene_questions(rng, objects, masks):
+            target = focus_targets(q, objects, masks)
+            assert target.shape == (2, 257) and np.allclose(target.sum(-1), 1)
+            if q.qtype == "count":
+                assert (target[1] > 0).sum() == 1 + int(q.answer) and target[1, 0] == pytest.approx(1 / (1 + int(q.answer)))
+            elif q.qtype == "exists":
+                assert (target[1, 0] == 1) == (q.answer == "no")
+            else:
+                assert target[1, 0] == 0
+            if q.qtype == "shape_left":
+                named = data.mask_patches(masks[q.find[0]], 6).reshape(-1)
+                read = data.mask_patches(masks[q.read[0]], 6).reshape(-1)
+                assert np.array_equal(target[0, 1:] > 0, named) and np.array_equal(target[1, 1:] > 0, read)
+                assert objects[q.read[0]].shape == q.answer
+            seen.add((q.qtype, q.answer if q.qtype in ("count", "exists") else ""))
+    assert {("count", "0"), ("exists", "yes"), ("exists", "no"), ("shape_left", "")} <= seen
 
 
 def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
@@ -210,11 +254,24 @@ def test_card_command_reproduces_the_training_config():
     cfg = TrainConfig(steps=7, seed=3, lr=3e-4, decoder_init_std=0.15, attn_heads=2, attn_layer=9,
                       questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0,
                       aux_labels=("colour", "left_shape"), vision_steps=5, vision_scenes=3, vision_lr=2e-3,
-                      freeze_vision=False, device="cuda:1")
+                      freeze_vision=False, device="cuda:1",
+                      attn_targets="relevant" if TrainConfig().attn_targets == "focus" else "focus", find_layer=4)
     line = command(asdict(cfg))
     assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
     assert "in code" not in line
     assert "TrainConfig(warmup=5)" in command(asdict(TrainConfig(warmup=5)))  # no option for it: said so
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attn_targets", "objects", "attn_targets='objects'; choose 'relevant' or 'focus'"),
+    ("find_layer", 13, "find_layer=13: the decoder has layers 1..12"),
+    ("attn_layer", -1, "attn_layer=-1: the decoder has layers 1..12"),
+])
+def test_training_rejects_bad_attention_settings_before_any_work(tmp_path, field, value, message):
+    cfg = TrainConfig(steps=1, vision_steps=0, **{field: value})
+    with pytest.raises(ValueError) as info:
+        train(tmp_path / "out", cfg, progress=False, log=lambda *a, **k: None)
+    assert message in str(info.value) and not (tmp_path / "out").exists()
 
 
 def test_train_mini_rejects_an_unknown_device_at_parse_time(capsys):

@@ -364,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-heads", type=int, default=None,
                    help="supervise the attention of this many heads to the relevant patches (0: off)")
     p.add_argument("--attn-layer", type=_count, default=None, help="1-indexed layer of --attn-heads")
+    p.add_argument("--attn-targets", choices=("relevant", "focus"), default=None,
+                   help="relevant: every relevant patch, at --attn-layer; focus: the named objects at --find-layer, "
+                        "the objects the answer is read from at --attn-layer, plus <s> for counts and 'is there'")
+    p.add_argument("--find-layer", type=int, default=None,
+                   help="with --attn-targets focus: 1-indexed layer whose heads find the named objects (0: none)")
     p.add_argument("--deep-layer", type=int, default=None, help="also read the answer out after this layer (0: off)")
     p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--aux-labels", type=_aux_labels, default=None, metavar="A,B,...",

@@ -26,7 +26,7 @@ def _machine() -> str:
 
 # TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
 OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
-           "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init", "device")
+           "attn_targets", "find_layer", "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init", "device")
 
 
 def _option(key: str, value) -> str:
@@ -68,8 +68,13 @@ def _recipe(cfg: dict) -> list[str]:
         text += f", plus the answer read out after layer {cfg['deep_layer']}"
     if cfg.get("aux_weight", 0) > 0 and not cfg.get("freeze_vision"):
         text += f", plus the per-patch auxiliary loss ({labels}) at weight {cfg['aux_weight']}"
-    if cfg.get("attn_heads", 0) > 0:
-        text += f", plus attention supervision of {cfg['attn_heads']} heads of layer {cfg['attn_layer']}"
+    if cfg.get("attn_heads", 0) > 0 and cfg.get("attn_targets", "relevant") == "focus":
+        text += (f", plus attention supervision from the answer position: {cfg['attn_heads']} heads of layer "
+                 f"{cfg['find_layer']} to the objects the question names and of layer {cfg['attn_layer']} to those "
+                 "the answer is read from (for counts and \"is there\" also to `<s>`, whose share tells how many)")
+    elif cfg.get("attn_heads", 0) > 0:
+        text += (f", plus attention supervision of {cfg['attn_heads']} heads of layer {cfg['attn_layer']} to the "
+                 "question's relevant patches")
     if cfg.get("curriculum"):
         text += "; an object-count curriculum at the start"
     return lines + [text + "."]

@@ -9,6 +9,7 @@ function of (split, index): splits draw from disjoint seed ranges.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -22,6 +23,7 @@ SIZES = {"small": (6, 8), "large": (11, 14)}  # radius range in pixels
 QUESTION_TYPES = ("colour", "shape_left", "count", "exists", "digit")
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 IMAGE_SIZE = 96
+PATCH_SIZE = 6  # the mini model's patch: per-patch training labels use it
 
 
 @dataclass
@@ -130,51 +132,53 @@ def left_neighbour(t: Obj, objects: list[Obj]) -> int | None:
 
 
 def _question(rng, qtype, objects, masks):
-    """(question, answer, relevant mask) for one question type, or None if the scene has no such question."""
+    """(question, answer, relevant mask, find, read) for one question type, or None if the scene has no such
+    question. ``find``: indices of the objects the question names; ``read``: those the answer is read from
+    (for counts and "is there", the objects that match; possibly none)."""
     empty = np.zeros_like(masks[0])
     if qtype == "colour":
-        candidates = [(o, m) for o, m in zip(objects, masks) if _describe(o, objects, avoid="colour")]
+        candidates = [i for i, o in enumerate(objects) if _describe(o, objects, avoid="colour")]
         if not candidates:
             return None
-        o, m = candidates[int(rng.integers(len(candidates)))]
-        return f"what colour is the {_describe(o, objects, avoid='colour')} ?", o.colour, m
+        i = candidates[int(rng.integers(len(candidates)))]
+        return f"what colour is the {_describe(objects[i], objects, avoid='colour')} ?", objects[i].colour, masks[i], [i], [i]
     if qtype == "shape_left":
         pairs = []
-        for t, tm in zip(objects, masks):
-            name = _describe(t, objects)
-            left = left_neighbour(t, objects)
+        for t, o in enumerate(objects):
+            name = _describe(o, objects)
+            left = left_neighbour(o, objects)
             if name and left is not None:
-                pairs.append((tm, objects[left], masks[left], name))
+                pairs.append((t, left, name))
         if not pairs:
             return None
-        tm, o, m, name = pairs[int(rng.integers(len(pairs)))]
-        return f"what shape is left of the {name} ?", o.shape, tm | m
+        t, left, name = pairs[int(rng.integers(len(pairs)))]
+        return f"what shape is left of the {name} ?", objects[left].shape, masks[t] | masks[left], [t], [left]
     if qtype == "count":
         if rng.random() < 0.5:
             key = str(rng.choice(list(COLOURS)))
-            hits = [m for o, m in zip(objects, masks) if o.colour == key]
+            hits = [i for i, o in enumerate(objects) if o.colour == key]
             question = f"how many {key} objects are there ?"
         else:
             key = str(rng.choice(SHAPES))
-            hits = [m for o, m in zip(objects, masks) if o.shape == key]
+            hits = [i for i, o in enumerate(objects) if o.shape == key]
             question = f"how many {key}s are there ?"
-        return question, str(len(hits)), np.logical_or.reduce(hits) if hits else empty
+        return question, str(len(hits)), np.logical_or.reduce([masks[i] for i in hits]) if hits else empty, hits, hits
     if qtype == "exists":
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         if rng.random() < 0.5:  # balance yes / no: ask about a real object half of the time
             o = objects[int(rng.integers(len(objects)))]
             colour, shape = o.colour, o.shape
-        hits = [m for o, m in zip(objects, masks) if (o.colour, o.shape) == (colour, shape)]
+        hits = [i for i, o in enumerate(objects) if (o.colour, o.shape) == (colour, shape)]
         # For "no" the evidence is every object of that shape (the one it could have been).
-        evidence = hits or [m for o, m in zip(objects, masks) if o.shape == shape]
+        evidence = hits or [i for i, o in enumerate(objects) if o.shape == shape]
         return (f"is there a {colour} {shape} ?", "yes" if hits else "no",
-                np.logical_or.reduce(evidence) if evidence else empty)
+                np.logical_or.reduce([masks[i] for i in evidence]) if evidence else empty, hits, hits)
     # digit
-    candidates = [(o, m) for o, m in zip(objects, masks) if o.digit is not None and _describe(o, objects)]
+    candidates = [i for i, o in enumerate(objects) if o.digit is not None and _describe(o, objects)]
     if not candidates:
         return None
-    o, m = candidates[int(rng.integers(len(candidates)))]
-    return f"what digit is on the {_describe(o, objects)} ?", o.digit, m
+    i = candidates[int(rng.integers(len(candidates)))]
+    return f"what digit is on the {_describe(objects[i], objects)} ?", objects[i].digit, masks[i], [i], [i]
 
 
 def sample(split: str, index: int, qtype: str | None = None, size: int = IMAGE_SIZE) -> Sample:
@@ -192,7 +196,7 @@ def sample(split: str, index: int, qtype: str | None = None, size: int = IMAGE_S
         image, masks = render(objects, rng, size)
         made = _question(rng, wanted, objects, masks)
         if made is not None:
-            question, answer, relevant = made
+            question, answer, relevant = made[:3]
             return Sample(image, question, answer, wanted, relevant, objects)
 
 
@@ -212,18 +216,27 @@ def scene(split: str, index: int, size: int = IMAGE_SIZE, count: tuple[int, int]
             return image, objects, masks, rng
 
 
+class Question(NamedTuple):
+    question: str
+    answer: str
+    qtype: str
+    relevant: np.ndarray  # (H, W) bool, as `Sample.relevant`
+    find: list[int]  # indices of the objects the question names
+    read: list[int]  # indices of the objects the answer is read from (counts, "is there": the matches)
+
+
 def scene_questions(rng: np.random.Generator, objects: list[Obj], masks: list[np.ndarray], per_type: int = 1):
-    """``per_type`` (question, answer, qtype, relevant) per question type (drawn independently, so they may
-    repeat); types the scene cannot support are replaced by a count / exists question (always possible), so
-    every scene yields exactly ``5 * per_type``."""
+    """``per_type`` `Question` per question type (drawn independently, so they may repeat); types the scene
+    cannot support are replaced by a count / exists question (always possible), so every scene yields exactly
+    ``5 * per_type``."""
     out = []
     for qtype in [q for q in QUESTION_TYPES for _ in range(per_type)]:
         made = _question(rng, qtype, objects, masks)
         if made is None:
             qtype = ("count", "exists")[int(rng.integers(2))]
             made = _question(rng, qtype, objects, masks)
-        question, answer, relevant = made
-        out.append((question, answer, qtype, relevant))
+        question, answer, relevant, find, read = made
+        out.append(Question(question, answer, qtype, relevant, find, read))
     return out
 
 
@@ -233,8 +246,9 @@ def patch_labels(objects: list[Obj], masks: list[np.ndarray], patch: int) -> dic
     Of the object covering most of the patch (a patch counts as covered from 1/6 of its pixels; 0 = background):
     ``colour``, ``shape``, ``size``, ``digit`` (0 also for no digit); scene facts about that object:
     ``left_shape`` (shape of its left neighbour as `left_neighbour` defines it, 0 for none),
-    ``colour_count`` / ``shape_count`` (objects in the scene sharing its colour / shape); and ``centre``: the
-    colour of the object whose centre is in the patch."""
+    ``colour_count`` / ``shape_count`` (objects in the scene sharing its colour / shape); ``centre``: the
+    colour of the object whose centre is in the patch; and, for every patch, its ``row`` and ``column`` (so the
+    image tokens carry where they are as content: "left of" compares positions)."""
     h, w = masks[0].shape if masks else (IMAGE_SIZE, IMAGE_SIZE)
     grid = (h // patch, w // patch)
     cover = np.stack([m.reshape(grid[0], patch, grid[1], patch).sum(axis=(1, 3)) for m in masks])  # (O, gh, gw)
@@ -253,9 +267,11 @@ def patch_labels(objects: list[Obj], masks: list[np.ndarray], patch: int) -> dic
         labels["colour_count"][here] = sum(x.colour == o.colour for x in objects)
         labels["shape_count"][here] = sum(x.shape == o.shape for x in objects)
         labels["centre"][min(o.cy // patch, grid[0] - 1), min(o.cx // patch, grid[1] - 1)] = colours.index(o.colour) + 1
+    labels["row"], labels["column"] = np.indices(grid)
     return {k: v.reshape(-1) for k, v in labels.items()}
 
 
 # Number of classes of each per-patch label (class 0 included).
 PATCH_LABELS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "digit": 11,
-                "left_shape": len(SHAPES) + 1, "colour_count": 7, "shape_count": 7, "centre": len(COLOURS) + 1}
+                "left_shape": len(SHAPES) + 1, "colour_count": 7, "shape_count": 7, "centre": len(COLOURS) + 1,
+                "row": IMAGE_SIZE // PATCH_SIZE, "column": IMAGE_SIZE // PATCH_SIZE}

@@ -26,9 +26,8 @@ from transformers import (
 )
 
 from ..testing import CHAT_TEMPLATE, SPECIAL_TOKENS, word_level_tokenizer
-from .data import COLOURS, IMAGE_SIZE, SHAPES, SIZES
+from .data import COLOURS, IMAGE_SIZE, PATCH_SIZE, SHAPES, SIZES
 
-PATCH_SIZE = 6
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(len(SPECIAL_TOKENS))
 WORDS = (

@@ -29,6 +29,7 @@ from . import data
 from .model import BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, load_mini, mini_processor, prompt
 
 AUX_CLASSES = data.PATCH_LABELS
+IMAGE_TOKENS_SIDE = math.isqrt(IMAGE_TOKENS)
 
 
 @dataclass
@@ -68,6 +69,12 @@ class TrainConfig:
     attn_layer: int = 8
     attn_heads: int = 2
     attn_weight: float = 1.0
+    # What those heads are pushed to look at: "relevant" (every relevant patch of the question, at attn_layer)
+    # or "focus" (`focus_targets`: at find_layer the objects the question names, at attn_layer those the
+    # answer is read from, and for counts / "is there" the sink token as well, so "none" and "how many" can
+    # be read from the attention itself).
+    attn_targets: str = "relevant"
+    find_layer: int = 0
     # Curriculum: (share of the steps, fewest objects, most objects) for the first phases, then scenes as
     # in evaluation (3-6 objects). With one or two objects the answer is in *any* object token, so the
     # decoder learns to read image tokens before it must learn to pick the right ones.
@@ -107,15 +114,18 @@ class Batcher:
     def batch(self, first_scene: int, n: int, split: str = "train", count: tuple[int, int] = (3, 6),
               per_type: int = 1) -> dict:
         images, labels, suffixes, targets, relevant = [], {k: [] for k in AUX_CLASSES}, [], [], []
+        focus, sink = [], []
         for index in range(first_scene, first_scene + n):
             image, objects, masks, rng = data.scene(split, index, count=count)
             images.append(image)
             for key, value in data.patch_labels(objects, masks, PATCH_SIZE).items():
                 labels[key].append(value)
-            for question, answer, _, mask in data.scene_questions(rng, objects, masks, per_type):
-                relevant.append(data.mask_patches(mask, PATCH_SIZE).reshape(-1))
-                head, tail = self.split_prompt(question)
-                suffixes.append(tail + [self.answer_id(answer), EOS_ID])
+            for q in data.scene_questions(rng, objects, masks, per_type):
+                relevant.append(data.mask_patches(q.relevant, PATCH_SIZE).reshape(-1))
+                focus.append(focus_targets(q, objects, masks))
+                sink.append(q.qtype in SINK_TYPES)
+                head, tail = self.split_prompt(q.question)
+                suffixes.append(tail + [self.answer_id(q.answer), EOS_ID])
                 targets.append(len(tail))  # the logit at suffix position len(tail) - 1 predicts the answer
         width = max(map(len, suffixes))
         suffix = torch.full((len(suffixes), width), PAD_ID)
@@ -125,18 +135,50 @@ class Batcher:
             valid[i, :len(ids)] = 1
         return dict(pixel_values=self.pixels(images), head=torch.tensor(head), suffix=suffix, suffix_valid=valid,
                     answer_at=torch.tensor(targets), relevant=torch.from_numpy(np.stack(relevant)),
+                    focus=torch.from_numpy(np.stack(focus)), focus_sink=torch.tensor(sink),
                     labels={k: torch.from_numpy(np.stack(v)) for k, v in labels.items()})
 
 
+# Question types whose answer is a count of matches (0 included): their attention target spreads over the
+# matches *and* the sequence's first token, so the share left on that "sink" tells how many matched.
+SINK_TYPES = ("count", "exists")
+
+
+def focus_targets(q: data.Question, objects: list[data.Obj], masks: list[np.ndarray]) -> np.ndarray:
+    """(2, 1 + image tokens) attention targets of the answer position, each row summing to 1: row 0 for the
+    "find" heads (the objects the question names), row 1 for the "read" heads (the objects the answer is read
+    from); column 0 is the sink (``<s>``), the rest the image patches in row-major order.
+
+    For counts the target is uniform over the sink and the *centre* patch of each counted object (one token
+    per object, so the sink's share is 1 / (1 + count)); for "is there" over the sink and every patch of the
+    matching objects; otherwise uniform over the patches of the objects."""
+    grid = IMAGE_TOKENS_SIDE
+    out = np.zeros((2, 1 + grid * grid), np.float32)
+    for row, indices in enumerate((q.find, q.read)):
+        if q.qtype == "count":
+            for i in indices:
+                o = objects[i]
+                out[row, 1 + min(o.cy // PATCH_SIZE, grid - 1) * grid + min(o.cx // PATCH_SIZE, grid - 1)] = 1
+        elif indices:
+            out[row, 1:] = data.mask_patches(np.logical_or.reduce([masks[i] for i in indices]), PATCH_SIZE).reshape(-1)
+        if q.qtype in SINK_TYPES:
+            out[row, 0] = 1
+        out[row] /= max(out[row].sum(), 1)
+    return out
+
+
 def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, deep_layer: int = 0,
-                   attn_layer: int = 0, attn_heads: int = 0) -> dict[str, torch.Tensor]:
+                   attn_layer: int = 0, attn_heads: int = 0, find_layer: int = 0,
+                   attn_targets: str = "relevant") -> dict[str, torch.Tensor]:
     """Answer loss (prefix once, cache repeated per question) and the auxiliary per-patch losses.
 
     With ``deep_layer`` > 0 also ``deep``: the answer loss read out (final norm + lm_head) from that layer's
     output; the shorter gradient path helps the 12-layer decoder learn to look at the image tokens early in
-    training. With ``attn_heads`` > 0 also ``attention``: -log of the attention mass that the first
-    ``attn_heads`` heads of layer ``attn_layer`` (1-indexed) put, from the position that predicts the answer,
-    on the question's relevant image patches (questions with no relevant patch are left out)."""
+    training. With ``attn_heads`` > 0 also ``attention``, on the first ``attn_heads`` heads' attention from the
+    position that predicts the answer: with ``attn_targets="relevant"``, -log of the mass that layer
+    ``attn_layer`` (1-indexed) puts on the question's relevant image patches (questions with none are left
+    out); with ``"focus"``, `focus_loss` against `focus_targets`: layer ``find_layer`` (0: none) to the
+    objects the question names, layer ``attn_layer`` to those the answer is read from."""
     lm = model.model.language_model
     features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
     b = features.shape[0]
@@ -163,15 +205,33 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
         early = model.lm_head(lm.norm(out.hidden_states[deep_layer][rows, at - 1]))
         losses["deep"] = F.cross_entropy(early, target[:len(rows)])
     if attn_heads > 0:
-        probs = answer_attention(lm, attn_layer, out.hidden_states[attn_layer - 1][rows, at - 1],
-                                 cache.layers[attn_layer - 1].keys, p + at - 1)[:, :attn_heads, batch["head"].shape[0]:p]
-        relevant = batch["relevant"]
-        keep = relevant.any(-1)
-        mass = (probs * relevant[:, None]).sum(-1)[keep]
-        losses["attention"] = -torch.log(mass + 1e-6).mean()
+        def attention(layer):  # (N, attn_heads, prefix) from the position that predicts the answer
+            return answer_attention(lm, layer, out.hidden_states[layer - 1][rows, at - 1],
+                                    cache.layers[layer - 1].keys, p + at - 1)[:, :attn_heads, :p]
+
+        n_head = batch["head"].shape[0]
+        if attn_targets == "relevant":
+            probs = attention(attn_layer)[..., n_head:]
+            relevant = batch["relevant"]
+            keep = relevant.any(-1)
+            mass = (probs * relevant[:, None]).sum(-1)[keep]
+            losses["attention"] = -torch.log(mass + 1e-6).mean()
+        else:  # "focus": find heads at find_layer, read heads at attn_layer; columns: the sink, then the patches
+            columns = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n_head, p)]).to(suffix.device)
+            losses["attention"] = sum(focus_loss(attention(layer)[..., columns], batch["focus"][:, row], batch["focus_sink"])
+                                      for row, layer in enumerate((find_layer, attn_layer)) if layer > 0)
     for key, head_layer in aux_heads.items():
         losses[key] = F.cross_entropy(head_layer(features).flatten(0, 1), batch["labels"][key].flatten())
     return losses
+
+
+def focus_loss(probs: torch.Tensor, target: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Attention supervision against `focus_targets`. probs: (N, heads, S) attention rows; target: (N, S);
+    sink: (N,) bool. Sink questions (counts) need the exact shares, so cross-entropy to the target; the others
+    only need the mass on the target's support (any of an object's patches will do), so -log(mass)."""
+    cross_entropy = -(target[:, None] * torch.log(probs + 1e-6)).sum(-1)
+    mass = -torch.log((probs * (target[:, None] > 0)).sum(-1) + 1e-6)
+    return torch.where(sink[:, None], cross_entropy, mass).mean()
 
 
 def answer_attention(lm, layer: int, h: torch.Tensor, keys: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -354,6 +414,14 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     unknown = sorted(set(cfg.aux_labels) - set(AUX_CLASSES))
     if unknown:
         raise ValueError(f"aux_labels: unknown {unknown}; choose from {', '.join(AUX_CLASSES)}")
+    if cfg.attn_targets not in ("relevant", "focus"):
+        raise ValueError(f"attn_targets={cfg.attn_targets!r}; choose 'relevant' or 'focus'")
+    depth = model.config.text_config.num_hidden_layers
+    for name in ("attn_layer", "find_layer", "deep_layer"):
+        if not 0 <= getattr(cfg, name) <= depth:
+            raise ValueError(f"{name}={getattr(cfg, name)}: the decoder has layers 1..{depth} (0: off)")
+    if cfg.attn_heads > 0 and cfg.attn_layer == 0:
+        raise ValueError(f"attn_heads={cfg.attn_heads} needs attn_layer in 1..{depth}")
     aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, AUX_CLASSES[k]) for k in cfg.aux_labels}).to(cfg.device)
     batcher = Batcher()
     history, started = [], time.perf_counter()
@@ -376,7 +444,8 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
                               per_type=cfg.questions_per_type)
         batch = _to(batch, model.device)
         losses = forward_losses(model, aux_heads, batch, questions_per_scene=5 * cfg.questions_per_type,
-                                deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer, attn_heads=cfg.attn_heads)
+                                deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer, attn_heads=cfg.attn_heads,
+                                find_layer=cfg.find_layer, attn_targets=cfg.attn_targets)
         aux = sum(losses[k] for k in aux_heads)
         loss = (losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
                 + cfg.attn_weight * losses.get("attention", 0.0))
