@@ -95,9 +95,12 @@ def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
                                  for k, c in AUX_CLASSES.items()})
     with torch.no_grad():
         losses = forward_losses(model, heads, batch, questions_per_scene=5 * per_type, attn_layer=8, attn_heads=2)
-        focus = forward_losses(model, heads, batch, questions_per_scene=5 * per_type, attn_layer=8, attn_heads=2,
-                               find_layer=5, attn_targets="focus")["attention"]
-        answer_losses, eos_losses, attention_losses, focus_losses = [], [], [], []
+        focused = forward_losses(model, heads, batch, questions_per_scene=5 * per_type, attn_layer=8, attn_heads=2,
+                                 find_layer=5, attn_targets="focus", gather_layer=2)
+        focus = focused["attention"]
+        answer_losses, eos_losses, attention_losses, focus_losses, gather_losses = [], [], [], [], []
+        words = set(batcher.tokenizer.convert_tokens_to_ids(
+            list(data.COLOURS) + list(data.SHAPES) + [s + "s" for s in data.SHAPES] + list(data.SIZES)))
         for index in range(2):
             image, objects, masks, rng = data.scene("train", index)
             pixel_values = batcher.pixels([image])
@@ -116,6 +119,11 @@ def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
                 relevant = torch.from_numpy(q.relevant.reshape(16, 6, 16, 6).any(axis=(1, 3)).reshape(-1))
                 if relevant.any():
                     attention_losses.append(-torch.log(row[:, image_cols[relevant]].sum(-1) + 1e-6))
+                # gather: layer 2's first two heads onto the question's colour / shape / size words
+                row = out.attentions[1][0, :2, -3]
+                named = [i for i, t in enumerate(ids[0].tolist()[:-2]) if t in words]
+                assert named
+                gather_losses.append(-torch.log(row[:, named].sum(-1) + 1e-6))
                 # focus: layer 5 to the named objects, layer 8 to those read; <s> + patches; counts: exact shares
                 for layer, objects_of in ((5, q.find), (8, q.read)):
                     row = out.attentions[layer - 1][0, :2, -3]
@@ -136,6 +144,7 @@ def test_shared_prefix_losses_equal_full_sequence_losses(per_type):
     torch.testing.assert_close(losses["eos"], torch.stack(eos_losses).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["attention"], torch.cat(attention_losses).mean(), rtol=1e-4, atol=1e-5)
     # the mean over questions and heads of each layer's loss, summed over the two layers
+    torch.testing.assert_close(focused["gather"], torch.cat(gather_losses).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(focus, torch.stack(focus_losses).view(-1, 2, 2).mean(dim=(0, 2)).sum(), rtol=1e-4, atol=1e-5)
 
 
@@ -255,7 +264,8 @@ def test_card_command_reproduces_the_training_config():
                       questions_per_type=2, scenes_per_step=4, deep_layer=0, aux_weight=0.0,
                       aux_labels=("colour", "left_shape"), vision_steps=5, vision_scenes=3, vision_lr=2e-3,
                       freeze_vision=False, device="cuda:1",
-                      attn_targets="relevant" if TrainConfig().attn_targets == "focus" else "focus", find_layer=4)
+                      attn_targets="relevant" if TrainConfig().attn_targets == "focus" else "focus", find_layer=4,
+                      gather_layer=3 if TrainConfig().gather_layer != 3 else 2)
     line = command(asdict(cfg))
     assert train_config(build_parser().parse_args(shlex.split(line)[1:])) == cfg
     assert "in code" not in line
@@ -266,6 +276,7 @@ def test_card_command_reproduces_the_training_config():
     ("attn_targets", "objects", "attn_targets='objects'; choose 'relevant' or 'focus'"),
     ("find_layer", 13, "find_layer=13: the decoder has layers 1..12"),
     ("attn_layer", -1, "attn_layer=-1: the decoder has layers 1..12"),
+    ("gather_layer", 20, "gather_layer=20: the decoder has layers 1..12"),
 ])
 def test_training_rejects_bad_attention_settings_before_any_work(tmp_path, field, value, message):
     cfg = TrainConfig(steps=1, vision_steps=0, **{field: value})

@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the objects the answer is read from at --attn-layer, plus <s> for counts and 'is there'")
     p.add_argument("--find-layer", type=int, default=None,
                    help="with --attn-targets focus: 1-indexed layer whose heads find the named objects (0: none)")
+    p.add_argument("--gather-layer", type=int, default=None,
+                   help="also supervise the --attn-heads heads of this layer to look at the question's object words (0: off)")
     p.add_argument("--deep-layer", type=int, default=None, help="also read the answer out after this layer (0: off)")
     p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--aux-labels", type=_aux_labels, default=None, metavar="A,B,...",

@@ -26,7 +26,7 @@ def _machine() -> str:
 
 # TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
 OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
-           "attn_targets", "find_layer", "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init", "device")
+           "attn_targets", "find_layer", "gather_layer", "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init", "device")
 
 
 def _option(key: str, value) -> str:
@@ -75,6 +75,8 @@ def _recipe(cfg: dict) -> list[str]:
     elif cfg.get("attn_heads", 0) > 0:
         text += (f", plus attention supervision of {cfg['attn_heads']} heads of layer {cfg['attn_layer']} to the "
                  "question's relevant patches")
+    if cfg.get("attn_heads", 0) > 0 and cfg.get("gather_layer", 0) > 0:
+        text += f" and of layer {cfg['gather_layer']} to the question's object words"
     if cfg.get("curriculum"):
         text += "; an object-count curriculum at the start"
     return lines + [text + "."]
