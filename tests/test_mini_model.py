@@ -299,3 +299,11 @@ def test_train_mini_without_cuda_says_so_and_exits_2(tmp_path, capsys):
     assert main(["train-mini", "--out", str(tmp_path / "m"), "--device", "cuda", "--steps", "1"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_train_mini_rejects_a_layer_beyond_the_decoder_with_exit_2(tmp_path, capsys):
+    from transprune.cli import main
+
+    assert main(["train-mini", "--out", str(tmp_path / "m"), "--gather-layer", "13", "--steps", "1"]) == 2
+    assert "gather_layer=13: the decoder has layers 1..12" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

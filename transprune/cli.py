@@ -185,7 +185,7 @@ def _train_device(name: str) -> str:
     from .mini.train import _device
 
     try:
-        _device(name, check_available=False)  # the form here; whether the device exists: cmd_train_mini
+        _device(name, check_available=False)  # the form here; whether it exists: check_config in cmd_train_mini
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return name
@@ -201,13 +201,11 @@ def train_config(args):
 
 
 def cmd_train_mini(args) -> int:
-    from .mini.train import train
-
-    from .mini.train import _device
+    from .mini.train import check_config, train
 
     cfg = train_config(args)
     try:
-        _device(cfg.device)
+        check_config(cfg)
     except ValueError as exc:
         print(f"transprune train-mini: error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from . import data
-from .model import BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, load_mini, mini_processor, prompt
+from .model import (BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, load_mini, mini_config,
+                    mini_processor, prompt)
 
 AUX_CLASSES = data.PATCH_LABELS
 IMAGE_TOKENS_SIDE = math.isqrt(IMAGE_TOKENS)
@@ -311,8 +312,26 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the field and its allowed values for a config `train` cannot run; nothing else
+    is touched (the CLI calls it to exit 2 before any work)."""
+    _device(cfg.device)
+    unknown = sorted(set(cfg.aux_labels) - set(AUX_CLASSES))
+    if unknown:
+        raise ValueError(f"aux_labels: unknown {unknown}; choose from {', '.join(AUX_CLASSES)}")
+    if cfg.attn_targets not in ("relevant", "focus"):
+        raise ValueError(f"attn_targets={cfg.attn_targets!r}; choose 'relevant' or 'focus'")
+    depth = mini_config().text_config.num_hidden_layers  # --init checkpoints are mini models too
+    for name in ("attn_layer", "find_layer", "deep_layer", "gather_layer"):
+        if not 0 <= getattr(cfg, name) <= depth:
+            raise ValueError(f"{name}={getattr(cfg, name)}: the decoder has layers 1..{depth} (0: off)")
+    if cfg.attn_heads > 0 and cfg.attn_layer == 0:
+        raise ValueError(f"attn_heads={cfg.attn_heads} needs attn_layer in 1..{depth}")
+
+
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = True, log=print) -> dict:
     """Train, save the model + processor to ``out`` (``from_pretrained`` loads it), return the log."""
+    check_config(cfg)
     device = _device(cfg.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(cfg.seed)
@@ -429,17 +448,6 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
         init_decoder(model, cfg.decoder_init_std, cfg.seed)
     model.to(cfg.device)
     width = model.config.text_config.hidden_size
-    unknown = sorted(set(cfg.aux_labels) - set(AUX_CLASSES))
-    if unknown:
-        raise ValueError(f"aux_labels: unknown {unknown}; choose from {', '.join(AUX_CLASSES)}")
-    if cfg.attn_targets not in ("relevant", "focus"):
-        raise ValueError(f"attn_targets={cfg.attn_targets!r}; choose 'relevant' or 'focus'")
-    depth = model.config.text_config.num_hidden_layers
-    for name in ("attn_layer", "find_layer", "deep_layer", "gather_layer"):
-        if not 0 <= getattr(cfg, name) <= depth:
-            raise ValueError(f"{name}={getattr(cfg, name)}: the decoder has layers 1..{depth} (0: off)")
-    if cfg.attn_heads > 0 and cfg.attn_layer == 0:
-        raise ValueError(f"attn_heads={cfg.attn_heads} needs attn_layer in 1..{depth}")
     aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, AUX_CLASSES[k]) for k in cfg.aux_labels}).to(cfg.device)
     batcher = Batcher()
     history, started = [], time.perf_counter()
