@@ -77,8 +77,8 @@ class TrainConfig:
     attn_targets: str = "relevant"
     find_layer: int = 0
     # Also push the same heads of this layer (0: off) to look from the answer position at the question's
-    # object words. Probes with perfect image features: this is learned in ~40 steps, while the heads that
-    # must find the named objects cannot start before the answer position knows which words to match.
+    # object words: the heads that find the named objects need those words in their query. In a full run it
+    # made the climb faster but not the end point (docs/mini-benchmark.md).
     gather_layer: int = 0
     # Curriculum: (share of the steps, fewest objects, most objects) for the first phases, then scenes as
     # in evaluation (3-6 objects). With one or two objects the answer is in *any* object token, so the
