@@ -122,7 +122,7 @@ class Batcher:
     def batch(self, first_scene: int, n: int, split: str = "train", count: tuple[int, int] = (3, 6),
               per_type: int = 1) -> dict:
         images, labels, suffixes, targets, relevant = [], {k: [] for k in AUX_CLASSES}, [], [], []
-        focus, sink, content = [], [], []
+        focus, sink, content, qtypes = [], [], [], []
         for index in range(first_scene, first_scene + n):
             image, objects, masks, rng = data.scene(split, index, count=count)
             images.append(image)
@@ -132,6 +132,7 @@ class Batcher:
                 relevant.append(data.mask_patches(q.relevant, PATCH_SIZE).reshape(-1))
                 focus.append(focus_targets(q, objects, masks))
                 sink.append(q.qtype in SINK_TYPES)
+                qtypes.append(q.qtype)
                 head, tail = self.split_prompt(q.question)
                 content.append([token in self.content_ids for token in tail])
                 suffixes.append(tail + [self.answer_id(q.answer), EOS_ID])
@@ -147,6 +148,7 @@ class Batcher:
         return dict(pixel_values=self.pixels(images), head=torch.tensor(head), suffix=suffix, suffix_valid=valid,
                     answer_at=torch.tensor(targets), relevant=torch.from_numpy(np.stack(relevant)),
                     focus=torch.from_numpy(np.stack(focus)), focus_sink=torch.tensor(sink), content_words=words,
+                    qtypes=qtypes,
                     labels={k: torch.from_numpy(np.stack(v)) for k, v in labels.items()})
 
 
@@ -180,7 +182,8 @@ def focus_targets(q: data.Question, objects: list[data.Obj], masks: list[np.ndar
 
 def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, deep_layer: int = 0,
                    attn_layer: int = 0, attn_heads: int = 0, find_layer: int = 0,
-                   attn_targets: str = "relevant", gather_layer: int = 0) -> dict[str, torch.Tensor]:
+                   attn_targets: str = "relevant", gather_layer: int = 0,
+                   image_tokens: torch.Tensor | None = None, predictions: list | None = None) -> dict[str, torch.Tensor]:
     """Answer loss (prefix once, cache repeated per question) and the auxiliary per-patch losses.
 
     With ``deep_layer`` > 0 also ``deep``: the answer loss read out (final norm + lm_head) from that layer's
@@ -192,9 +195,13 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
     objects the question names, layer ``attn_layer`` to those the answer is read from. With ``gather_layer``
     > 0 also ``gather``: -log of the mass the first ``attn_heads`` heads of that layer put, from the same
     position, on the question's object words (colours, shapes, sizes), which the later heads need in their
-    query to find the objects."""
+    query to find the objects. ``image_tokens`` (B, 256, d) replace the vision tower's output (`probe`); a
+    ``predictions`` list receives the greedy answer ids."""
     lm = model.model.language_model
-    features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    if image_tokens is None:
+        features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    else:
+        features = image_tokens
     b = features.shape[0]
     head = lm.embed_tokens(batch["head"]).unsqueeze(0).expand(b, -1, -1)
     prefix = torch.cat([head, features], dim=1)
@@ -213,6 +220,8 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
     # The answer word is predicted at position at-1 and </s> at position at.
     logits = model.lm_head(torch.cat([hidden[rows, at - 1], hidden[rows, at]]))
     target = torch.cat([suffix[rows, at], suffix[rows, at + 1]])
+    if predictions is not None:
+        predictions.append(logits[:len(rows)].argmax(-1).detach())
     losses = {"answer": F.cross_entropy(logits[:len(rows)], target[:len(rows)]),
               "eos": F.cross_entropy(logits[len(rows):], target[len(rows):])}
     if deep_layer > 0:
@@ -269,6 +278,20 @@ def answer_attention(lm, layer: int, h: torch.Tensor, keys: torch.Tensor, positi
     scores = torch.einsum("nhd,nhsd->nhs", q, k) * attn.scaling
     late = torch.arange(k.shape[2], device=k.device) > position[:, None]
     return scores.masked_fill(late[:, None], float("-inf")).softmax(-1)
+
+
+def loss_options(cfg: TrainConfig) -> dict:
+    """`forward_losses` keyword arguments of a stage-2 step under ``cfg``."""
+    return dict(questions_per_scene=5 * cfg.questions_per_type, deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer,
+                attn_heads=cfg.attn_heads, find_layer=cfg.find_layer, attn_targets=cfg.attn_targets,
+                gather_layer=cfg.gather_layer)
+
+
+def objective(losses: dict, cfg: TrainConfig, aux_heads) -> torch.Tensor:
+    """The weighted sum of `forward_losses` that stage 2 minimises."""
+    aux = sum(losses[k] for k in aux_heads)
+    return (losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
+            + cfg.attn_weight * (losses.get("attention", 0.0) + losses.get("gather", 0.0)))
 
 
 def init_decoder(model, std: float, seed: int) -> None:
@@ -469,13 +492,8 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
         batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
                               per_type=cfg.questions_per_type)
         batch = _to(batch, model.device)
-        losses = forward_losses(model, aux_heads, batch, questions_per_scene=5 * cfg.questions_per_type,
-                                deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer, attn_heads=cfg.attn_heads,
-                                find_layer=cfg.find_layer, attn_targets=cfg.attn_targets,
-                                gather_layer=cfg.gather_layer)
-        aux = sum(losses[k] for k in aux_heads)
-        loss = (losses["answer"] + losses["eos"] + cfg.aux_weight * aux + cfg.deep_weight * losses.get("deep", 0.0)
-                + cfg.attn_weight * (losses.get("attention", 0.0) + losses.get("gather", 0.0)))
+        losses = forward_losses(model, aux_heads, batch, **loss_options(cfg))
+        loss = objective(losses, cfg, aux_heads)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
