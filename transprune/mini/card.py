@@ -69,9 +69,10 @@ def _recipe(cfg: dict) -> list[str]:
     if cfg.get("aux_weight", 0) > 0 and not cfg.get("freeze_vision"):
         text += f", plus the per-patch auxiliary loss ({labels}) at weight {cfg['aux_weight']}"
     if cfg.get("attn_heads", 0) > 0 and cfg.get("attn_targets", "relevant") == "focus":
-        text += (f", plus attention supervision from the answer position: {cfg['attn_heads']} heads of layer "
-                 f"{cfg['find_layer']} to the objects the question names and of layer {cfg['attn_layer']} to those "
-                 "the answer is read from (for counts and \"is there\" also to `<s>`, whose share tells how many)")
+        named = f"layer {cfg['find_layer']} to the objects the question names and of " if cfg.get("find_layer") else ""
+        text += (f", plus attention supervision from the answer position: {cfg['attn_heads']} heads of {named}"
+                 f"layer {cfg['attn_layer']} to the objects the answer is read from (for counts and \"is there\" also "
+                 "to `<s>`, whose share tells how many)")
     elif cfg.get("attn_heads", 0) > 0:
         text += (f", plus attention supervision of {cfg['attn_heads']} heads of layer {cfg['attn_layer']} to the "
                  "question's relevant patches")

@@ -255,8 +255,8 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
 
 def focus_loss(probs: torch.Tensor, target: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """Attention supervision against `focus_targets`. probs: (N, heads, S) attention rows; target: (N, S);
-    sink: (N,) bool. Sink questions (counts) need the exact shares, so cross-entropy to the target; the others
-    only need the mass on the target's support (any of an object's patches will do), so -log(mass)."""
+    sink: (N,) bool. Sink questions (counts, "is there") need the exact shares, so cross-entropy to the target;
+    the others only need the mass on the target's support (any of an object's patches will do): -log(mass)."""
     cross_entropy = -(target[:, None] * torch.log(probs + 1e-6)).sum(-1)
     mass = -torch.log((probs * (target[:, None] > 0)).sum(-1) + 1e-6)
     return torch.where(sink[:, None], cross_entropy, mass).mean()
