@@ -22,8 +22,8 @@ import torch
 
 from . import data
 from .model import build_mini
-from .train import (Batcher, TrainConfig, _adamw, _cosine, check_config, forward_losses, init_decoder, loss_options,
-                    machine, objective)
+from .train import (Batcher, TrainConfig, _adamw, check_config, forward_losses, init_decoder, loss_options, machine,
+                    stage2_step)
 
 PERFECT_LABELS = ("colour", "shape", "size", "digit", "centre", "row", "column")
 
@@ -79,17 +79,7 @@ def probe(cfg: TrainConfig, val_scenes: int = 50, progress: bool = True, log=pri
         val = [batcher.batch(first, min(10, val_scenes - first), split="val") for first in range(0, val_scenes, 10)]
         history, started = [], time.perf_counter()
         for step in tqdm(range(cfg.steps), desc="probe", disable=not progress, mininterval=2):
-            for group in optim.param_groups:
-                group["lr"] = _cosine(cfg.lr, cfg.warmup, cfg.steps, step)
-            count = next(((lo, hi) for share, lo, hi in cfg.curriculum if step < share * cfg.steps), (3, 6))
-            batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
-                                  per_type=cfg.questions_per_type)
-            losses = forward_losses(model, {}, batch, **loss_options(cfg), image_tokens=tokens(batch["labels"]))
-            loss = objective(losses, cfg, {})
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
+            losses, _ = stage2_step(model, {}, batcher, optim, params, cfg, step, image_tokens=tokens)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 entry = {"step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
                          **{k: round(v.item(), 4) for k, v in losses.items()},

@@ -122,7 +122,7 @@ class Batcher:
     def batch(self, first_scene: int, n: int, split: str = "train", count: tuple[int, int] = (3, 6),
               per_type: int = 1) -> dict:
         images, labels, suffixes, targets, relevant = [], {k: [] for k in AUX_CLASSES}, [], [], []
-        focus, sink, content, qtypes = [], [], [], []
+        focus, content, qtypes = [], [], []
         for index in range(first_scene, first_scene + n):
             image, objects, masks, rng = data.scene(split, index, count=count)
             images.append(image)
@@ -131,7 +131,6 @@ class Batcher:
             for q in data.scene_questions(rng, objects, masks, per_type):
                 relevant.append(data.mask_patches(q.relevant, PATCH_SIZE).reshape(-1))
                 focus.append(focus_targets(q, objects, masks))
-                sink.append(q.qtype in SINK_TYPES)
                 qtypes.append(q.qtype)
                 head, tail = self.split_prompt(q.question)
                 content.append([token in self.content_ids for token in tail])
@@ -147,7 +146,7 @@ class Batcher:
             words[i, :len(content[i])] = torch.tensor(content[i])
         return dict(pixel_values=self.pixels(images), head=torch.tensor(head), suffix=suffix, suffix_valid=valid,
                     answer_at=torch.tensor(targets), relevant=torch.from_numpy(np.stack(relevant)),
-                    focus=torch.from_numpy(np.stack(focus)), focus_sink=torch.tensor(sink), content_words=words,
+                    focus=torch.from_numpy(np.stack(focus)), content_words=words,
                     qtypes=qtypes,
                     labels={k: torch.from_numpy(np.stack(v)) for k, v in labels.items()})
 
@@ -228,25 +227,24 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
         early = model.lm_head(lm.norm(out.hidden_states[deep_layer][rows, at - 1]))
         losses["deep"] = F.cross_entropy(early, target[:len(rows)])
     if attn_heads > 0:
-        def attention(layer):  # (N, attn_heads, prefix) from the position that predicts the answer
+        def attention(layer):  # (N, attn_heads, prefix + suffix) from the position that predicts the answer
             return answer_attention(lm, layer, out.hidden_states[layer - 1][rows, at - 1],
-                                    cache.layers[layer - 1].keys, p + at - 1)[:, :attn_heads, :p]
+                                    cache.layers[layer - 1].keys, p + at - 1)[:, :attn_heads]
 
         n_head = batch["head"].shape[0]
         if gather_layer > 0:
-            keys = cache.layers[gather_layer - 1].keys
-            probs = answer_attention(lm, gather_layer, out.hidden_states[gather_layer - 1][rows, at - 1], keys,
-                                     p + at - 1)[:, :attn_heads, p:]
+            probs = attention(gather_layer)[..., p:]
             losses["gather"] = -torch.log((probs * batch["content_words"][:, None]).sum(-1) + 1e-6).mean()
         if attn_targets == "relevant":
-            probs = attention(attn_layer)[..., n_head:]
+            probs = attention(attn_layer)[..., n_head:p]
             relevant = batch["relevant"]
             keep = relevant.any(-1)
             mass = (probs * relevant[:, None]).sum(-1)[keep]
             losses["attention"] = -torch.log(mass + 1e-6).mean()
         else:  # "focus": find heads at find_layer, read heads at attn_layer; columns: the sink, then the patches
             columns = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n_head, p)]).to(suffix.device)
-            losses["attention"] = sum(focus_loss(attention(layer)[..., columns], batch["focus"][:, row], batch["focus_sink"])
+            sink = torch.tensor([qtype in SINK_TYPES for qtype in batch["qtypes"]], device=suffix.device)
+            losses["attention"] = sum(focus_loss(attention(layer)[..., columns], batch["focus"][:, row], sink)
                                       for row, layer in enumerate((find_layer, attn_layer)) if layer > 0)
     for key, head_layer in aux_heads.items():
         losses[key] = F.cross_entropy(head_layer(features).flatten(0, 1), batch["labels"][key].flatten())
@@ -285,6 +283,30 @@ def loss_options(cfg: TrainConfig) -> dict:
     return dict(questions_per_scene=5 * cfg.questions_per_type, deep_layer=cfg.deep_layer, attn_layer=cfg.attn_layer,
                 attn_heads=cfg.attn_heads, find_layer=cfg.find_layer, attn_targets=cfg.attn_targets,
                 gather_layer=cfg.gather_layer)
+
+
+def _update(optim, params: list, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1."""
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+
+
+def stage2_step(model, aux_heads, batcher: Batcher, optim, params: list, cfg: TrainConfig, step: int,
+                image_tokens=None) -> tuple[dict, torch.Tensor]:
+    """Stage-2 step ``step`` under ``cfg`` (lr schedule, curriculum, fresh scenes, update); returns (losses, loss).
+    ``image_tokens``: a module mapping the batch's per-patch labels to image tokens, in place of the tower."""
+    for group in optim.param_groups:
+        group["lr"] = _cosine(cfg.lr, cfg.warmup, cfg.steps, step)
+    count = next(((lo, hi) for share, lo, hi in cfg.curriculum if step < share * cfg.steps), (3, 6))
+    batch = _to(batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
+                              per_type=cfg.questions_per_type), model.device)
+    tokens = None if image_tokens is None else image_tokens(batch["labels"])
+    losses = forward_losses(model, aux_heads, batch, **loss_options(cfg), image_tokens=tokens)
+    loss = objective(losses, cfg, aux_heads)
+    _update(optim, params, loss)
+    return losses, loss
 
 
 def objective(losses: dict, cfg: TrainConfig, aux_heads) -> torch.Tensor:
@@ -355,7 +377,7 @@ def check_config(cfg: TrainConfig) -> None:
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = True, log=print) -> dict:
     """Train, save the model + processor to ``out`` (``from_pretrained`` loads it), return the log."""
     check_config(cfg)
-    device = _device(cfg.device)
+    device = torch.device(cfg.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -422,10 +444,7 @@ def _train_vision(model, aux_heads, batcher: Batcher, cfg: TrainConfig, progress
                              model.device)
         features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
         losses = {k: F.cross_entropy(head(features).flatten(0, 1), labels[k].flatten()) for k, head in aux_heads.items()}
-        optim.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        _update(optim, params, sum(losses.values()))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.vision_steps:
             entry = {"vision_step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
                      **{k: round(v.item(), 4) for k, v in losses.items()},
@@ -486,18 +505,7 @@ def _train(out, cfg: TrainConfig, progress: bool, log) -> dict:
     bar = tqdm(range(cfg.steps), desc="train-mini", disable=not progress, mininterval=2)
     running = None
     for step in bar:
-        for group in optim.param_groups:
-            group["lr"] = _cosine(cfg.lr, cfg.warmup, cfg.steps, step)
-        count = next(((lo, hi) for share, lo, hi in cfg.curriculum if step < share * cfg.steps), (3, 6))
-        batch = batcher.batch(step * cfg.scenes_per_step, cfg.scenes_per_step, count=count,
-                              per_type=cfg.questions_per_type)
-        batch = _to(batch, model.device)
-        losses = forward_losses(model, aux_heads, batch, **loss_options(cfg))
-        loss = objective(losses, cfg, aux_heads)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        losses, loss = stage2_step(model, aux_heads, batcher, optim, params, cfg, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}", answer=f"{losses['answer'].item():.3f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
