@@ -174,7 +174,7 @@ def test_focus_targets_follow_the_question():
 
 def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
     cfg = TrainConfig(steps=2, scenes_per_step=2, warmup=1, eval_every=2, eval_n=5, threads=1, vision_steps=2,
-                      vision_scenes=2)
+                      vision_scenes=2, cycles=2)
     first = train(tmp_path / "a", cfg, progress=False, log=lambda *a, **k: None)
     train(tmp_path / "b", cfg, progress=False, log=lambda *a, **k: None)
     a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
@@ -183,7 +183,8 @@ def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
     for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), untrained.parameters()):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), untrained.parameters()))
-    assert first["history"][-1]["step"] == 2 and set(first["history"][-1]["val"]) >= {"overall"}
+    assert [(e["step"], e["cycle"]) for e in first["history"] if "step" in e] == [(2, 1), (4, 2)]
+    assert set(first["history"][-1]["val"]) >= {"overall"}
     AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
     torch.set_num_threads(1)
     card = write_card(tmp_path / "a", n=10).read_text()
@@ -218,6 +219,17 @@ def test_vision_stage_trains_only_the_vision_side_and_freezing_keeps_it(tmp_path
     resumed = LlavaForConditionalGeneration.from_pretrained(tmp_path / "i", local_files_only=True)
     for (name, pi), pf in zip(resumed.named_parameters(), frozen.parameters()):
         assert torch.equal(pi, pf), name
+    # cycles: a 2-cycle run ends exactly where a 1-cycle run plus an --init continuation of one cycle ends
+    train(tmp_path / "f1", TrainConfig(steps=2, vision_steps=2, freeze_vision=True, cycles=1, **base), **quiet)
+    train(tmp_path / "c", TrainConfig(steps=2, vision_steps=0, freeze_vision=True, cycles=1, init=str(tmp_path / "f1"),
+                                      **base), **quiet)
+    continued = LlavaForConditionalGeneration.from_pretrained(tmp_path / "c", local_files_only=True)
+    once = LlavaForConditionalGeneration.from_pretrained(tmp_path / "f1", local_files_only=True)
+    assert any(not torch.equal(pc, p1) for pc, p1 in zip(continued.parameters(), once.parameters()))
+    for (name, pc), pf in zip(continued.named_parameters(), frozen.parameters()):
+        assert torch.equal(pc, pf), name
+    with pytest.raises(ValueError, match="cycles=0"):
+        train(tmp_path / "x", TrainConfig(steps=1, cycles=0), **quiet)
     with pytest.raises(ValueError, match="device='tpu'"):
         train(tmp_path / "x", TrainConfig(steps=1, device="tpu"), **quiet)
     if not torch.cuda.is_available():

@@ -345,14 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train-mini", help="train the mini LLaVA from scratch (deterministic; ~1 h on 2 CPU cores)",
+    p = sub.add_parser("train-mini", help="train the mini LLaVA from scratch (deterministic; ~75 min on 2 CPU cores)",
                        description="Train the mini testbed model on generated questions and save a folder that "
                                    "from_pretrained / AutoProcessor load. The defaults are the best recipe measured so "
                                    "far (docs/mini-benchmark.md).")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=_count, default=None, help="optimiser steps (default: TrainConfig's)")
+    p.add_argument("--cycles", type=_count, default=None,
+                   help="stage-2 cycles over the same scenes, each a fresh optimiser and cosine (default: TrainConfig's)")
     p.add_argument("--seed", type=int, default=None, help="(default 0)")
-    p.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default 1: see TrainConfig)")
+    p.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default: TrainConfig's)")
     p.add_argument("--scenes-per-step", type=_count, default=None, help="scenes per batch (default: TrainConfig's)")
     p.add_argument("--questions-per-type", type=_count, default=None,
                    help="questions of each of the 5 types asked per scene (default: TrainConfig's)")

@@ -25,7 +25,7 @@ def _machine() -> str:
 
 
 # TrainConfig fields that `transprune train-mini` takes as options (a field's option is --field-with-dashes).
-OPTIONS = ("lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
+OPTIONS = ("cycles", "lr", "decoder_init_std", "scenes_per_step", "questions_per_type", "attn_heads", "attn_layer",
            "attn_targets", "find_layer", "gather_layer", "deep_layer", "aux_weight", "aux_labels", "vision_steps", "vision_scenes", "vision_lr", "freeze_vision", "init", "device")
 
 
@@ -62,7 +62,10 @@ def _recipe(cfg: dict) -> list[str]:
                      "discarded after training)" + (", then they are frozen." if cfg.get("freeze_vision") else "."))
     stage = "Stage 2: " if lines else ""
     per_scene = 5 * cfg.get("questions_per_type", 1)
-    text = (f"{stage}{cfg['steps']} steps of {cfg['scenes_per_step']} fresh scenes (no epochs), {per_scene} questions per "
+    cycles = cfg.get("cycles", 1)
+    repeat = (f", run {cycles} times over the same scenes (each cycle a fresh AdamW, warm-up and cosine decay)"
+              if cycles > 1 else "")
+    text = (f"{stage}{cfg['steps']} steps{repeat} of {cfg['scenes_per_step']} fresh scenes (no epochs), {per_scene} questions per "
             "scene sharing one image prefix; loss on the answer word and `</s>`")
     if cfg.get("deep_layer", 0) > 0:
         text += f", plus the answer read out after layer {cfg['deep_layer']}"
@@ -112,7 +115,7 @@ def write_card(folder: str | Path, n: int = 1000) -> Path:
         "",
         "## Training",
         "",
-        "Command (deterministic: fixed seed, fixed step count, one torch thread, deterministic algorithms):",
+        f"Command (deterministic: fixed seed, fixed step count, {cfg.get('threads', 1)} torch thread(s), deterministic algorithms):",
         "",
         "```bash",
         command(cfg),
