@@ -33,9 +33,9 @@ def test_preset_overrides_and_unknown_name():
         (dict(keep_ratios=(1.5, 0.5, 0.1)), r"keep_ratios must lie in \(0, 1\]"),
         (dict(keep_ratios=(0.5, 0.25)), "one ratio per pruning layer"),
         (dict(pruning_layers=(9, 7, 12)), "pruning_layers must be strictly increasing"),
-        (dict(pruning_layers=(7, 9, 32)), "pruning_layers must be < reference_depth=32"),
+        (dict(pruning_layers=(7, 9, 32), reference_depth=32), "pruning_layers must be < reference_depth=32"),
         (dict(pruning_layers=(0, 9, 12)), "1-indexed"),
-        (dict(accumulation_layers=(7, 40)), "accumulation_layers must be <= reference_depth=32"),
+        (dict(accumulation_layers=(7, 40), reference_depth=32), "accumulation_layers must be <= reference_depth=32"),
         (dict(direction="cos"), "direction='cos' is not allowed; choose one of '1-cos', '1-abs-cos'"),
         (dict(positions="rope"), "positions='rope' is not allowed; choose one of 'compact', 'original'"),
         (dict(score="attention"), "score='attention' is not allowed; choose one of 'transprune', 'ttv', 'iga'"),
@@ -66,7 +66,7 @@ def test_schedule_at_reference_depth_is_unchanged():
     [(40, (9, 11, 15), tuple(range(9, 16))), (16, (4, 5, 6), (4, 5, 6)), (12, (3, 4, 5), (3, 4, 5))],
 )
 def test_schedule_maps_proportionally(depth, pruning, accumulation):
-    s = TransPruneConfig().layers_for_depth(depth)
+    s = TransPruneConfig(reference_depth=32).layers_for_depth(depth)
     assert s.pruning_layers == pruning and s.accumulation_layers == accumulation
     assert all(p < depth for p in s.pruning_layers)
 

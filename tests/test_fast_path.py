@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import transprune
-from transprune import FastVConfig, PDropConfig, RandomConfig, runtime
+from transprune import FastVConfig, PDropConfig, RandomConfig
+from transprune.runtime import select as select_module
 from transprune.surgery import keep_index
 
 from conftest import make_prompt, pixels, tiny_config
@@ -24,8 +25,11 @@ def aligned_batch(model, n=3):
     return ids, torch.ones_like(ids), pixels(model, n, seed=11)
 
 
-def run(model, config, ids, mask, pix, n=6):
+def run(model, config, ids, mask, pix, n=6, batched=True, adapt=None):
     with transprune.pruned(model, config, record_scores=True) as handle, torch.no_grad():
+        handle.batched_selection = batched
+        if adapt is not None:
+            adapt(handle.adapter)
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
         return out.sequences, torch.stack(out.logits), handle.last_stats
@@ -34,14 +38,13 @@ def run(model, config, ids, mask, pix, n=6):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batched_selection_equals_the_per_sample_loop(llava, name, monkeypatch):
     ids, mask, pix = aligned_batch(llava)
-    aligned, calls = runtime.PruneHandle._select_aligned, []
-    monkeypatch.setattr(runtime.PruneHandle, "_select_aligned", lambda self, *a: calls.append(1) or aligned(self, *a))
+    views, calls = select_module._view, []
+    monkeypatch.setattr(select_module, "_view", lambda *a: calls.append(a[5]) or views(*a))
     fast = run(llava, METHODS[name], ids, mask, pix)
-    assert len(calls) == len(fast[2][0].kept_indices)  # every stage took the batched path
-    select = runtime.PruneHandle._select
-    monkeypatch.setattr(runtime.PruneHandle, "_select", lambda self, *args: select(self, *args[:11]))  # all_valid off
-    loop = run(llava, METHODS[name], ids, mask, pix)
-    assert len(calls) == len(fast[2][0].kept_indices)  # ... and now none did
+    assert calls == [slice(None)] * len(fast[2][0].kept_indices)  # every stage took one batched view
+    calls.clear()
+    loop = run(llava, METHODS[name], ids, mask, pix, batched=False)
+    assert calls == [slice(b, b + 1) for _ in fast[2][0].kept_indices for b in range(3)]  # ... and now one per sample
     assert torch.equal(fast[0], loop[0]) and torch.equal(fast[1], loop[1])
     for a, b in zip(fast[2], loop[2]):
         assert a.kept_indices == b.kept_indices
@@ -54,17 +57,19 @@ def test_mask_free_decode_steps_equal_masked_ones(llava, llava_eager, attn, monk
     model = llava if attn == "sdpa" else llava_eager
     ids, mask, pix = aligned_batch(model, 2)
     fast = run(model, METHODS["transprune"], ids, mask, pix, n=8)
-    monkeypatch.setattr(runtime, "_MASK_FREE_DECODE", ())
-    masked = run(model, METHODS["transprune"], ids, mask, pix, n=8)
+    masked = run(model, METHODS["transprune"], ids, mask, pix, n=8, adapt=lambda a: setattr(a, "mask_free_decode", ()))
     assert torch.equal(fast[0], masked[0]) and torch.equal(fast[1], masked[1])
 
 
 def test_decode_builds_no_mask_when_nothing_is_padded(llava, monkeypatch):
     ids, mask, pix = aligned_batch(llava, 2)
     calls = []
-    build = runtime.PruneHandle._stage_mask
-    monkeypatch.setattr(runtime.PruneHandle, "_stage_mask", lambda self, *a: calls.append(a[2]) or build(self, *a))
-    run(llava, METHODS["transprune"], ids, mask, pix, n=5)
+
+    def count_masks(adapter):
+        build = adapter.stage_masks
+        adapter.stage_masks = lambda *a: calls.append(a[2]) or build(*a)
+
+    run(llava, METHODS["transprune"], ids, mask, pix, n=5, adapt=count_masks)
     assert len(calls) == 4  # the prefill's 4 stages; the 4 decode steps x 4 stages build none
 
 

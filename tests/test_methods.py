@@ -74,7 +74,7 @@ def test_flops_reference_sum_for_pdrop_on_next():
 # -- config validation and composition -------------------------------------------------------------
 @pytest.mark.parametrize("make, match", [
     (lambda: FastVConfig(r=1.0), r"r must be a number in \[0, 1\)"),
-    (lambda: FastVConfig(k=32), "k must be < reference_depth=32"),
+    (lambda: FastVConfig(k=32, reference_depth=32), "k must be < reference_depth=32"),
     (lambda: PDropConfig(layers=(16, 8)), "layers must be strictly increasing"),
     (lambda: PDropConfig(ratio=0), r"ratio must be a number in \(0, 1\]"),
     (lambda: RandomConfig(keep_ratios=(0.5, 0.6, 0.1)), "keep_ratios must not increase"),

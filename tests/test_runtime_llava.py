@@ -369,7 +369,7 @@ def test_presets_map_to_the_model_depth():
     assert s.pruning_layers == (7, 9, 12) and s.accumulation_layers == (7, 8, 9, 10, 11, 12)
     assert s.visual_tokens_per_layer == [64] * 7 + [56] * 2 + [40] * 3 + [8] * 20
     small = tiny_llava(seed=0, num_hidden_layers=12)
-    with transprune.pruned(small, TransPruneConfig.preset("low")) as handle:
+    with transprune.pruned(small, TransPruneConfig.preset("low", reference_depth=32)) as handle:
         greedy(small, ids, torch.ones_like(ids), pixels(small, 1, seed=96), n=2)
     assert handle.last_stats[0].pruning_layers == (3, 4, 5)
     assert handle.last_stats[0].visual_tokens_per_layer == [64] * 3 + [40] + [12] + [4] * 7

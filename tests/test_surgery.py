@@ -1,5 +1,6 @@
 import torch
 
+from transprune.adapters.base import close_up_1d
 from transprune.surgery import Layout, drop_tokens, gather_tokens, keep_index, scatter_to_input
 
 
@@ -26,7 +27,7 @@ def test_keep_index_left_pads_each_row():
 def test_drop_compact_positions_renumber_like_arange():
     lay = _layout()
     keep = lay.valid & ~(lay.image & (lay.image_rank == 1))  # drop the middle image token of each sample
-    new, index = drop_tokens(lay, keep, compact_positions=True)
+    new, index = drop_tokens(lay, keep, close_up=close_up_1d)
     assert new.valid.tolist() == [[False, True, True, True, True], [True, True, True, True, True]]
     assert new.positions[0, 1:].tolist() == [0, 1, 2, 3] and new.positions[1].tolist() == [0, 1, 2, 3, 4]
     assert new.image_rank.tolist() == [[-1, -1, 0, 2, -1], [-1, 0, 2, -1, -1]]
@@ -36,7 +37,7 @@ def test_drop_compact_positions_renumber_like_arange():
 def test_drop_original_positions_keep_their_values():
     lay = _layout()
     keep = lay.valid & ~(lay.image & (lay.image_rank == 0))
-    new, _ = drop_tokens(lay, keep, compact_positions=False)
+    new, _ = drop_tokens(lay, keep, close_up=None)
     assert new.positions[0, 1:].tolist() == [0, 2, 3, 4] and new.positions[1].tolist() == [0, 2, 3, 4, 5]
 
 
@@ -44,7 +45,7 @@ def test_gather_and_scatter_round_trip():
     lay = _layout()
     h = torch.arange(2 * 6 * 2, dtype=torch.float32).view(2, 6, 2)
     keep = lay.valid & ~(lay.image & (lay.image_rank == 2))
-    new, index = drop_tokens(lay, keep, compact_positions=True)
+    new, index = drop_tokens(lay, keep, close_up=close_up_1d)
     back = scatter_to_input(gather_tokens(h, index), new, 6)
     for b in range(2):
         for c in range(6):

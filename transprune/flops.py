@@ -16,26 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import Schedule, TransPruneConfig
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """The decoder dimensions FLOPs depend on, plus the nominal image-token count N."""
-
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    image_tokens: int
-    crops: int = 1  # vision crops per image (LLaVA-NeXT: base + 2x2 grid = 5); VisionZip keeps D + C per crop
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+from .accounting import ArchSpec, paper_layer_macs
+from .schedule import Schedule
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -47,17 +29,11 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880, crops=5),
     )
 }
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 
 def arch_from_config(path) -> ArchSpec:
-    """Read an ArchSpec from a checkpoint folder or its ``config.json`` (HF ``llava`` / ``llava_next``).
-
-    N is nominal, as in the paper: ``(image_size // patch_size)**2`` per crop (+1 for the CLS token
-    when ``vision_feature_select_strategy == "full"``); LLaVA-NeXT counts 5 crops (base image + a 2x2
-    anyres grid) and leaves out the per-row newline tokens, which gives the paper's 2880 for the 7B.
-    The real count of a NeXT sample depends on its image size and is known only at run time.
-    """
+    """Read an ArchSpec from a checkpoint folder or its ``config.json`` (any supported family; the family's
+    adapter says how its image tokens are counted)."""
     from transformers import AutoConfig  # imported here so the paper arithmetic needs no transformers
 
     path = Path(path)
@@ -69,20 +45,9 @@ def arch_from_config(path) -> ArchSpec:
 
 def arch_from_hf_config(cfg, name: str, where: str | None = None) -> ArchSpec:
     """`arch_from_config` for a config object already in memory (e.g. a `LlavaConfig` built in code)."""
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{where or name}: model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    vision, text = cfg.vision_config, cfg.text_config
-    per_crop = (vision.image_size // vision.patch_size) ** 2
-    if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
-        per_crop += 1  # CLS token kept
-    n_image = per_crop if cfg.model_type == "llava" else 5 * per_crop
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                    head_dim, n_image, crops=1 if cfg.model_type == "llava" else 5)
+    from .adapters import family_for
+
+    return family_for(cfg.model_type, where or name).arch_spec(cfg, name)
 
 
 def resolve_arch(name_or_path) -> ArchSpec:
@@ -97,11 +62,6 @@ def resolve_arch(name_or_path) -> ArchSpec:
         f"unknown arch {str(name_or_path)!r}: use one of {', '.join(ARCHS)} or a path to a checkpoint "
         f"folder or its config.json"
     )
-
-
-def paper_layer_macs(n: int, d: int, m: int) -> int:
-    """One decoder layer in the paper's convention: q/k/v/o projections, attention, SwiGLU FFN (MACs)."""
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
 
 def paper_tflops(arch: ArchSpec, tokens_per_layer) -> float:
@@ -186,18 +146,17 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
         raise ValueError(f"query_tokens must be an int in [0, text_tokens={text_tokens}], got {query_tokens!r}")
 
     pre, llm = split_methods(config)
-    schedule = llm.layers_for_depth(arch.num_layers) if llm is not None else Schedule(arch.num_layers, (), (), ())
+    schedule = llm.layers_for_depth(arch.num_layers) if llm is not None else Schedule.none(arch.num_layers)
     n_llm = arch.image_tokens
     if pre is not None:
         n_llm = min(pre.tokens * arch.crops, arch.image_tokens)
     visual = schedule.tokens_per_layer(n_llm)
     unpruned = [arch.image_tokens] * arch.num_layers
     tflops, tflops_unpruned = paper_tflops(arch, visual), paper_tflops(arch, unpruned)
-    scorer = getattr(llm, "scorer", None)
-    if scorer in ("fastv", "pdrop"):
-        query_tokens = 1
-    scoring = 0.0 if scorer in (None, "random", "uniform") else (
-        scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12)
+    rows = llm.scoring_query_rows(query_tokens) if llm is not None else None  # None: scoring is free
+    if rows is not None:
+        query_tokens = rows
+    scoring = 0.0 if rows is None else scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12
 
     def full(counts):
         return sum(full_layer_macs(n + text_tokens, arch) for n in counts) / 1e12
@@ -205,7 +164,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     names = [c.method for c in (pre, llm) if c is not None]
     return FlopsReport(
         arch=arch.name,
-        preset=llm.name if isinstance(llm, TransPruneConfig) and llm.name != "custom" else "+".join(names) or "none",
+        preset=llm.name if getattr(llm, "name", "custom") != "custom" else "+".join(names) or "none",
         depth=schedule.depth,
         accumulation_layers=schedule.accumulation_layers,
         pruning_layers=schedule.pruning_layers,

@@ -2,11 +2,14 @@
 
 A batch is held left-padded: every row ends with its newest token, so a decode step appends one column
 for all rows. Each sample keeps its own count, so after a drop the rows are re-padded to the longest.
+Positions are opaque here: any tensor whose last two axes are (B, L) ((B, L) for 1-D RoPE, (3, B, L) for
+mRoPE); what "closing up" positions after a drop means belongs to the model family's position rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -19,13 +22,13 @@ class Layout:
     image: torch.Tensor  # bool: a (valid) image token
     image_rank: torch.Tensor  # long: index of an image token among its sample's image tokens, else -1
     orig_index: torch.Tensor  # long: column of this token in the caller's input
-    positions: torch.Tensor  # long: RoPE position ids
+    positions: torch.Tensor  # long: RoPE position ids, (..., B, L)
 
     @classmethod
     def initial(cls, valid: torch.Tensor, image: torch.Tensor, positions: torch.Tensor) -> "Layout":
         image = image & valid
-        rank = torch.where(image, image.long().cumsum(1) - 1, torch.full_like(positions, -1))
-        cols = torch.arange(valid.shape[1], device=valid.device).expand_as(positions)
+        rank = torch.where(image, image.long().cumsum(1) - 1, -1)
+        cols = torch.arange(valid.shape[1], device=valid.device).expand(valid.shape)
         return cls(valid, image, rank, cols, positions)
 
     @property
@@ -61,28 +64,32 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def drop_tokens(layout: Layout, keep: torch.Tensor, compact_positions: bool,
+def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather (..., B, L) positions along the token axis (last) with a (B, L_new) index."""
+    return positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape))
+
+
+def drop_tokens(layout: Layout, keep: torch.Tensor, close_up: Callable | None = None,
                 new_length: int | None = None) -> tuple[Layout, torch.Tensor]:
     """The layout after keeping the ``keep`` tokens (a (B, L) bool mask over the current sequence).
 
-    With compact positions every kept token moves down by the number of tokens dropped before it,
-    which equals the official code's ``arange(L_new)`` renumbering for an unpadded sample. Returns the
-    new layout and the gather index to apply to hidden states and per-token scores. ``new_length``: see
-    `keep_index` (every row keeps exactly that many tokens).
+    ``close_up(positions, valid, dropped)``, when given, renumbers the positions before the gather (the
+    family's "compact" rule); without it kept tokens keep their positions. Returns the new layout and the
+    gather index to apply to hidden states and per-token scores. ``new_length``: see `keep_index` (every
+    row keeps exactly that many tokens).
     """
     keep = keep & layout.valid
     index, new_valid = keep_index(keep, new_length)
     positions = layout.positions
-    if compact_positions:
-        dropped = layout.valid & ~keep
-        positions = positions - dropped.long().cumsum(1)
+    if close_up is not None:
+        positions = close_up(positions, layout.valid, layout.valid & ~keep)
     zero = torch.zeros((), dtype=torch.long, device=index.device)
     new = Layout(
         valid=new_valid,
         image=gather_tokens(layout.image, index) & new_valid,
         image_rank=torch.where(new_valid, gather_tokens(layout.image_rank, index), zero - 1),
         orig_index=gather_tokens(layout.orig_index, index),
-        positions=torch.where(new_valid, gather_tokens(positions, index), zero),
+        positions=torch.where(new_valid, gather_positions(positions, index), zero),
     )
     return new, index
 

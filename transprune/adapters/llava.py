@@ -2,7 +2,8 @@
 
 Both expand each `<image>` into one placeholder id per image feature (for NeXT: every anyres feature,
 newline tokens included), so the image tokens of a sample are exactly `input_ids == image_token_id`.
-The text decoder is a Llama-style model at `model.model.language_model`.
+The decoder is Llama-style under 1-D RoPE: the `ModelAdapter` defaults. The vision tower is CLIP with a
+CLS token, which is what VisionZip's dominance rule reads.
 """
 
 from __future__ import annotations
@@ -10,26 +11,14 @@ from __future__ import annotations
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-from . import llama
+from ..accounting import ArchSpec
+from .base import ModelAdapter
 
 
-class LlavaAdapter:
+class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_classes = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
-    run_layer = staticmethod(llama.run_layer)
-    scoring_qk = staticmethod(llama.scoring_qk)
-
-    def __init__(self, model):
-        self.model = model
-
-    @property
-    def multimodal_model(self):
-        """The module whose forward sees `input_ids` and hands `inputs_embeds` to the decoder."""
-        return self.model.model
-
-    @property
-    def decoder(self):
-        return self.model.model.language_model
+    model_types = ("llava", "llava_next")
 
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
         image_id = self.model.config.image_token_id
@@ -42,44 +31,72 @@ class LlavaAdapter:
         marker = table(torch.tensor(image_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
         return (inputs_embeds == marker).all(-1)
 
-    # -- patch geometry and the vision tower, for the uniform baseline and VisionZip -----------------
     @property
     def is_anyres(self) -> bool:
         return isinstance(self.model, LlavaNextForConditionalGeneration)
 
-    def patch_grid_side(self) -> int | None:
-        """Side of the square patch grid image tokens come from (None for anyres packing)."""
+    def token_coords(self, ranks: torch.Tensor) -> torch.Tensor:
+        """(row, col) on LLaVA-1.5's square patch grid; position along the sequence for anyres packing."""
         if self.is_anyres:
-            return None
+            return super().token_coords(ranks)
         vision = self.model.config.vision_config
-        return vision.image_size // vision.patch_size
+        side = vision.image_size // vision.patch_size
+        ranks = ranks.float()
+        return torch.stack([torch.div(ranks, side, rounding_mode="floor"), ranks % side], dim=1)
 
-    def check_visionzip(self, cfg) -> None:
-        config = self.model.config
-        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+    def vision_hooks(self) -> "ClipVisionHooks":
+        return ClipVisionHooks(self)
+
+    @classmethod
+    def arch_spec(cls, cfg, name: str) -> ArchSpec:
+        """N is nominal, as in the paper: ``(image_size // patch_size)**2`` per crop (+1 for the CLS token
+        when ``vision_feature_select_strategy == "full"``); LLaVA-NeXT counts 5 crops (base image + a 2x2
+        anyres grid) and leaves out the per-row newline tokens, which gives the paper's 2880 for the 7B.
+        The real count of a NeXT sample depends on its image size and is known only at run time."""
+        vision, text = cfg.vision_config, cfg.text_config
+        per_crop = (vision.image_size // vision.patch_size) ** 2
+        if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
+            per_crop += 1  # CLS token kept
+        crops = 1 if cfg.model_type == "llava" else 5
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
+                        head_dim, crops * per_crop, crops=crops)
+
+
+class ClipVisionHooks:
+    """What VisionZip reads from a LLaVA vision tower (CLIP, CLS at row 0) and its projector."""
+
+    def __init__(self, adapter: LlavaAdapter):
+        self.adapter = adapter
+        self.model = adapter.model
+        self.config = adapter.model.config
+
+    def check(self) -> None:
+        if self.config.vision_feature_select_strategy != "default" or not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("VisionZipConfig needs vision_feature_select_strategy='default' and a single int "
-                             f"vision_feature_layer, got {config.vision_feature_select_strategy!r} and "
-                             f"{config.vision_feature_layer!r}")
-        vision = config.vision_config
-        n = (vision.image_size // vision.patch_size) ** 2
-        if cfg.tokens > n:
-            raise ValueError(f"VisionZipConfig keeps dominant + contextual = {cfg.tokens} tokens per image (per anyres "
-                             f"tile), more than the model's {n} patches per tile")
-        self.vision_attention_layer()
+                             f"vision_feature_layer, got {self.config.vision_feature_select_strategy!r} and "
+                             f"{self.config.vision_feature_layer!r}")
+        self.attention_layer()
 
-    def vision_attention_layer(self):
+    def patches_per_tile(self) -> int:
+        vision = self.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2
+
+    def attention_layer(self):
         """The attention module of the vision layer whose output LLaVA feeds to the projector."""
-        tower = self.multimodal_model.vision_tower
+        tower = self.adapter.multimodal_model.vision_tower
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel nests it in older layouts
         layers = tower.encoder.layers
-        feature = self.model.config.vision_feature_layer  # index into hidden_states (0 = embeddings)
+        feature = self.config.vision_feature_layer  # index into hidden_states (0 = embeddings)
         index = feature if feature >= 0 else len(layers) + 1 + feature
         if not 1 <= index <= len(layers):
             raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
         return layers[index - 1].self_attn
 
     @staticmethod
-    def vision_cls_attention(attn, hidden):
+    def cls_attention(attn, hidden):
         """CLS-row attention (mean over heads) and keys of a CLIP attention layer, from its q and k."""
         b, t, _ = hidden.shape
         heads, head_dim = attn.num_heads, attn.head_dim
@@ -88,70 +105,33 @@ class LlavaAdapter:
         cls = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # (B, H, T)
         return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
 
-    def visionzip(self, cfg, image_outputs, captured, image_sizes=None) -> torch.Tensor:
-        """Replace contextual slots of each image's features by merged tokens; return which slots stay.
+    @staticmethod
+    def geometry(args, kwargs):
+        """The image sizes of a `get_image_features(pixel_values, image_sizes, ...)` call (NeXT's tiling)."""
+        return kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
 
-        Per vision tile (the whole image for LLaVA-1.5; the base image and every anyres tile for NeXT):
-        the ``dominant`` patches with the most CLS attention stay as they are; of the rest, ``contextual``
-        evenly spaced targets absorb every other remaining patch by key similarity and become the mean of
-        their group in vision space, projected like any patch. Everything else, NeXT's newline tokens
-        included, is dropped before the LLM. Returns a bool over all image tokens of the call, in order.
-        """
-        from ..scoring import select_top
+    def feature_patches(self, image_outputs) -> torch.Tensor:
+        """(tiles, patches, d) feature-layer states, CLS dropped."""
+        return image_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
 
-        cls_attention, keys = captured
-        patches = image_outputs.hidden_states[self.model.config.vision_feature_layer][:, 1:]
-        cls_attention, keys = cls_attention[:, 1:], torch.nn.functional.normalize(keys[:, 1:], dim=-1)
-        tiles, per_tile = patches.shape[:2]
-        keep = torch.zeros(tiles, per_tile, dtype=torch.bool, device=patches.device)
-        merged_ids, merged = [], []
-        for t in range(tiles):
-            keep[t, select_top(cls_attention[t], cfg.dominant)] = True
-            rest = (~keep[t]).nonzero().squeeze(1)
-            c = min(cfg.contextual, rest.numel())
-            if c:
-                targets = rest[torch.arange(c, device=rest.device) * rest.numel() // c]
-                others = rest[~torch.isin(rest, targets)]
-                group = (keys[t, others] @ keys[t, targets].T).argmax(1)
-                total = patches[t, targets].float().index_add(0, group, patches[t, others].float())
-                sizes = torch.ones(c, device=total.device).index_add(0, group, torch.ones_like(group, dtype=torch.float))
-                merged.append(total / sizes[:, None])
-                merged_ids.append(t * per_tile + targets)
-                keep[t, targets] = True
-        keep = keep.flatten()
-        slot = torch.full((tiles * per_tile,), -1, dtype=torch.long, device=patches.device)
-        if merged:
-            merged_ids = torch.cat(merged_ids)
-            slot[merged_ids] = torch.arange(merged_ids.numel(), device=slot.device)
-            merged = self.multimodal_model.multi_modal_projector(torch.cat(merged).to(patches.dtype))
-        features, keeps = [], []
-        for feats, ids in zip(image_outputs.pooler_output, self._packed_patch_ids(tiles, per_tile, image_sizes)):
-            real = ids >= 0  # -1 marks NeXT's newline tokens
-            ids = ids.clamp_min(0)
-            rows = real & (slot[ids] >= 0)
-            if rows.any():
-                feats = feats.clone()
-                feats[rows] = merged[slot[ids[rows]]].to(feats.dtype)
-            features.append(feats)
-            keeps.append(real & keep[ids])
-        image_outputs.pooler_output = features
-        return torch.cat(keeps)
+    def project(self, features):
+        return self.adapter.multimodal_model.multi_modal_projector(features)
 
-    def _packed_patch_ids(self, tiles, per_tile, image_sizes):
+    def packed_patch_ids(self, tiles, per_tile, image_sizes):
         """For each image, the (tile * per_tile + patch) id of every feature row, -1 for newline rows.
 
         LLaVA-NeXT packs tiles (unpadding, newline tokens) inside `pack_image_features`; running that
         same function on id "features" gives the exact row order without re-implementing it.
         """
         ids = torch.arange(tiles * per_tile, dtype=torch.float32).view(tiles, per_tile, 1)
-        if not self.is_anyres:
+        if not self.adapter.is_anyres:
             return [row.flatten().long() for row in ids]
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        config = self.model.config
+        config = self.config
         counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
                   for size in image_sizes]
-        packed, _ = self.multimodal_model.pack_image_features(
+        packed, _ = self.adapter.multimodal_model.pack_image_features(
             list(torch.split(ids, counts)), image_sizes, config.vision_feature_select_strategy,
             image_newline=torch.tensor([-1.0]))
         return [p.flatten().long() for p in packed]

@@ -1,0 +1,154 @@
+"""The model-family seam: everything the runtime asks of a family, with the defaults of a Llama-style
+decoder under 1-D RoPE. A family subclasses `ModelAdapter`, overrides what differs, and registers
+itself (`adapters.register_family`); the runtime never looks at a position's shape, a mask's form, a
+decoder attribute or a vision tower itself.
+
+Positions keep the token axis last ((B, L) here; (3, B, L) under mRoPE): `surgery` gathers them
+without knowing their shape, and the family's position rule says what they are in prefill, what
+"compact" (closing up after a drop) means, and what a decode step's positions are.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+from . import llama
+
+
+def close_up_1d(positions, valid, dropped) -> torch.Tensor:
+    """The 1-D "compact" rule: every kept token moves down by the tokens dropped before it (the official
+    code's ``arange(L_new)`` renumbering for an unpadded sample)."""
+    return positions - dropped.long().cumsum(1)
+
+
+class ModelAdapter:
+    family: str = "?"
+    model_classes: tuple[type, ...] = ()
+    model_types: tuple[str, ...] = ()  # HF config.model_type values (tools read configs before any model exists)
+    position_rules: tuple[str, ...] = ("compact", "original")  # what this family can honour
+    # Attention backends for which "no mask" means "attend to every cached key" (a 1-token decode step with no
+    # padding needs nothing else): sdpa (HF returns None itself there), eager (its mask would be all zeros), flash.
+    mask_free_decode: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+    def __init__(self, model):
+        self.model = model
+
+    # -- the decoder's parts ---------------------------------------------------------------------
+    @property
+    def multimodal_model(self):
+        """The module whose forward sees `input_ids` and hands `inputs_embeds` to the decoder."""
+        return self.model.model
+
+    @property
+    def decoder(self):
+        return self.model.get_decoder()
+
+    @property
+    def depth(self) -> int:
+        return self.decoder.config.num_hidden_layers
+
+    @property
+    def layers(self):
+        return self.decoder.layers[: self.depth]
+
+    def embed(self, input_ids):
+        return self.decoder.embed_tokens(input_ids)
+
+    def final_norm(self, h):
+        return self.decoder.norm(h)
+
+    def new_cache(self):
+        return DynamicCache(config=self.decoder.config)
+
+    def check_decoder(self) -> None:
+        if not isinstance(getattr(self.decoder, "layers", None), torch.nn.ModuleList):
+            raise TypeError(f"{type(self.decoder).__name__} has no `layers` ModuleList; transprune cannot run it")
+
+    # -- visual tokens ---------------------------------------------------------------------------
+    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
+        """(B, L) bool: the visual tokens of this call (None when the call has no way to tell)."""
+        raise NotImplementedError
+
+    def token_coords(self, ranks: torch.Tensor) -> torch.Tensor:
+        """(n, 2) float coordinates of image tokens by their index among the sample's image tokens (the
+        uniform baseline); default: position along the sequence."""
+        ranks = ranks.float()
+        return torch.stack([ranks, torch.zeros_like(ranks)], dim=1)
+
+    def vision_hooks(self):
+        """The vision-tower hooks a pre-LLM method needs (see `adapters.llava.ClipVisionHooks`); None: none."""
+        return None
+
+    # -- the position rule (1-D) -----------------------------------------------------------------
+    def prefill_positions(self, position_ids, batch: int, length: int, past: int, device) -> torch.Tensor:
+        """Positions of a prefill's tokens: the caller's, else counted from the cache length."""
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)[None] + past
+        return position_ids.expand(batch, -1)
+
+    def continuation_positions(self, position_ids, next_position: torch.Tensor, length: int) -> torch.Tensor:
+        """Positions of the tokens of a call after a pruned prefill, in the unpruned numbering (layer 0's cache
+        may be shorter than the sequence, so they are counted from the generation's state)."""
+        if position_ids is None:
+            position_ids = next_position[:, None] + torch.arange(length, device=next_position.device)[None]
+        return position_ids.expand(next_position.shape[0], -1)
+
+    def next_position(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B,) the position that follows ``positions``."""
+        return positions[..., -1] + 1
+
+    close_up = staticmethod(close_up_1d)
+
+    def shift_positions(self, positions, shift: torch.Tensor) -> torch.Tensor:
+        """Decode positions in a stage whose earlier drops were closed up by ``shift`` (B,) tokens."""
+        return positions - shift[:, None]
+
+    def layer_position_ids(self, positions):
+        """What a layer's `position_ids` argument receives."""
+        return positions
+
+    # -- per stage: RoPE and masks ---------------------------------------------------------------
+    def rope(self, h, positions):
+        """Per-token (cos, sin), each (B, L, head_dim)."""
+        return self.decoder.rotary_emb(h, positions)
+
+    @staticmethod
+    def rope_rows(rope, b: int, cols: torch.Tensor):
+        """(cos, sin) of sample ``b``'s tokens ``cols``, kept as a 1-row batch."""
+        cos, sin = rope
+        return cos[b:b + 1, cols], sin[b:b + 1, cols]
+
+    def stage_masks(self, h, key_valid: torch.Tensor, q_len: int):
+        """The attention masks of one stage (every layer holds the same tokens), in whatever form the model's
+        backend wants; `mask_for` picks a layer's. One causal mask serves every layer here."""
+        config = self.decoder.config
+        kv_len = key_valid.shape[1]
+        return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+            batch_size=h.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
+            mask_function=causal_mask_function, attention_mask=key_valid, allow_is_causal_skip=True,
+            dtype=h.dtype, config=config, use_vmap=False, device=h.device,
+        )
+
+    def mask_for(self, masks, layer_index: int):
+        return masks
+
+    def decode_needs_no_mask(self, q_len: int) -> bool:
+        """A 1-token step over unpadded keys needs no mask in this backend."""
+        return q_len == 1 and self.decoder.config._attn_implementation in self.mask_free_decode
+
+    # -- layers ----------------------------------------------------------------------------------
+    run_layer = staticmethod(llama.run_layer)
+    scoring_qk = staticmethod(llama.scoring_qk)
+
+    # -- facts for tools (no model needed) -------------------------------------------------------
+    @classmethod
+    def model_class_for(cls, model_type: str) -> type:
+        """The transformers class that builds a model of this ``model_type``."""
+        return dict(zip(cls.model_types, cls.model_classes))[model_type]
+
+    @classmethod
+    def arch_spec(cls, hf_config, name: str):
+        """The `flops.ArchSpec` (decoder dimensions, nominal image tokens) of an HF config of this family."""
+        raise NotImplementedError

@@ -1,0 +1,105 @@
+"""Pruning methods, one module each (config + scorer + cost), behind one registry (`METHODS`).
+
+In the LLM: TransPrune, FastV, PDrop, and the random / uniform baselines; before it: VisionZip.
+Compositions (one pre-LLM + one in-LLM config, as a list) and named presets are built here from the
+registry, so the CLI, flops, bench and the mini suite share one grammar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from . import baselines, fastv, pdrop, transprune, visionzip  # noqa: F401  (each registers its method)
+from .base import METHODS, POSITION_RULES, InLLMMethod, StageView, register_method
+from .baselines import RandomConfig, UniformConfig
+from .fastv import FastVConfig
+from .pdrop import PDropConfig
+from .transprune import PRESETS, REFERENCE_DEPTH, TransPruneConfig
+from .visionzip import VisionZipConfig
+
+__all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "TransPruneConfig",
+           "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "REFERENCE_DEPTH",
+           "COMPOSITIONS", "preset", "build", "split_methods", "as_list"]
+
+
+def as_list(config) -> list:
+    """One config or a composition, as a list."""
+    return list(config) if isinstance(config, (list, tuple)) else [config]
+
+
+def split_methods(config) -> tuple[object | None, object | None]:
+    """(pre-LLM config or None, in-LLM config or None) from one config or a list of them."""
+    items = as_list(config)
+    known = tuple(METHODS.values())
+    unknown = [c for c in items if not isinstance(c, known)]
+    if unknown or not items:
+        names = ", ".join(c.__name__ for c in known)
+        raise TypeError(f"config must be one of {names} (or a list: at most one pre-LLM and one in-LLM), "
+                        f"got {[type(c).__name__ for c in unknown] or 'nothing'}")
+    pre = [c for c in items if c.stage == "pre"]
+    llm = [c for c in items if c.stage == "in"]
+    if len(pre) > 1 or len(llm) > 1:
+        raise ValueError("a composition takes at most one pre-LLM method (VisionZip) and one in-LLM method")
+    return (pre[0] if pre else None), (llm[0] if llm else None)
+
+
+# Paper Tables 4/5: VisionZip to 288 / 192 tokens, then TransPrune to 36 / 24 (ratios of the reduced count).
+_VZ_TRANSPRUNE = dict(keep_ratios=(0.5, 0.25, 0.125))
+COMPOSITIONS = {
+    "visionzip288+transprune": lambda: [VisionZipConfig(256, 32), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip288+transprune")],
+    "visionzip192+transprune": lambda: [VisionZipConfig(162, 30), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip192+transprune")],
+}
+
+
+def preset(name: str):
+    """A named method setting: TransPrune's high/low/off, or a composition (returns a list)."""
+    if name in COMPOSITIONS:
+        return COMPOSITIONS[name]()
+    if name in PRESETS:
+        return TransPruneConfig.preset(name)
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, PRESETS + tuple(COMPOSITIONS)))}")
+
+
+def _parse_value(text: str):
+    """'8,16,24' -> (8, 16, 24); '0.5' -> 0.5; '2' -> 2; 'none' -> None; anything else stays a string."""
+    if "," in text:
+        return tuple(_parse_value(t) for t in text.split(",") if t)
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build(methods: str = "transprune", preset_name: str | None = None, params: dict[str, str] | None = None):
+    """A config (or composition list) from a method list such as ``"visionzip,transprune"``, an optional
+    preset (TransPrune's high/low/off, or a composition name) and ``field=value`` overrides, each applied
+    to the method that has that field. Raises ValueError naming the allowed values."""
+    params = dict(params or {})
+    if preset_name in COMPOSITIONS:
+        configs = preset(preset_name)
+    else:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [n for n in names if n not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown method {unknown or methods!r}; choose from {', '.join(METHODS)} "
+                             f"(comma-separated to compose, e.g. visionzip,transprune)")
+        if preset_name is not None and "transprune" not in names:
+            raise ValueError(f"--preset {preset_name!r} applies to transprune; the methods are {names}")
+        configs = [TransPruneConfig.preset(preset_name or "high") if n == "transprune" else METHODS[n]() for n in names]
+    used = set()
+    for i, cfg in enumerate(configs):
+        names = {f.name for f in fields(cfg)}
+        mine = {k: _parse_value(v) for k, v in params.items() if k in names}
+        used |= mine.keys()
+        if mine:
+            configs[i] = type(cfg)(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **mine})
+    if set(params) - used:
+        allowed = sorted({f.name for cfg in configs for f in fields(cfg)} - {"name"})
+        raise ValueError(f"unknown parameter(s) {sorted(set(params) - used)} for {'+'.join(c.method for c in configs)}; "
+                         f"allowed: {', '.join(allowed)}")
+    split_methods(configs)
+    return configs[0] if len(configs) == 1 else configs

@@ -1,0 +1,148 @@
+"""What every method shares: field validators, the in-LLM config mixin, the stage view a scorer reads, and
+the registry that every tool reads (the CLI, flops, bench, the mini suite): nothing outside a method's own
+module branches on its name.
+
+An in-LLM method is a frozen dataclass with the schedule fields (``accumulation_layers``,
+``pruning_layers``, ``keep_ratios``, ``reference_depth``, ``positions``) and
+
+- ``rank(view) -> (score (R, n), parts)``: one score per image token of each row of the `StageView`
+  (higher = keep); ``parts`` are optional named sub-scores for ``record_scores``;
+- ``needs_ttv``: whether the runtime must accumulate TTV for it;
+- ``scoring_query_rows(query_tokens)``: attention query rows per scoring stage, for the FLOPs tool (None:
+  scoring costs nothing).
+
+A pre-LLM method (``stage = "pre"``) instead provides ``select(adapter, image_outputs, captured, geometry)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from ..schedule import Schedule
+
+POSITION_RULES = ("compact", "original")
+
+
+def as_int_tuple(name: str, value) -> tuple[int, ...]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of layer numbers (1-indexed ints), got {value!r}") from None
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name} must hold ints (1-indexed layer numbers), got {item!r}")
+    return items
+
+
+def choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def check_reference_depth(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(f"reference_depth must be an int >= 2 or None (layer numbers as written), got {value!r}")
+
+
+def check_layers(name: str, layers, reference_depth, strict_top: bool = True) -> tuple[int, ...]:
+    """Strictly increasing 1-indexed layers; below ``reference_depth`` when one is given (a pruning layer
+    needs a following layer; ``strict_top=False`` allows the last layer itself)."""
+    layers = as_int_tuple(name, layers)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"{name} must be strictly increasing, got {layers}")
+    if layers and layers[0] < 1:
+        raise ValueError(f"{name} are 1-indexed layer numbers (>= 1), got {layers}")
+    if reference_depth is not None and layers:
+        if layers[-1] > reference_depth:
+            raise ValueError(f"{name} must be <= reference_depth={reference_depth}, got {layers}")
+        if strict_top and layers[-1] >= reference_depth:
+            raise ValueError(f"{name} must be < reference_depth={reference_depth} (scores may use the next layer), "
+                             f"got {layers}")
+    return layers
+
+
+def check_fraction(name: str, value, low_open: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not ok or not (0 < value <= 1 if low_open else 0 <= value < 1):
+        raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
+
+
+def check_keep_ratios(ratios, pruning_layers) -> tuple[float, ...]:
+    """One fraction of the original count per pruning layer, in (0, 1], never increasing."""
+    try:
+        ratios = tuple(float(r) for r in ratios)
+    except (TypeError, ValueError):
+        raise TypeError(f"keep_ratios must be a sequence of floats in (0, 1], got {ratios!r}") from None
+    if len(ratios) != len(pruning_layers):
+        raise ValueError(f"keep_ratios needs one ratio per pruning layer: {len(pruning_layers)} pruning_layers "
+                         f"{tuple(pruning_layers)} but {len(ratios)} keep_ratios {ratios}")
+    if any(not 0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"keep_ratios must lie in (0, 1] (fractions of the original count), got {ratios}")
+    if any(b > a for a, b in zip(ratios, ratios[1:])):
+        raise ValueError(f"keep_ratios must not increase from one pruning layer to the next, got {ratios}")
+    return ratios
+
+
+class InLLMMethod:
+    """Shared behaviour of in-LLM method configs (a mixin for frozen dataclasses)."""
+
+    stage = "in"
+    accumulation_layers: tuple[int, ...] = ()
+    name = "custom"
+    needs_ttv = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pruning_layers)
+
+    def layers_for_depth(self, depth: int) -> Schedule:
+        """Resolve the layer numbers for a decoder with ``depth`` layers (raises before any change)."""
+        return Schedule.resolve(self, depth)
+
+    def scoring_query_rows(self, query_tokens: int) -> int | None:
+        """Attention query rows each scoring stage computes, given the prompt's ``query_tokens`` text rows
+        after the image (FLOPs tool); None: the score costs nothing."""
+        return None
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+
+@dataclass
+class StageView:
+    """What a scorer sees at one pruning stage, for R rows that line up (the whole aligned batch, or one
+    sample's valid tokens): S tokens per row, n of them image tokens at the same columns ``image_at``."""
+
+    h: torch.Tensor  # (R, S, d) output of the pruning layer
+    h_in: torch.Tensor  # (R, S, d) its input
+    image_at: torch.Tensor  # (n,) columns of the image tokens among the S
+    image_rank: torch.Tensor  # (R, n) each image token's index among its sample's original image tokens
+    ttv: torch.Tensor  # (R, n) accumulated TTV of the image tokens (zeros unless the method needs it)
+    stage: int  # 0-based pruning stage
+    last_image: int  # column of the last image token (host int)
+    # attention(which, h, query_idx) -> (R, S): mean attention of the query rows to every token, computed
+    # from q and k with the pruning layer's ("this") or the following layer's ("next") weights.
+    attention: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+    # token_coords(ranks (n,)) -> (n, 2) grid coordinates of image tokens (the adapter's geometry)
+    token_coords: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.h.shape[1]
+
+
+# name -> config class; filled by `register_method` in each method's module.
+METHODS: dict[str, type] = {}
+
+
+def register_method(name: str, config_cls: type) -> type:
+    """Make a method config known to every tool by ``name`` (its ``method`` attribute)."""
+    if name in METHODS and METHODS[name] is not config_cls:
+        raise ValueError(f"method {name!r} is already registered to {METHODS[name].__name__}")
+    if getattr(config_cls, "stage", None) not in ("pre", "in"):
+        raise TypeError(f"{config_cls.__name__}.stage must be 'pre' (before the LLM) or 'in' (inside it)")
+    METHODS[name] = config_cls
+    return config_cls

@@ -1,0 +1,55 @@
+"""Attach pruning to one model instance (`apply`, `pruned`), run the pruned decoder loop, detach again.
+
+`handle.py` holds the handle and its two instance-level forwards, `prefill.py` the pruned prefill,
+`select.py` the one selection routine every method's scorer plugs into, `decode.py` the decode steps over
+per-stage caches, `stats.py` what a call reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..adapters import adapter_for
+from ..methods import split_methods
+from ..schedule import Schedule
+from .handle import APPLIED, PruneHandle
+from .stats import SampleStats
+
+__all__ = ["apply", "pruned", "PruneHandle", "SampleStats"]
+
+
+def apply(model, config, *, record_scores: bool = False, profile: bool = False) -> PruneHandle:
+    """Attach pruning to this one model instance; returns the handle that undoes it.
+
+    `config` is one method config (TransPruneConfig, FastVConfig, PDropConfig, VisionZipConfig,
+    RandomConfig, UniformConfig) or a list with at most one pre-LLM and one in-LLM config, e.g.
+    `[VisionZipConfig(...), TransPruneConfig(...)]`. `record_scores=True` keeps every stage's scores
+    in `handle.last_stats`; `profile=True` (or setting `handle.profile` later) times the scoring of
+    every pruned prefill into `handle.last_profile` (CUDA events, read once at the end of the prefill;
+    off by default, so normal runs add no host syncs). Everything is validated before the model is
+    touched.
+    """
+    pre, llm = split_methods(config)
+    adapter = adapter_for(model)
+    if model in APPLIED and APPLIED[model].active:
+        raise ValueError("transprune is already applied to this model; call handle.remove() before applying again")
+    adapter.check_decoder()
+    schedule = llm.layers_for_depth(adapter.depth) if llm is not None else Schedule.none(adapter.depth)
+    if llm is not None and llm.positions not in adapter.position_rules:
+        raise ValueError(f"positions={llm.positions!r} is not supported on the {adapter.family} family; it supports "
+                         f"{', '.join(map(repr, adapter.position_rules))}")
+    if pre is not None:
+        pre.check(adapter)
+    handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)
+    handle._install()
+    return handle
+
+
+@contextlib.contextmanager
+def pruned(model, config, *, record_scores: bool = False, profile: bool = False):
+    """`with pruned(model, config) as handle:` apply for the block, then restore the model."""
+    handle = apply(model, config, record_scores=record_scores, profile=profile)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,222 @@
+"""`PruneHandle`: pruning attached to one model instance, and what its two instance-level forwards do.
+
+`apply` replaces the `forward` of two *instances* (never classes): the multimodal model, to learn where
+each sample's image tokens are, and the text decoder, to run its layers with pruning; a pre-LLM method
+wraps the instance's image encoder too. `remove()` restores all of them. Per-call state lives in a
+ContextVar (the call in flight), on the encoded images (a pre-LLM selection) and in a map keyed by the
+call's KV cache (decode state), never on modules, so concurrent calls and several generations sharing a
+model stay independent.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ..methods import split_methods
+from ..schedule import Schedule
+from .decode import Generation, continue_generation
+from .prefill import prefill
+from .stats import NO_PROFILE, Profiler, SampleStats, sample_stats
+
+# handle of every model pruning is attached to (weak: a dropped model is not kept alive by it)
+APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
+_PRE_LLM = "_transprune_pre_llm"  # attribute of encoded images that carries their `PreLLMChoice`
+
+
+@dataclass
+class PreLLMChoice:
+    """A pre-LLM method's choice over all image tokens of the call (in input order), and its timing."""
+
+    keep: torch.Tensor
+    profiler: object = None
+
+
+@dataclass
+class _Call:
+    handle: "PruneHandle"
+    image_mask: torch.Tensor | None
+    pre: PreLLMChoice | None = None
+
+
+_CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
+
+
+class PruneHandle:
+    """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
+
+    def __init__(self, model, config, adapter, schedule: Schedule, record_scores: bool = False,
+                 profile: bool = False):
+        self.model = model
+        self.record_scores = record_scores
+        # With profile=True each pruned prefill times its scoring steps into `last_profile` (see Profiler).
+        self.profile = profile
+        self.last_profile: dict | None = None
+        self.config = config
+        self.pre, self.llm = split_methods(config)
+        self.adapter = adapter
+        self.schedule = schedule
+        self.last_stats: list[SampleStats] | None = None
+        # False: score every sample on its own even when a batch's rows line up (the batched path's reference).
+        self.batched_selection = True
+        self._generations: "weakref.WeakKeyDictionary[object, Generation]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._saved: list[tuple[torch.nn.Module, str, object]] = []
+        self._hooks: list = []
+        self._active = False
+
+    # -- attach / detach -------------------------------------------------------------------------
+    def _install(self):
+        mm, dec = self.adapter.multimodal_model, self.adapter.decoder
+        mm_forward, dec_forward = mm.forward, dec.forward  # bound: the class's or an existing instance override
+        self._saved = [(mm, "forward", mm.__dict__.get("forward")), (dec, "forward", dec.__dict__.get("forward"))]
+
+        @functools.wraps(mm_forward)
+        def multimodal_forward(*args, **kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            call = _Call(self, self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds")))
+            if self.pre is not None:  # generate() encodes images before the forward and passes them in
+                encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+                call.pre = getattr(encoded, _PRE_LLM, None)
+            token = _CURRENT_CALL.set(call)
+            try:
+                return mm_forward(*args, **kwargs)
+            finally:
+                _CURRENT_CALL.reset(token)
+
+        @functools.wraps(dec_forward)
+        def decoder_forward(*args, **kwargs):
+            return self._decoder_forward(dec_forward, *args, **kwargs)
+
+        mm.forward = multimodal_forward
+        dec.forward = decoder_forward
+        if self.pre is not None:
+            saved, hooks = self.pre.install(self.adapter, self._hand_over)
+            self._saved += saved
+            self._hooks += hooks
+        self._active = True
+        APPLIED[self.model] = self
+
+    def _hand_over(self, encoded, choose) -> None:
+        """Run a pre-LLM method's ``choose()`` (timed when profiling) and pass its choice to the prefill: on
+        the encoded images (generate() encodes before the forward) and on the call in flight."""
+        profiler = Profiler(encoded.pooler_output[0].device) if self.profile else NO_PROFILE
+        with profiler.span("pre_llm_s"):
+            choice = PreLLMChoice(choose(), profiler if self.profile else None)
+        object.__setattr__(encoded, _PRE_LLM, choice)
+        call = _CURRENT_CALL.get()
+        if call is not None and call.handle is self:
+            call.pre = choice
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before `apply`."""
+        if not self._active:
+            return
+        for module, name, previous in self._saved:
+            delattr(module, name)
+            if previous is not None:
+                setattr(module, name, previous)
+        for hook in self._hooks:
+            hook.remove()
+        self._saved, self._hooks = [], []
+        self._active = False
+        APPLIED.pop(self.model, None)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    # -- the decoder ------------------------------------------------------------------------------
+    def _decoder_forward(self, original, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                         inputs_embeds=None, use_cache=None, **kwargs):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        call = _CURRENT_CALL.get()
+        call = call if call is not None and call.handle is self else None
+        image_mask = call.image_mask if call is not None else None
+        generation = self._generations.get(cache) if cache is not None else None
+        fresh = cache is None or cache.get_seq_length() == 0  # pruning happens in a prefill
+        # Only a prefill looks for images (a decode step's mask is never read: no host sync per step).
+        has_images = fresh and image_mask is not None and bool(image_mask.any())
+        enabled = self.pre is not None or (self.llm is not None and self.llm.enabled)
+        if generation is None and not (enabled and has_images):
+            if has_images:
+                self._record_unpruned(image_mask, attention_mask)
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not available while transprune prunes this model")
+        adapter = self.adapter
+        config = adapter.decoder.config
+        if inputs_embeds is None:
+            inputs_embeds = adapter.embed(input_ids)
+        if use_cache is None:
+            use_cache = config.use_cache
+        if use_cache and cache is None:
+            cache = adapter.new_cache()
+        batch, length = inputs_embeds.shape[:2]
+        if generation is not None:
+            position_ids = adapter.continuation_positions(position_ids, generation.next_position, length)
+            generation.next_position = adapter.next_position(position_ids)
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = adapter.prefill_positions(position_ids, batch, length, past, inputs_embeds.device)
+        if attention_mask is None:
+            new_valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+        else:
+            new_valid = attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
+        want_hidden = kwargs.get("output_hidden_states", config.output_hidden_states)
+        hidden = [] if want_hidden else None
+        if generation is None:
+            h = self._prefill(call, inputs_embeds, new_valid, image_mask, position_ids, cache if use_cache else None,
+                              hidden)
+        else:
+            h = continue_generation(adapter, generation, inputs_embeds, new_valid, position_ids, cache, hidden)
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None,
+                                       hidden_states=tuple(hidden) if want_hidden else None)
+
+    def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden):
+        pre_keep = None
+        if self.pre is not None:
+            if call.pre is None:
+                raise RuntimeError("VisionZip found no selection for these images: they were encoded without "
+                                   "transprune (pass pixel_values, not precomputed features)")
+            pre_keep = torch.zeros_like(image_mask)
+            pre_keep[image_mask] = call.pre.keep.to(image_mask.device)
+        profiler = NO_PROFILE
+        if self.profile:
+            profiler = call.pre.profiler if pre_keep is not None and call.pre.profiler else Profiler(embeds.device)
+        h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
+                                              hidden, pre_keep, profiler, aligned=self.batched_selection)
+        if cache is not None:
+            state.generation.next_position = self.adapter.next_position(position_ids)
+            self._generations[cache] = state.generation
+        self._record(n_original, n_llm, state.kept_ranks, state.scores, pre_keep is not None)
+        if self.profile:
+            result = profiler.result(len(self.schedule.pruning_layers))
+            with self._lock:
+                self.last_profile = result
+        return h
+
+    # -- statistics -------------------------------------------------------------------------------
+    def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
+        stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm)
+        with self._lock:
+            self.last_stats = stats
+
+    def _record_unpruned(self, image_mask, attention_mask):
+        valid = image_mask if attention_mask is None else image_mask & attention_mask[:, -image_mask.shape[1]:].bool()
+        counts = valid.sum(1).tolist()
+        self._record(counts, counts, [[] for _ in counts])

@@ -1,0 +1,76 @@
+"""One selection routine for every in-LLM method: build the `StageView` of rows that line up, ask the
+method's scorer, keep the top-k image tokens of each row."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import scoring
+from ..methods import StageView
+
+
+def select(method, adapter, state, layer, next_layer, stage: int, keep_counts: list[int], aligned: bool = True):
+    """Score the image tokens of every sample at pruning stage ``stage``; returns the (B, L) mask of tokens
+    to keep and, when every row keeps the same number of tokens with no padding, that number (else None).
+
+    Rows that line up (no padding, image tokens in the same columns: the usual benchmark / serving batch of
+    same-length prompts, and any single sample) are scored in one batched view; otherwise one view per
+    sample over its valid tokens. Both give the same bits (``aligned=False`` forces the per-sample views).
+    """
+    layout = state.layout
+    keep = layout.valid & ~layout.image
+    if aligned and state.all_valid and (layout.image.shape[0] == 1 or bool((layout.image == layout.image[:1]).all())):
+        image_cols = layout.image[0].cpu().nonzero().squeeze(1)  # on the host: one copy, no more syncs
+        batch, length = layout.valid.shape
+        if image_cols.numel() == 0:
+            for b in range(batch):
+                state.kept_ranks[b].append(layout.image_rank.new_zeros(0))
+            return keep, length
+        last_image = int(image_cols[-1])  # a host tensor: no sync
+        image_cols = image_cols.to(layout.valid.device)
+        view = _view(adapter, state, layer, next_layer, stage, slice(None), slice(None), image_cols, state.rope,
+                     last_image)
+        chosen = image_cols[scoring.select_top(_scored(method, view, state, range(batch)), keep_counts[0])]
+        keep.scatter_(1, chosen, True)
+        ranks = layout.image_rank.gather(1, chosen)
+        for b in range(batch):
+            state.kept_ranks[b].append(ranks[b])
+        return keep, length - image_cols.numel() + keep_counts[0]
+    for b, k in enumerate(keep_counts):
+        cols = layout.valid[b].nonzero().squeeze(1)
+        image_at = layout.image[b, cols].nonzero().squeeze(1)  # image tokens, as indices into cols
+        if image_at.numel() == 0:
+            state.kept_ranks[b].append(image_at)
+            continue
+        rope = adapter.rope_rows(state.rope, b, cols)
+        view = _view(adapter, state, layer, next_layer, stage, slice(b, b + 1), cols, image_at, rope,
+                     int(image_at[-1]))
+        chosen = image_at[scoring.select_top(_scored(method, view, state, [b])[0], k)]
+        keep[b, cols[chosen]] = True
+        state.kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
+    return keep, None
+
+
+def _view(adapter, state, layer, next_layer, stage, rows, cols, image_at, rope, last_image) -> StageView:
+    """The StageView of batch rows ``rows`` restricted to token columns ``cols``."""
+    layout = state.layout
+    h, h_in = state.h[rows][:, cols], state.h_in[rows][:, cols]
+    weights = {"this": layer, "next": next_layer}
+
+    def attention(which, source, query_idx):
+        q, k, scale = adapter.scoring_qk(weights[which], source, rope[0], rope[1], query_idx)
+        return scoring.instruction_attention(q, k, query_idx, scale)
+
+    return StageView(h=h, h_in=h_in, image_at=image_at, image_rank=layout.image_rank[rows][:, cols][:, image_at],
+                     ttv=state.ttv[rows][:, cols][:, image_at], stage=stage, last_image=last_image,
+                     attention=attention, token_coords=adapter.token_coords)
+
+
+def _scored(method, view: StageView, state, samples) -> torch.Tensor:
+    """The method's (R, n) score; records the scores of each row when asked."""
+    score, parts = method.rank(view)
+    if state.scores is not None:
+        for r, b in enumerate(samples):
+            state.scores[b].append({"image_index": view.image_rank[r].cpu(), **{n: v[r].cpu() for n, v in parts.items()},
+                                    "score": score[r].float().cpu()})
+    return score

@@ -1,0 +1,85 @@
+"""Which layers an in-LLM method scores and prunes at, resolved for one decoder depth.
+
+Layer numbers are 1-indexed and used as written: "prune at layer 7" runs ``layers[6]`` on the full
+sequence, then drops image tokens from its output, on any model deep enough. A method config that sets
+``reference_depth=N`` says its numbers were written for an N-layer decoder; they are then mapped
+proportionally to the model's depth (the mini model's evaluation maps the papers' 32-layer settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class InLLMSchedule(Protocol):
+    accumulation_layers: tuple[int, ...]
+    pruning_layers: tuple[int, ...]
+    keep_ratios: tuple[float, ...]
+    reference_depth: int | None
+
+
+def _map_layer(layer: int, depth: int, reference: int) -> int:
+    return max(1, round(layer * depth / reference))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Layer numbers (1-indexed) resolved for one model depth."""
+
+    depth: int
+    accumulation_layers: tuple[int, ...]
+    pruning_layers: tuple[int, ...]
+    keep_ratios: tuple[float, ...]
+
+    @classmethod
+    def none(cls, depth: int) -> "Schedule":
+        """No in-LLM stage."""
+        return cls(depth, (), (), ())
+
+    @classmethod
+    def resolve(cls, config: InLLMSchedule, depth: int) -> "Schedule":
+        acc, prune = tuple(config.accumulation_layers), tuple(config.pruning_layers)
+        if not prune:
+            acc = ()  # nothing is pruned, so nothing is scored
+        ref = config.reference_depth
+        written = f"as written ({prune})" if ref is None else f"{prune} mapped from reference_depth={ref}"
+        if ref is not None and depth != ref and prune:
+            # Proportional map, then push collisions apart so each pruning stage keeps its own layer.
+            mapped = []
+            for p in prune:
+                q = _map_layer(p, depth, ref)
+                if mapped:
+                    q = max(q, mapped[-1] + 1)
+                mapped.append(q)
+            mapped_acc = sorted({_map_layer(a, depth, ref) for a in acc})
+            if acc and acc[0] == prune[0] and acc[-1] == prune[-1]:
+                # The paper's window spans exactly the pruning layers (7..12 for 7, 9, 12): keep that shape.
+                mapped_acc = list(range(mapped[0], mapped[-1] + 1))
+            prune, acc = tuple(mapped), tuple(mapped_acc)
+            written = f"{config.pruning_layers} mapped from reference_depth={ref} to {prune}"
+        if prune and prune[-1] >= depth:
+            hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder"
+                    if ref is None else "")
+            raise ValueError(
+                f"pruning layers {written} do not fit a {depth}-layer decoder: every pruning layer must be "
+                f"<= {depth - 1} (1-indexed), because scores may use the following layer{hint}")
+        if acc and acc[-1] > depth:
+            raise ValueError(f"accumulation layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed)")
+        return cls(depth, acc, prune, tuple(config.keep_ratios))
+
+    def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:
+        """Image tokens each layer processes in prefill, for a sample with ``n_image`` image tokens (after
+        any pre-LLM stage); ``kept``: the counts each stage actually kept (default: the keep ratios')."""
+        counts, current = [], n_image
+        stages = {layer: i for i, layer in enumerate(self.pruning_layers)}
+        for layer in range(1, self.depth + 1):
+            counts.append(current)
+            if layer in stages:
+                i = stages[layer]
+                if kept is None:
+                    current = int(n_image * self.keep_ratios[i])
+                elif i < len(kept):
+                    current = kept[i]
+        return counts
+
