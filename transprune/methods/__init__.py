@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import fields
 
 from . import baselines, fastv, pdrop, transprune, visionzip  # noqa: F401  (each registers its method)
-from .base import METHODS, POSITION_RULES, InLLMMethod, StageView, register_method
+from .base import METHODS, POSITION_RULES, InLLMMethod, StageView, register_method, unregister_method
 from .baselines import RandomConfig, UniformConfig
 from .fastv import FastVConfig
 from .pdrop import PDropConfig
 from .transprune import PRESETS, REFERENCE_DEPTH, TransPruneConfig
 from .visionzip import VisionZipConfig
 
-__all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "TransPruneConfig",
+__all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "unregister_method", "TransPruneConfig",
            "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "REFERENCE_DEPTH",
            "COMPOSITIONS", "preset", "build", "split_methods", "as_list"]
 

@@ -146,3 +146,8 @@ def register_method(name: str, config_cls: type) -> type:
         raise TypeError(f"{config_cls.__name__}.stage must be 'pre' (before the LLM) or 'in' (inside it)")
     METHODS[name] = config_cls
     return config_cls
+
+
+def unregister_method(name: str) -> None:
+    """Undo `register_method` (tests register methods of their own)."""
+    del METHODS[name]

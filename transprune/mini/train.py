@@ -95,9 +95,9 @@ class TrainConfig:
     # "cpu" or a CUDA device ("cuda", "cuda:0"). Only the CPU path has been run: on CUDA the run is seeded
     # but bitwise reproducibility is not guaranteed (deterministic algorithms only warn there).
     device: str = "cpu"
-    # One thread is safe on a shared 2-core machine (OpenMP with 2 threads stalls badly if anything else runs);
-    # the shipped model used 2, alone at normal priority (~1.5x faster per step).
-    threads: int = 2
+    # One thread: on 2 cores, OpenMP with 2 threads stalls badly if anything else runs (a run beside other work
+    # went from 0.28 to 3.8 s per stage-1 step).
+    threads: int = 1
     eval_every: int = 250
     eval_n: int = 250
 

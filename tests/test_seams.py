@@ -1,0 +1,154 @@
+"""The two seams are enough on their own: a family and a method registered here, in the test only, run
+through the whole runtime (prefill, selection, decode, stats) with no change anywhere else.
+
+Copy these when adding a family or a method (docs/architecture.md)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import transprune
+from transprune import adapters, flops, methods
+from transprune.adapters.llava import LlavaAdapter
+from transprune.methods import InLLMMethod, StageView
+from transprune.methods.base import check_keep_ratios, check_layers
+from transprune.surgery import Layout, drop_tokens
+
+from conftest import greedy, left_pad, make_prompt, pixels, tiny_config
+
+
+class ThreeRowPositions(LlavaAdapter):
+    """LLaVA with its 1-D positions held as three equal rows, (3, B, L), the layout mRoPE families use; RoPE
+    reads row 0. Everything position-shaped goes through this adapter, so results must equal LLaVA's."""
+
+    family = "llava-3row"
+    model_types = ("llava_3row_test",)
+
+    def prefill_positions(self, position_ids, batch, length, past, device):
+        return self._three(super().prefill_positions(None if position_ids is None else self._one(position_ids),
+                                                     batch, length, past, device))
+
+    def continuation_positions(self, position_ids, next_position, length):
+        one = None if position_ids is None else self._one(position_ids)
+        return self._three(super().continuation_positions(one, next_position, length))
+
+    def next_position(self, positions):
+        assert positions.shape[0] == 3
+        return positions[0, :, -1] + 1
+
+    def close_up(self, positions, valid, dropped):
+        assert positions.shape[0] == 3  # the rule sees the family's own layout
+        return positions - dropped.long().cumsum(1)[None]
+
+    def shift_positions(self, positions, shift):
+        return positions - shift[None, :, None]
+
+    def rope(self, h, positions):
+        return super().rope(h, positions[0])
+
+    def layer_position_ids(self, positions):
+        return positions[0]
+
+    @staticmethod
+    def _one(positions):
+        return positions[0] if positions.dim() == 3 else positions
+
+    @staticmethod
+    def _three(positions):
+        return positions.expand(3, *positions.shape) if positions.dim() == 2 else positions
+
+
+@pytest.fixture
+def three_row_family():
+    adapters.register_family(ThreeRowPositions)
+    yield ThreeRowPositions
+    adapters.unregister_family(ThreeRowPositions)
+
+
+@pytest.mark.parametrize("config", [tiny_config(), tiny_config(positions="original"),
+                                    transprune.FastVConfig(k=2, reference_depth=None),
+                                    [transprune.VisionZipConfig(20, 6), tiny_config(keep_ratios=(0.5, 0.25, 0.125))]],
+                         ids=["compact", "original", "fastv", "visionzip+transprune"])
+def test_a_family_with_3d_positions_runs_unchanged_through_the_runtime(llava, three_row_family, config):
+    prompts = [make_prompt(llava, 3, 6, seed=1), make_prompt(llava, 7, 4, seed=2)]
+    ids, mask = left_pad(prompts)
+    pix = pixels(llava, 2, seed=3)
+    results = {}
+    for family in ("llava", "llava-3row"):
+        adapters.FAMILIES.sort(key=lambda a: a.family == family)  # the last registered match wins
+        with transprune.pruned(llava, config) as handle, torch.no_grad():
+            assert handle.adapter.family == family
+            logits = llava(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+            results[family] = (logits, greedy(llava, ids, mask, pix, n=8),
+                               [s.kept_indices for s in handle.last_stats])
+    (la, ta, ka), (lb, tb, kb) = results.values()
+    assert torch.equal(la, lb) and torch.equal(ta, tb) and ka == kb
+
+
+def test_surgery_gathers_3d_positions_along_the_token_axis():
+    valid = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    image = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    positions = torch.stack([torch.arange(5).expand(2, 5), 10 + torch.arange(5).expand(2, 5),
+                             20 + torch.arange(5).expand(2, 5)])  # (3, B, L): t, h, w rows
+    layout = Layout.initial(valid, image, positions)
+    keep = valid & ~(image & (layout.image_rank == 0))
+    new, index = drop_tokens(layout, keep)
+    assert new.positions.shape == (3, 2, 4)
+    for row, offset in enumerate((0, 10, 20)):  # kept tokens keep their own (t, h, w) positions
+        assert new.positions[row, 0, 1:].tolist() == [offset + c for c in (1, 3, 4)]
+        assert new.positions[row, 1].tolist() == [offset + c for c in (0, 2, 3, 4)]
+    assert new.orig_index[1].tolist() == [0, 2, 3, 4] and new.image_rank[1].tolist() == [-1, 1, 2, -1]  # original ranks
+
+
+@dataclass(frozen=True)
+class LowestNormConfig(InLLMMethod):
+    """A method written in the test only: keep the image tokens whose hidden state after the layer is smallest."""
+
+    pruning_layers: tuple = (3,)
+    keep_ratios: tuple = (0.25,)
+    positions: str = "original"
+    reference_depth: int | None = None
+    method = "lowest-norm"
+
+    def __post_init__(self):
+        check_layers("pruning_layers", self.pruning_layers, None)
+        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, self.pruning_layers))
+
+    def rank(self, view: StageView):
+        return -view.h[:, view.image_at].float().norm(dim=-1), {}
+
+
+@pytest.fixture
+def lowest_norm():
+    methods.register_method("lowest-norm", LowestNormConfig)
+    yield LowestNormConfig
+    methods.unregister_method("lowest-norm")
+
+
+def test_a_method_registered_outside_the_package_runs_everywhere(llava, lowest_norm):
+    prompt = make_prompt(llava, 3, 6, seed=4)
+    ids, pix = prompt[None], pixels(llava, 1, seed=5)
+    with torch.no_grad():  # reference: layer 3's output of the unpruned model, image tokens ranked by norm
+        hidden = llava(input_ids=ids, pixel_values=pix, output_hidden_states=True).hidden_states[3][0]
+    image = (ids[0] == llava.config.image_token_id).nonzero().squeeze(1)
+    expected = sorted(torch.sort(hidden[image].norm(dim=-1), stable=True).indices[:16].tolist())
+    config = methods.build("lowest-norm", params={"keep_ratios": "0.25,"})  # the CLI's grammar finds it by name
+    assert config == LowestNormConfig()
+    with transprune.pruned(llava, config) as handle:
+        greedy(llava, ids, torch.ones_like(ids), pix, n=3)
+    stats = handle.last_stats[0]
+    assert stats.kept_indices == [expected] and stats.visual_tokens_per_layer == [64] * 3 + [16] * 5
+    report = flops.estimate(config, "llava-1.5-7b")
+    assert report.visual_tokens_per_layer[:4] == (576, 576, 576, 144) and report.tflops_scoring == 0
+    # a batch of different prompts equals each alone
+    prompts = [prompt, make_prompt(llava, 8, 2, seed=6)]
+    ids2, mask2 = left_pad(prompts)
+    pix2 = torch.cat([pix, pixels(llava, 1, seed=7)])
+    with transprune.pruned(llava, config) as handle:
+        batch = greedy(llava, ids2, mask2, pix2, n=4)
+        for b, p in enumerate(prompts):
+            assert torch.equal(greedy(llava, p[None], torch.ones(1, len(p), dtype=torch.long), pix2[b:b + 1], n=4)[0],
+                               batch[b])
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register_method("lowest-norm", type("Other", (LowestNormConfig,), {}))
