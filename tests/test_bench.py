@@ -113,7 +113,8 @@ def test_checkpoint_folder_runs_through_its_processor(tmp_path):
     assert rep["random_weights"] is False and rep["weights"].startswith("checkpoint")
     assert rep["image_tokens"] == [64, 64] and all(n <= 12 for n in rep["text_tokens"])
     assert [m["new_tokens"] for m in rep["methods"]] == [[2], [2]]
-    assert rep["methods"][1]["visual_tokens_per_layer"][0] == [64] * 1 + [32] * 7  # FastV k=2 of 32 -> 1 of 8
+    # FastV k=2 as written (layer numbers are no longer mapped from 32 layers unless reference_depth says so)
+    assert rep["methods"][1]["visual_tokens_per_layer"][0] == [64] * 2 + [32] * 6
 
 
 def test_llava_next_inputs_use_the_models_own_packing():
@@ -144,3 +145,39 @@ def test_full_size_configs_match_the_flops_archs(name):
         with torch.device("meta"):
             model = LlavaForConditionalGeneration._from_config(arch_config(name))
         assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
+
+
+def _bench_json(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+def test_random_weights_from_a_config_folder(tmp_path):
+    """A folder holding only a config.json (or the config.json itself) + --random-weights: the model of that
+    config with the seeded random init, on synthetic inputs."""
+    from transprune.testing import tiny_llava_config
+
+    tiny_llava_config(num_hidden_layers=32).save_pretrained(tmp_path)  # TransPrune's layers 7, 9, 12 fit
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    argv = ["--random-weights", "--methods", "none,transprune-high", "--batch", "1", "--device", "cpu",
+            "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--text-tokens", "8", "--json"]
+    reports = [_bench_json(["bench", "--arch", str(arch), *argv]) for arch in (tmp_path, tmp_path / "config.json")]
+    for rep in reports:
+        assert rep["random_weights"] is True and "random" in rep["weights"]
+        assert rep["image_tokens"] == [64] and rep["text_tokens"] == [8]
+        none, high = rep["methods"]
+        assert [none["name"], high["name"]] == ["none", "transprune-high"]
+        assert none["ratios"]["tflops"] == 1.0 and none["visual_tokens_per_layer"] == [[64] * 32]
+        assert high["visual_tokens_per_layer"] == [[64] * 7 + [56] * 2 + [40] * 3 + [8] * 20]
+        assert high["ratios"]["tflops"] == pytest.approx(high["tflops"] / none["tflops"])
+        assert high["ratios"]["tflops"] < 1 and high["kv_cache_bytes"] < none["kv_cache_bytes"]
+    assert reports[0]["inputs_sha256"] == reports[1]["inputs_sha256"]
+
+
+def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    assert main(["bench", "--arch", str(tmp_path), "--random-weights", "--methods", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'qwen2_vl'" in err and "supported: llava, llava_next" in err

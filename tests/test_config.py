@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from transprune.config import Schedule, TransPruneConfig
@@ -82,3 +84,22 @@ def test_tokens_per_layer_uses_int_of_original_count():
     s = Schedule(depth=6, accumulation_layers=(1, 2), pruning_layers=(1, 3), keep_ratios=(0.7, 0.29))
     # int() truncation on fractions of the ORIGINAL count, as the official code does
     assert s.tokens_per_layer(100) == [100, 70, 70, int(100 * 0.29), int(100 * 0.29), int(100 * 0.29)]
+
+
+def test_layer_numbers_are_used_as_written_on_every_depth_they_fit():
+    from transprune import FastVConfig, PDropConfig, RandomConfig, UniformConfig
+
+    for depth in (13, 28, 32, 40):  # the paper ran 7/9/12 unmapped on Qwen2.5-VL-7B's 28 layers
+        s = TransPruneConfig.preset("high").layers_for_depth(depth)
+        assert (s.pruning_layers, s.accumulation_layers) == ((7, 9, 12), (7, 8, 9, 10, 11, 12))
+    assert TransPruneConfig(pruning_layers=(3, 4, 6)).layers_for_depth(12).pruning_layers == (3, 4, 6)
+    assert TransPruneConfig.preset("high", reference_depth=32).layers_for_depth(12).pruning_layers == (3, 4, 5)
+    # every method's layer fields follow the same rule, and a schedule that does not fit names layers and depth
+    for config, layers in [(TransPruneConfig.preset("low"), "(7, 9, 12)"), (FastVConfig(k=12), "(12,)"),
+                           (PDropConfig(), "(8, 16, 24)"), (RandomConfig(), "(7, 9, 12)"), (UniformConfig(), "(7, 9, 12)")]:
+        with pytest.raises(ValueError, match=rf"as written \({re.escape(layers)}\) do not fit a 12-layer decoder.*reference_depth"):
+            config.layers_for_depth(12)
+        mapped = type(config)(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "reference_depth": 32})
+        assert max(mapped.layers_for_depth(12).pruning_layers) < 12
+    assert FastVConfig(k=2).layers_for_depth(12).pruning_layers == (2,)
+    assert PDropConfig().layers_for_depth(28).pruning_layers == (8, 16, 24)

@@ -1,6 +1,8 @@
 """Command line: ``python -m transprune.cli SUBCOMMAND ...`` (or the ``transprune`` script).
 
-One small function per subcommand, registered on argparse subparsers in `build_parser`.
+One small function per subcommand, registered on argparse subparsers in `build_parser`. The work lives
+below: checkpoints and prompts in `loading`, the train-mini options in `mini.options`, `transprune bench` in
+`bench` (which registers its own subcommand); no module of the package imports this one.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ import argparse
 import json
 import sys
 
+from .argtypes import count
+from .bench import register as register_bench
 from .config import PRESETS
 from .flops import ARCHS, compress_runs, estimate, resolve_arch
+from .loading import DTYPES, build_prompt, load_checkpoint
 from .methods import COMPOSITIONS, METHODS, build
+from .mini.options import add_train_args, train_config
 
 
 def _arch(value: str):
@@ -20,16 +26,6 @@ def _arch(value: str):
         return resolve_arch(value)
     except (ValueError, OSError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
 
 
 def _add_method_args(p, default_preset=None):
@@ -43,7 +39,7 @@ def _add_method_args(p, default_preset=None):
 
 def _add_mini_args(p):
     p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
-    p.add_argument("--threads", type=_count, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=count, default=2, help="torch CPU threads (default 2)")
 
 
 def _method(args):
@@ -54,6 +50,19 @@ def _method(args):
             raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
         params[key.strip()] = value.strip()
     return build(args.method, args.preset, params)
+
+
+def _mapped_for_mini(config, args):
+    """The mini model has 12 layers and the methods' defaults are the papers' 32-layer settings: map them
+    (reference_depth=32, as `eval --suite mini` does) unless ``--set reference_depth=...`` says otherwise."""
+    from dataclasses import replace
+
+    from .methods import REFERENCE_DEPTH, as_list
+
+    if any(item.partition("=")[0].strip() == "reference_depth" for item in args.params):
+        return config
+    items = [replace(c, reference_depth=REFERENCE_DEPTH) if c.stage == "in" else c for c in as_list(config)]
+    return items[0] if len(items) == 1 else items
 
 
 def _describe(config) -> str:
@@ -68,7 +77,11 @@ def cmd_flops(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"transprune flops: error: {exc}", file=sys.stderr)
         return 2
-    report = estimate(config, args.arch, text_tokens=args.text_tokens)
+    try:
+        report = estimate(config, args.arch, text_tokens=args.text_tokens)
+    except (ValueError, TypeError, OSError) as exc:  # a schedule that does not fit the arch, an unreadable config
+        print(f"transprune flops: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         d = report.to_dict()
         print(json.dumps({"tflops": d.pop("tflops"), "tflops_full": d.pop("tflops_full"), **d}))
@@ -93,39 +106,6 @@ def cmd_flops(args) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
-
-
-MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def load_checkpoint(folder: str, dtype: str = "fp32"):
-    """A local llava / llava_next checkpoint folder and its processor (never downloads)."""
-    from pathlib import Path
-
-    import torch
-    import transformers
-
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model must be a local checkpoint folder with a config.json, got {folder!r}")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in MODEL_CLASSES:
-        raise ValueError(f"--model is a {config.model_type!r} checkpoint; supported: {', '.join(MODEL_CLASSES)}")
-    cls = getattr(transformers, MODEL_CLASSES[config.model_type])
-    model = cls.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]), local_files_only=True).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
-    return model, processor
-
-
-def build_prompt(processor, question: str) -> str:
-    """The question wrapped in the checkpoint's chat template (or LLaVA-1.5's), with one image slot."""
-    if "<image>" in question:
-        return question
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
 
 
 def cmd_run(args) -> int:
@@ -165,39 +145,6 @@ def cmd_run(args) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
-
-
-def _patch_labels() -> list[str]:
-    from .mini.data import PATCH_LABELS
-
-    return list(PATCH_LABELS)
-
-
-def _aux_labels(text: str) -> tuple:
-    names = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = [x for x in names if x not in _patch_labels()]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(_patch_labels())}")
-    return names
-
-
-def _train_device(name: str) -> str:
-    from .mini.train import _device
-
-    try:
-        _device(name, check_available=False)  # the form here; whether it exists: check_config in cmd_train_mini
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return name
-
-
-def train_config(args):
-    """The TrainConfig of parsed `train-mini` options (TrainConfig's defaults where an option is not given)."""
-    from .mini.card import OPTIONS
-    from .mini.train import TrainConfig
-
-    fields = ("steps", "seed", "threads") + OPTIONS
-    return TrainConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
 
 
 def cmd_train_mini(args) -> int:
@@ -262,7 +209,7 @@ def cmd_demo(args) -> int:
         print("transprune demo: error: give both --image and --prompt, or neither", file=sys.stderr)
         return 2
     try:
-        config = _method(args)
+        config = _mapped_for_mini(_method(args), args)
         model, processor = _load_mini(args.model)
         if args.image is not None:
             image, question, expected = Image.open(args.image), args.prompt, None
@@ -303,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=_arch, required=True, metavar="|".join([*ARCHS, "PATH"]),
                    help=f"one of {', '.join(ARCHS)}, or a checkpoint folder / config.json (llava, llava_next)")
     _add_method_args(p)
-    p.add_argument("--text-tokens", type=_count, default=64, help="non-image prompt tokens for the full count (default 64)")
+    p.add_argument("--text-tokens", type=count, default=64, help="non-image prompt tokens for the full count (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
 
@@ -314,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="IMG", help="image file")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the question (wrapped in the chat template)")
     _add_method_args(p)
-    p.add_argument("--max-new-tokens", type=_count, default=64)
+    p.add_argument("--max-new-tokens", type=count, default=64)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)
@@ -326,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to unpruned.")
     p.add_argument("--suite", choices=["mini"], required=True, help="the test suite (mini: the shipped mini LLaVA)")
     p.add_argument("--methods", default=None, metavar="A,B,...", help="comma-separated suite methods (default: all)")
-    p.add_argument("--n", type=_count, default=500, help="questions (default 500)")
-    p.add_argument("--batch-size", type=_count, default=50)
+    p.add_argument("--n", type=count, default=500, help="questions (default 500)")
+    p.add_argument("--batch-size", type=count, default=50)
     _add_mini_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_eval)
@@ -338,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens per stage and the TTV / IGA / combined score heatmaps.")
     p.add_argument("--image", default=None, metavar="IMG", help="your image (resized to 96x96)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="your question, in the testbed's words")
-    p.add_argument("--index", type=_count, default=3, help="which generated test question (default 3)")
+    p.add_argument("--index", type=count, default=3, help="which generated test question (default 3)")
     _add_method_args(p)
     _add_mini_args(p)
     p.add_argument("--out", default="transprune-demo.png", metavar="PNG", help="where to write the picture")
@@ -350,45 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from_pretrained / AutoProcessor load. The defaults are the best recipe measured so "
                                    "far (docs/mini-benchmark.md).")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--steps", type=_count, default=None, help="optimiser steps (default: TrainConfig's)")
-    p.add_argument("--cycles", type=_count, default=None,
-                   help="stage-2 cycles over the same scenes, each a fresh optimiser and cosine (default: TrainConfig's)")
-    p.add_argument("--seed", type=int, default=None, help="(default 0)")
-    p.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default: TrainConfig's)")
-    p.add_argument("--scenes-per-step", type=_count, default=None, help="scenes per batch (default: TrainConfig's)")
-    p.add_argument("--questions-per-type", type=_count, default=None,
-                   help="questions of each of the 5 types asked per scene (default: TrainConfig's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
-    p.add_argument("--decoder-init-std", type=float, default=None,
-                   help="redraw the decoder's matrices from N(0, STD) before training (default: TrainConfig's)")
-    p.add_argument("--attn-heads", type=int, default=None,
-                   help="supervise the attention of this many heads to the relevant patches (0: off)")
-    p.add_argument("--attn-layer", type=_count, default=None, help="1-indexed layer of --attn-heads")
-    p.add_argument("--attn-targets", choices=("relevant", "focus"), default=None,
-                   help="relevant: every relevant patch, at --attn-layer; focus: the named objects at --find-layer, "
-                        "the objects the answer is read from at --attn-layer, plus <s> for counts and 'is there'")
-    p.add_argument("--find-layer", type=int, default=None,
-                   help="with --attn-targets focus: 1-indexed layer whose heads find the named objects (0: none)")
-    p.add_argument("--gather-layer", type=int, default=None,
-                   help="also supervise the --attn-heads heads of this layer to look at the question's object words (0: off)")
-    p.add_argument("--deep-layer", type=int, default=None, help="also read the answer out after this layer (0: off)")
-    p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-patch auxiliary loss (0: off)")
-    p.add_argument("--aux-labels", type=_aux_labels, default=None, metavar="A,B,...",
-                   help="per-patch labels of the auxiliary loss, from: " + ", ".join(_patch_labels()))
-    p.add_argument("--vision-steps", type=int, default=None,
-                   help="stage 1: steps training only the vision tower + projector on the per-patch labels (0: off)")
-    p.add_argument("--vision-scenes", type=_count, default=None, help="scenes per stage-1 step")
-    p.add_argument("--vision-lr", type=float, default=None, help="stage-1 peak learning rate")
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the vision tower + projector fixed after stage 1")
-    p.add_argument("--init", default=None, metavar="DIR",
-                   help="start from this checkpoint folder (e.g. a stage-1-only run: --steps 0) instead of a fresh model")
-    p.add_argument("--device", type=_train_device, default=None,
-                   help="cpu (default) or a CUDA device, e.g. cuda:0 (not bitwise reproducible there)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_train_args(p)
     p.set_defaults(func=cmd_train_mini)
-    from .bench import register as _register_bench
-    _register_bench(sub)
+    register_bench(sub)
     return parser
 
 

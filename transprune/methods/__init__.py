@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from . import baselines, fastv, pdrop, transprune, visionzip  # noqa: F401  (each registers its method)
+# Each module registers its method; this order is the order tools list them in.
+from . import transprune, fastv, pdrop, visionzip, baselines  # noqa: F401,I001
 from .base import METHODS, POSITION_RULES, InLLMMethod, StageView, register_method, unregister_method
 from .baselines import RandomConfig, UniformConfig
 from .fastv import FastVConfig

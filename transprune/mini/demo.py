@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import TransPruneConfig
+from ..loading import build_prompt
 from ..runtime import pruned
 
 CELL = 192  # pixels per panel
@@ -114,8 +115,6 @@ def run_demo(model, processor, image: Image.Image, question: str, out: str | Pat
              config: TransPruneConfig | None = None, expected: str | None = None,
              max_new_tokens: int = 4) -> DemoResult:
     """Answer ``question`` about ``image`` unpruned and with ``config`` (default TransPrune high); write the PNG."""
-    from ..cli import build_prompt
-
     config = config or TransPruneConfig.preset("high")
     image = image.convert("RGB")
     inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")

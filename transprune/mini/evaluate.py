@@ -29,27 +29,30 @@ def _visionzip(total_of_576: int, dominant_of_576: int) -> VisionZipConfig:
     return VisionZipConfig(dominant=dominant, contextual=total - dominant)
 
 
-_HIGH = TransPruneConfig.preset("high")
+# The papers' LLaVA-1.5 settings are written for 32 layers: reference_depth=32 maps them to this 12-layer model.
+_MAPPED = dict(reference_depth=32)
+_HIGH = TransPruneConfig.preset("high", **_MAPPED)
 # name -> (what it is, factory). In-LLM schedules are the papers' LLaVA-1.5 (32-layer) settings, mapped to
 # this model's depth by the configs themselves (`layers_for_depth`); nothing here is tuned on the testbed.
 SUITE = {
     "none": ("no pruning", lambda: None),
     "transprune-high": ("TransPrune, paper's high-budget preset", lambda: _HIGH),
-    "transprune-low": ("TransPrune, paper's low-budget preset", lambda: TransPruneConfig.preset("low")),
+    "transprune-low": ("TransPrune, paper's low-budget preset", lambda: TransPruneConfig.preset("low", **_MAPPED)),
     "ttv-only": ("TransPrune high, TTV score only", lambda: replace(_HIGH, score="ttv", name="ttv-only")),
     "iga-only": ("TransPrune high, IGA score only", lambda: replace(_HIGH, score="iga", name="iga-only")),
     "direction-1-abs-cos": ("TransPrune high, direction term 1-|cos| (the other variant)",
                             lambda: replace(_HIGH, direction="1-abs-cos", name="direction-1-abs-cos")),
     "positions-original": ("TransPrune high, kept tokens keep original positions",
                            lambda: replace(_HIGH, positions="original", name="positions-original")),
-    "fastv": ("FastV K=2, R=50% (32-layer setting)", lambda: FastVConfig()),
-    "pdrop": ("PDrop, layers 8/16/24 of 32, ratio 0.5", lambda: PDropConfig()),
+    "fastv": ("FastV K=2, R=50% (32-layer setting)", lambda: FastVConfig(**_MAPPED)),
+    "pdrop": ("PDrop, layers 8/16/24 of 32, ratio 0.5", lambda: PDropConfig(**_MAPPED)),
     "visionzip": ("VisionZip, 192-of-576 share (85 of 256 tokens)", lambda: _visionzip(192, 162)),
     "visionzip+transprune": ("VisionZip 192-of-576 share, then TransPrune ratios 0.5/0.25/0.125",
                              lambda: [_visionzip(192, 162),
-                                      TransPruneConfig(keep_ratios=(0.5, 0.25, 0.125), name="visionzip+transprune")]),
-    "random": ("random tokens, TransPrune-high schedule", lambda: RandomConfig()),
-    "uniform": ("spatially uniform tokens, TransPrune-high schedule", lambda: UniformConfig()),
+                                      TransPruneConfig(keep_ratios=(0.5, 0.25, 0.125), name="visionzip+transprune",
+                                                       **_MAPPED)]),
+    "random": ("random tokens, TransPrune-high schedule", lambda: RandomConfig(**_MAPPED)),
+    "uniform": ("spatially uniform tokens, TransPrune-high schedule", lambda: UniformConfig(**_MAPPED)),
 }
 
 
@@ -100,20 +103,29 @@ def _batches(processor, samples, batch_size):
 def evaluate(model, processor, names=None, n: int = 500, batch_size: int = 50, progress: bool = True,
              samples: list[data.Sample] | None = None) -> list[MethodResult]:
     """Run each named method of `SUITE` on the same ``n`` held-out questions."""
+    methods = {}
+    for name in resolve(names):
+        description, factory = SUITE[name]
+        methods[name] = (description, factory())
+    return evaluate_configs(model, processor, methods, n=n, batch_size=batch_size, progress=progress, samples=samples)
+
+
+def evaluate_configs(model, processor, methods: dict[str, tuple[str, object]], n: int = 500, batch_size: int = 50,
+                     progress: bool = True, samples: list[data.Sample] | None = None,
+                     desc: str = "eval mini") -> list[MethodResult]:
+    """Run each ``name: (description, config)`` of ``methods`` (config None: no pruning) on the same ``n``
+    held-out questions and batches; one `MethodResult` per entry, in order."""
     from tqdm import tqdm
 
     from ..runtime import pruned
 
-    names = resolve(names)
     samples = samples if samples is not None else questions(n)
     relevant = [np.flatnonzero(s.relevant_patches(PATCH_SIZE).reshape(-1)) for s in samples]
     batches = list(_batches(processor, samples, batch_size))
     answer_ids = [processor.tokenizer.convert_tokens_to_ids(s.answer) for s in samples]
-    bar = tqdm(total=len(names) * len(samples), desc="eval mini", unit="q", disable=not progress)
+    bar = tqdm(total=len(methods) * len(samples), desc=desc, unit="q", disable=not progress)
     results = []
-    for name in names:
-        description, factory = SUITE[name]
-        config = factory()
+    for name, (description, config) in methods.items():
         started = time.perf_counter()
         predictions, stats = [], []
         handle_ctx = pruned(model, config if config is not None else TransPruneConfig.preset("off"))

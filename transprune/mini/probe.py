@@ -22,6 +22,7 @@ import torch
 
 from . import data
 from .model import build_mini
+from .options import add_train_args, train_config
 from .train import (Batcher, TrainConfig, _adamw, check_config, forward_losses, init_decoder, loss_options, machine,
                     stage2_step)
 
@@ -92,21 +93,18 @@ def probe(cfg: TrainConfig, val_scenes: int = 50, progress: bool = True, log=pri
 
 
 def main(argv=None) -> int:
-    from ..cli import build_parser, train_config
-
     parser = argparse.ArgumentParser(prog="python -m transprune.mini.probe", description=__doc__.split("\n")[0])
     parser.add_argument("--val-scenes", type=int, default=50, help="validation scenes (5 questions each)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="print the whole log as JSON at the end")
-    args, rest = parser.parse_known_args(argv)
+    add_train_args(parser)  # the recipe options are train-mini's (same names, same checks)
+    args = parser.parse_args(argv)
     if args.val_scenes < 1 or args.eval_every < 1:
         parser.error("--val-scenes and --eval-every must be >= 1")
-    # the recipe options are train-mini's (same names, same checks); --out is not used
-    recipe = build_parser().parse_args(["train-mini", "--out", "-", *rest])
-    cfg = train_config(recipe)
+    cfg = train_config(args)
     cfg.eval_every = args.eval_every
     try:
-        record = probe(cfg, args.val_scenes, progress=not recipe.quiet,
+        record = probe(cfg, args.val_scenes, progress=not args.quiet,
                        log=(lambda *a, **k: None) if args.json else print)
     except ValueError as exc:
         print(f"probe: error: {exc}", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""The models `transprune bench` builds with random weights: the named archs (configs written in code, no
+download) and any supported config.json. No default init: every matrix is filled with seeded N(0, 1/fan_in)
+noise (norms 1, biases 0), so attention is not degenerate; their cost does not depend on the weight values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..flops import ArchSpec, arch_from_hf_config
+from ..loading import model_class
+
+ANYRES_GRID = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT-7B's pinpoints
+IMAGE_TOKEN_ID, PAD_TOKEN_ID, VOCAB = 32000, 32001, 32064  # llava-hf's Vicuna-based checkpoints
+
+
+def _clip_l336(**overrides):
+    from transformers import CLIPVisionConfig
+
+    fields = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return CLIPVisionConfig(**{**fields, **overrides})
+
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int | None = None, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=VOCAB,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, tie_word_embeddings=False)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def _llava(vision, text, anyres: bool):
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    common = dict(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
+                  projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_seq_length=(vision.image_size // vision.patch_size) ** 2, tie_word_embeddings=False)
+    if anyres:
+        return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in ANYRES_GRID])
+    return LlavaConfig(**common)
+
+
+# Reduced: LLaVA's geometry (336 px / 14 px patches -> 576 image tokens per crop, 32 decoder layers, MHA,
+# SwiGLU at ~2.7x) with a small hidden size and a 2-layer vision tower, so it runs on a CPU in seconds.
+_REDUCED_TEXT = dict(hidden=128, intermediate=344, layers=32, heads=4)
+_REDUCED_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       projection_dim=64)
+
+CONFIGS = {
+    "llava-1.5-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=False),
+    "llava-1.5-13b": lambda: _llava(_clip_l336(), _llama(5120, 13824, 40, 40), anyres=False),
+    "llava-next-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=True),
+    "llava-1.5-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=False),
+    "llava-next-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=True),
+}
+REDUCED = ("llava-1.5-reduced", "llava-next-reduced")
+
+
+def arch_config(name: str):
+    """The Hugging Face config (LlavaConfig / LlavaNextConfig) of a named bench arch, built in code."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(CONFIGS)} or a checkpoint folder")
+    return CONFIGS[name]()
+
+
+def arch_spec(name: str) -> ArchSpec:
+    """The ArchSpec (FLOPs dimensions, nominal image tokens) of a named bench arch."""
+    return arch_from_hf_config(arch_config(name), name)
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
+    """Seeded weights: norms 1, biases 0, other vectors N(0, 0.02), matrices N(0, 1/fan_in) (unit-scale
+    activations, so attention logits are O(1): neither uniform nor one-hot)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1 and "norm" in name:
+            param.fill_(1.0)
+        else:
+            gen = generators.get(param.device)
+            if gen is None:
+                gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            std = 0.02 if param.dim() == 1 else 1.0 / math.sqrt(param[0].numel())
+            param.normal_(0.0, std, generator=gen)
+
+
+def build_random_model(config, dtype: torch.dtype, device, attn_implementation: str = "sdpa", seed: int = 0):
+    """A random-weight model of a supported Hugging Face config (e.g. ``arch_config(name)``), created directly
+    on ``device`` in ``dtype`` (no meta device, no default init, no download), in eval mode."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device(device):
+        model = model_class(config)._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    fill_random(model, seed)
+    return model.eval()

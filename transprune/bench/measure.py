@@ -1,0 +1,413 @@
+"""Measuring one bench run; what is measured, per method (``measure_method``):
+
+* prefill: one forward of the multimodal model (vision tower, projector, decoder; ``logits_to_keep=1``)
+  into an empty ``DynamicCache``; median and min/max/IQR over ``--repeats`` after ``--warmup``; CUDA
+  events on GPU, ``time.perf_counter`` on CPU. The pruning handle runs with ``profile=True``, so the
+  same prefills also report the time spent deciding what to drop (``scoring``: TTV accumulation,
+  VisionZip's selection and each stage's scoring + top-k; see ``runtime._Profiler``).
+* KV-cache bytes: the key and value tensors of that cache after the prefill (pruned layers hold fewer
+  tokens), with the cached length of every layer.
+* generate: greedy ``generate`` with ``min_new_tokens = max_new_tokens = --new-tokens`` (so every method
+  decodes the same count) and a streamer that timestamps each step: time to first token (call start to
+  the first new token) and decode tokens/s (``batch * (new_tokens - 1)`` over first-to-last token).
+* peak memory during one ``generate`` (prefill + decode): ``torch.cuda.max_memory_allocated`` on GPU;
+  on CPU the growth of the process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) over
+  its RSS before the call. The report says which.
+* TFLOPs: paper convention (visual tokens only, prefill), from ``handle.last_stats`` (mean per sample);
+  for ``none`` the same formula with every image token in every layer.
+
+``none`` is the model with no pruning attached at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..flops import arch_from_hf_config, paper_tflops
+from ..loading import load_checkpoint, load_config, torch_dtype
+from .archs import CONFIGS, REDUCED, arch_config, build_random_model
+from .inputs import BenchInputs, checkpoint_inputs, inputs_sha256, synthetic_inputs
+
+
+class _Clock:
+    """Elapsed seconds of a block: CUDA events on GPU (read after the block's end event), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def time(self, out: list):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            yield
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            yield
+            out.append(time.perf_counter() - start)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class _StepStreamer:
+    """A generate() streamer that only timestamps: the first put is the prompt, then one per step. On
+    CUDA generate hands over `tokens.cpu()`, which has already waited for the step to finish."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+class _PeakMemory:
+    """Peak memory of a block. GPU: torch.cuda.max_memory_allocated (absolute) and its growth over the
+    allocation before the block. CPU: growth of the peak RSS over the RSS before the block; the peak is
+    reset through /proc/self/clear_refs, or, where that is not allowed, sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.kind = ("cuda: torch.cuda.max_memory_allocated" if self.cuda else
+                     "cpu: peak RSS growth during generate (VmHWM after resetting it via /proc/self/clear_refs, "
+                     "minus VmRSS before, after gc + malloc_trim)")
+        if not self.cuda and not _can_reset_peak_rss():
+            self.kind = ("cpu: peak RSS growth during generate (VmRSS sampled every 2 ms, minus VmRSS before, "
+                         "after gc + malloc_trim)")
+
+    @contextlib.contextmanager
+    def measure(self, out: dict):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            yield
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            out.update(peak_bytes=peak, peak_growth_bytes=peak - before)
+            return
+        _malloc_trim()  # hand memory freed by earlier runs back to the OS, so RSS counts live memory
+        before = _proc_status("VmRSS")
+        if _can_reset_peak_rss():
+            _reset_peak_rss()
+            yield
+            peak = _proc_status("VmHWM")
+        else:
+            samples, stop = [before], threading.Event()
+
+            def sample():
+                while not stop.wait(0.002):
+                    samples.append(_proc_status("VmRSS"))
+
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join()
+            peak = max(samples + [_proc_status("VmRSS")])
+        out.update(peak_bytes=peak, peak_growth_bytes=max(peak - before, 0))
+
+
+def _proc_status(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _malloc_trim() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_PEAK_RESET: bool | None = None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _can_reset_peak_rss() -> bool:
+    global _PEAK_RESET
+    if _PEAK_RESET is None:
+        _PEAK_RESET = _reset_peak_rss()
+    return _PEAK_RESET
+
+
+def summarize(values: list[float]) -> dict:
+    """median, min, max and the interquartile range of timed repeats."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "q1": None, "q3": None, "n": 0}
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q1, "q3": q3,
+            "n": len(values)}
+
+
+def kv_cache_bytes(cache) -> tuple[int, list[int]]:
+    """Bytes of every key and value tensor of a DynamicCache, and the cached length of each layer."""
+    total, lengths = 0, []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or not isinstance(keys, torch.Tensor):
+            lengths.append(0)
+            continue
+        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        lengths.append(int(keys.shape[-2]))
+    return total, lengths
+
+
+
+@dataclass
+class MethodResult:
+    name: str
+    config: object  # list of method dicts (empty for none)
+    inputs_sha256: str
+    prefill_s: dict
+    scoring_s: dict | None  # None for none
+    scoring_detail: dict | None  # the last timed prefill's profile (ttv, per-stage select and drop)
+    ttft_s: dict
+    decode_tokens_per_s: dict | None
+    new_tokens: list[int]  # generated tokens per sample, every timed run
+    peak_memory_bytes: int
+    peak_memory_growth_bytes: int
+    kv_cache_bytes: int
+    kv_tokens_per_layer: list[int]  # cached tokens per layer after the prefill (longest sample)
+    visual_tokens_per_layer: list[list[int]]  # per sample, from handle.last_stats
+    tflops: float  # paper convention, mean per sample
+    tflops_unpruned: float
+    ratios: dict = field(default_factory=dict)  # vs none, filled by run_bench
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _paper_tflops_unpruned(model, image_tokens: list[int]) -> list[float]:
+    spec = arch_from_hf_config(model.config, "model")
+    return [paper_tflops(spec, [n] * spec.num_layers) for n in image_tokens]
+
+
+def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: int = 5, warmup: int = 2,
+                   new_tokens: int = 64) -> MethodResult:
+    """Measure one method (``config`` None: no pruning attached) on ``inputs``; see the module docstring."""
+    from transformers import DynamicCache
+
+    from ..runtime import apply
+
+    device = model.device
+    clock, memory = _Clock(device), _PeakMemory(device)
+    tensors = {k: v.to(device) for k, v in inputs.tensors.items()}
+    if "pixel_values" in tensors:
+        tensors["pixel_values"] = tensors["pixel_values"].to(model.dtype)
+    sha = inputs_sha256(tensors)
+    batch = tensors["input_ids"].shape[0]
+    handle = apply(model, config, profile=True) if config is not None else None
+    try:
+        prefill, scoring, detail, cache = [], [], None, None
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                cache = DynamicCache(config=model.config.get_text_config())
+                timed = []
+                with clock.time(timed):
+                    model(**tensors, cache=cache, use_cache=True, logits_to_keep=1)
+                if i >= warmup:
+                    prefill.append(timed[0])
+                    if handle is not None and handle.last_profile is not None:
+                        scoring.append(handle.last_profile["scoring_s"])
+                        detail = handle.last_profile
+            kv_bytes, kv_lengths = kv_cache_bytes(cache)
+            del cache
+            if handle is not None:
+                stats = handle.last_stats
+                visual = [s.visual_tokens_per_layer for s in stats]
+                tflops = [s.tflops for s in stats]
+                tflops_unpruned = [s.tflops_unpruned for s in stats]
+            else:
+                depth = model.config.get_text_config().num_hidden_layers
+                visual = [[n] * depth for n in inputs.image_tokens]
+                tflops = tflops_unpruned = _paper_tflops_unpruned(model, inputs.image_tokens)
+
+            ttft, decode, counts, mem = [], [], [], {}
+            pad = model.config.get_text_config().pad_token_id
+            for i in range(warmup + repeats):
+                streamer = _StepStreamer()
+                with (memory.measure(mem) if i == warmup else contextlib.nullcontext()):
+                    clock.sync()
+                    start = time.perf_counter()
+                    out = model.generate(**tensors, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         do_sample=False, streamer=streamer, pad_token_id=pad)
+                if i < warmup:
+                    continue
+                steps = streamer.stamps[1:]  # stamps[0]: the prompt
+                counts.append(int(out.shape[1] - tensors["input_ids"].shape[1]))
+                ttft.append(steps[0] - start)
+                if len(steps) > 1:
+                    decode.append(batch * (len(steps) - 1) / (steps[-1] - steps[0]))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return MethodResult(
+        name=name,
+        config=[] if config is None else [c.to_dict() for c in (config if isinstance(config, list) else [config])],
+        inputs_sha256=sha,
+        prefill_s=summarize(prefill),
+        scoring_s=summarize(scoring) if handle is not None else None,
+        scoring_detail=detail,
+        ttft_s=summarize(ttft),
+        decode_tokens_per_s=summarize(decode) if decode else None,
+        new_tokens=counts,
+        peak_memory_bytes=mem.get("peak_bytes", 0),
+        peak_memory_growth_bytes=mem.get("peak_growth_bytes", 0),
+        kv_cache_bytes=kv_bytes,
+        kv_tokens_per_layer=kv_lengths,
+        visual_tokens_per_layer=visual,
+        tflops=statistics.fmean(tflops),
+        tflops_unpruned=statistics.fmean(tflops_unpruned),
+    )
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def add_ratios(results: list[MethodResult]) -> None:
+    """Ratios of every method to ``none`` (prefill, TTFT, KV, peak growth, TFLOPs: method / none; decode
+    tokens/s: method / none, so > 1 is faster) and scoring as a fraction of the method's own prefill."""
+    base = next((r for r in results if r.name == "none"), None)
+    for r in results:
+        med = lambda d: d["median"] if d else None  # noqa: E731
+        r.ratios = {"scoring_fraction_of_prefill": _ratio(med(r.scoring_s), med(r.prefill_s))}
+        if base is None:
+            continue
+        r.ratios.update(
+            prefill=_ratio(med(r.prefill_s), med(base.prefill_s)),
+            ttft=_ratio(med(r.ttft_s), med(base.ttft_s)),
+            decode_tokens_per_s=_ratio(med(r.decode_tokens_per_s), med(base.decode_tokens_per_s)),
+            kv_cache=_ratio(r.kv_cache_bytes, base.kv_cache_bytes),
+            peak_memory_growth=_ratio(r.peak_memory_growth_bytes, base.peak_memory_growth_bytes),
+            tflops=_ratio(r.tflops, base.tflops),
+        )
+
+
+
+def _environment(device: torch.device) -> dict:
+    import platform
+
+    import transformers
+
+    env = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _folder(arch: str) -> str:
+    """A checkpoint folder, given as itself or as its config.json."""
+    path = Path(arch)
+    return str(path.parent) if path.name == "config.json" and path.is_file() else arch
+
+
+def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, dtype: str = "fp32",
+              device: str | None = None, attn_implementation: str = "sdpa", random_weights: bool = False,
+              repeats: int = 5, warmup: int = 2, new_tokens: int = 64, text_tokens: int = 64,
+              image_size=None, seed: int = 0, progress=None) -> dict:
+    """Build (or load) the model and inputs once, measure every method, return the JSON-able report.
+
+    ``arch``: a name in `CONFIGS`, or a checkpoint folder (or its config.json): its weights, or with
+    ``random_weights`` a random-weight model of its config."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    named = arch in CONFIGS
+    if named and arch not in REDUCED and not random_weights:
+        raise ValueError(f"--arch {arch} needs --random-weights (bench never downloads weights); for real "
+                         f"weights pass a local checkpoint folder as --arch")
+    random_weights = random_weights or named
+    folder = None if named else _folder(arch)
+    t0 = time.perf_counter()
+    if random_weights:
+        hf_config = arch_config(arch) if named else load_config(folder, option="--arch")
+        model = build_random_model(hf_config, torch_dtype(dtype), device, attn_implementation, seed)
+        build_s = time.perf_counter() - t0
+        inputs = synthetic_inputs(model, batch, text_tokens, image_size, seed)
+        weights = f"random (seeded N(0, 1/fan_in) init, seed {seed}; no checkpoint)"
+    else:
+        model, processor = load_checkpoint(folder, dtype)
+        model = model.to(device)
+        if attn_implementation != model.config._attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        build_s = time.perf_counter() - t0
+        inputs = checkpoint_inputs(processor, model, batch, text_tokens, image_size, seed)
+        weights = f"checkpoint {arch}"
+    results = []
+    for name, config in methods:
+        if progress:
+            progress(f"measuring {name} ...")
+        results.append(measure_method(model, inputs, name, config, repeats=repeats, warmup=warmup,
+                                      new_tokens=new_tokens))
+    add_ratios(results)
+    text = model.config.get_text_config()
+    return {
+        "arch": arch,
+        "random_weights": random_weights,
+        "weights": weights,
+        "model_build_s": build_s,
+        "dtype": dtype,
+        "attn_implementation": model.config._attn_implementation,
+        "batch": batch,
+        "image_size": list(inputs.image_size),
+        "image_tokens": inputs.image_tokens,
+        "text_tokens": inputs.text_tokens,
+        "inputs": inputs.source,
+        "inputs_sha256": inputs.sha256,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "decoder": {"layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
+                    "intermediate_size": text.intermediate_size, "heads": text.num_attention_heads,
+                    "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+                    "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads},
+        "memory_measure": _PeakMemory(device).kind,
+        "timer": "cuda events (prefill), perf_counter after cuda sync (generate)" if device.type == "cuda"
+        else "time.perf_counter",
+        "environment": _environment(device),
+        "methods": [r.to_dict() for r in results],
+    }

@@ -1,0 +1,59 @@
+"""Local checkpoints for the tools: the supported model classes, the dtype names, loading a folder (never
+downloads) and wrapping a question in the checkpoint's prompt format. Used by `cli`, `bench` and `mini.demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a name in `DTYPES`."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def model_class(config):
+    """The transformers model class of a supported config (the family registry's)."""
+    from .adapters import family_for
+
+    return family_for(config.model_type).model_class_for(config.model_type)
+
+
+def load_config(folder: str, option: str = "--model"):
+    """The Hugging Face config of a local folder with a config.json of a supported model_type; ``option`` names
+    the command-line option in the errors."""
+    import transformers
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{option} must be a local checkpoint folder with a config.json, got {folder!r}")
+    from .adapters import supported_model_types
+
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in supported_model_types():
+        raise ValueError(f"{option} is a {model_type!r} checkpoint; supported: {', '.join(supported_model_types())}")
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_checkpoint(folder: str, dtype: str = "fp32"):
+    """A local checkpoint folder of a supported family and its processor (never downloads)."""
+    import transformers
+
+    cls = model_class(load_config(folder))
+    model = cls.from_pretrained(Path(folder), dtype=torch_dtype(dtype), local_files_only=True).eval()
+    processor = transformers.AutoProcessor.from_pretrained(Path(folder), local_files_only=True)
+    return model, processor
+
+
+def build_prompt(processor, question: str) -> str:
+    """The question wrapped in the checkpoint's chat template (or LLaVA-1.5's), with one image slot."""
+    if "<image>" in question:
+        return question
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
