@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from .adapters import supported_model_types
 from .argtypes import count
 from .bench import register as register_bench
 from .config import PRESETS
@@ -248,14 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prefill TFLOPs of a preset: the paper's convention (visual tokens only) and, "
                                    "labelled separately, the full prefill with text tokens and scoring overhead.")
     p.add_argument("--arch", type=_arch, required=True, metavar="|".join([*ARCHS, "PATH"]),
-                   help=f"one of {', '.join(ARCHS)}, or a checkpoint folder / config.json (llava, llava_next)")
+                   help=f"one of {', '.join(ARCHS)}, or a checkpoint folder / config.json "
+                        f"({', '.join(supported_model_types())})")
     _add_method_args(p)
     p.add_argument("--text-tokens", type=count, default=64, help="non-image prompt tokens for the full count (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("run", help="answer one image + prompt with a local checkpoint, with pruning",
-                       description="Load a local llava / llava_next checkpoint folder and its processor, generate "
+                       description=f"Load a local checkpoint folder ({', '.join(supported_model_types())}) and its processor, generate "
                                    "greedily with pruning, and print the answer, visual tokens per layer and TFLOPs.")
     p.add_argument("--model", required=True, metavar="DIR", help="local checkpoint folder (model + processor)")
     p.add_argument("--image", required=True, metavar="IMG", help="image file")

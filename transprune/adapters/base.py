@@ -148,6 +148,18 @@ class ModelAdapter:
         """The transformers class that builds a model of this ``model_type``."""
         return dict(zip(cls.model_types, cls.model_classes))[model_type]
 
+    def default_image_size(self) -> tuple[int, int]:
+        """(height, width) of the synthetic images the bench feeds this family by default."""
+        raise NotImplementedError
+
+    def image_tokens_for(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens one image of ``image_size`` (h, w) becomes in this model."""
+        raise NotImplementedError
+
+    def synthetic_vision_inputs(self, batch: int, image_size: tuple[int, int], gen: torch.Generator) -> dict:
+        """The vision tensors of ``batch`` random images of ``image_size`` (bench inputs without a processor)."""
+        raise NotImplementedError
+
     @classmethod
     def arch_spec(cls, hf_config, name: str):
         """The `flops.ArchSpec` (decoder dimensions, nominal image tokens) of an HF config of this family."""

@@ -44,6 +44,33 @@ class LlavaAdapter(ModelAdapter):
         ranks = ranks.float()
         return torch.stack([torch.div(ranks, side, rounding_mode="floor"), ranks % side], dim=1)
 
+    # -- bench inputs ------------------------------------------------------------------------------
+    def default_image_size(self) -> tuple[int, int]:
+        side = self.model.config.vision_config.image_size * (2 if self.is_anyres else 1)  # NeXT: a 2x2 grid
+        return side, side
+
+    def _tiles(self, image_size) -> int:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        return image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+
+    def image_tokens_for(self, image_size) -> int:
+        """By the model's own packing (NeXT: tiles, unpadding and newline tokens)."""
+        vision = self.model.config.vision_config
+        per_tile = (vision.image_size // vision.patch_size) ** 2
+        if not self.is_anyres:
+            return per_tile
+        ids = self.vision_hooks().packed_patch_ids(self._tiles(image_size), per_tile, torch.tensor([list(image_size)]))
+        return int(ids[0].numel())
+
+    def synthetic_vision_inputs(self, batch, image_size, gen) -> dict:
+        side = self.model.config.vision_config.image_size
+        if not self.is_anyres:
+            return {"pixel_values": torch.randn((batch, 3, side, side), generator=gen)}
+        return {"pixel_values": torch.randn((batch, self._tiles(image_size), 3, side, side), generator=gen),
+                "image_sizes": torch.tensor([list(image_size)] * batch)}
+
     def vision_hooks(self) -> "ClipVisionHooks":
         return ClipVisionHooks(self)
 

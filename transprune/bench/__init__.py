@@ -5,7 +5,7 @@ model, the same inputs and the same attention backend, with ratios to the unprun
     transprune bench --arch llava-1.5-7b --random-weights --methods none,transprune-high,transprune-low \\
         --batch 8 --dtype bf16 [--json]
     transprune bench --arch llava-1.5-reduced --methods none,transprune-high --batch 2   # CPU, seconds
-    transprune bench --arch DIR --random-weights ...   # DIR (or DIR/config.json): a llava / llava_next config.json
+    transprune bench --arch DIR --random-weights ...   # DIR (or DIR/config.json): the config.json of any supported family
 
 ``archs``: the random-weight models; ``inputs``: what every method sees; ``measure``: what is measured and
 how (see its docstring); ``report``: the text table. This module: the method names and the subcommand.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import supported_model_types
 from ..argtypes import count, positive
 from ..methods import COMPOSITIONS, METHODS, build
 from .archs import CONFIGS, arch_config, arch_spec, build_random_model, fill_random
@@ -133,7 +134,7 @@ def register(subparsers) -> None:
                    help="attention backend, the same for every method (default sdpa)")
     p.add_argument("--random-weights", action="store_true",
                    help="build the named arch with random weights (needed for the full-size archs), or a "
-                        "folder's llava / llava_next config.json (its weights, if any, are not read)")
+                        f"folder's config.json ({', '.join(supported_model_types())}; its weights, if any, are not read)")
     p.add_argument("--repeats", type=positive, default=5, help="timed repeats (default 5)")
     p.add_argument("--warmup", type=count, default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--new-tokens", type=positive, default=64, help="greedy tokens to decode (default 64)")

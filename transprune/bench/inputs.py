@@ -36,37 +36,17 @@ def inputs_sha256(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-def _image_size(config, image_size) -> tuple[int, int]:
-    """``image_size`` (h, w), or by default the vision tower's (2x that for llava_next: a 2x2 anyres grid)."""
-    side = config.vision_config.image_size * (2 if config.model_type == "llava_next" else 1)
-    return tuple(image_size or (side, side))
-
-
-def _image_tokens_per_image(model, image_size) -> tuple[int, int]:
-    """(image tokens, vision crops) of one image of ``image_size`` (h, w), by the model's own packing."""
-    from ..adapters import adapter_for
-
-    config = model.config
-    vision = config.vision_config
-    per_tile = (vision.image_size // vision.patch_size) ** 2
-    if config.model_type != "llava_next":
-        return per_tile, 1
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vision.image_size)
-    ids = adapter_for(model).vision_hooks().packed_patch_ids(tiles, per_tile, torch.tensor([list(image_size)]))
-    return int(ids[0].numel()), tiles
-
-
 def synthetic_inputs(model, batch: int, text_tokens: int = 64, image_size=None, seed: int = 0) -> BenchInputs:
     """One image and ``text_tokens`` non-image tokens per sample, no tokenizer needed: BOS and 4 text ids,
     the image placeholders, then the rest of the text (the instruction IGA reads). Every sample has
     its own seeded image and text, all of the same length (no padding)."""
     if text_tokens < 2:
         raise ValueError(f"--text-tokens must be >= 2 (BOS and at least one instruction token), got {text_tokens}")
-    config = model.config
-    size = _image_size(config, image_size)
-    n_image, tiles = _image_tokens_per_image(model, size)
+    from ..adapters import adapter_for
+
+    config, adapter = model.config, adapter_for(model)
+    size = tuple(image_size or adapter.default_image_size())
+    n_image = adapter.image_tokens_for(size)
     gen = torch.Generator().manual_seed(seed)
     vocab = min(config.text_config.vocab_size, IMAGE_TOKEN_ID)
     before = min(5, text_tokens - 1)
@@ -79,12 +59,8 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 64, image_size=None, 
         text[0] = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
         rows.append(torch.cat([text[:before], torch.full((n_image,), config.image_token_id), text[before:]]))
     input_ids = torch.stack(rows)
-    side = config.vision_config.image_size
-    shape = (batch, 3, side, side) if config.model_type != "llava_next" else (batch, tiles, 3, side, side)
     tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-               "pixel_values": torch.randn(shape, generator=gen)}
-    if config.model_type == "llava_next":
-        tensors["image_sizes"] = torch.tensor([list(size)] * batch)
+               **adapter.synthetic_vision_inputs(batch, size, gen)}
     return BenchInputs(tensors, [n_image] * batch, [text_tokens] * batch, size,
                        f"synthetic (seed {seed}): N(0,1) pixel values, random text ids")
 
@@ -94,9 +70,10 @@ def checkpoint_inputs(processor, model, batch: int, text_tokens: int = 64, image
     """Inputs for a real checkpoint: seeded synthetic images and a fixed question, through the checkpoint's
     own processor and chat template; the question is as many filler words as keep the non-image token
     count <= ``text_tokens``."""
+    from ..adapters import adapter_for
     from ..testing import random_image
 
-    size = _image_size(model.config, image_size)
+    size = tuple(image_size or adapter_for(model).default_image_size())
     words = "describe the image in detail and list every object you can see".split()
     image_id = model.config.image_token_id
 
