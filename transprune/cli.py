@@ -185,7 +185,10 @@ def cmd_eval(args) -> int:
     torch.set_num_threads(args.threads)
     results = evaluate(model, processor, names, n=args.n, batch_size=args.batch_size, progress=not args.json)
     if args.json:
+        from .mini.train import machine
+
         print(json.dumps({"suite": "mini", "n": args.n, "model": str(args.model or "shipped"),
+                          "machine": machine(), "threads": args.threads, "torch": torch.__version__,
                           "results": [r.to_dict() for r in results]}))
     else:
         print(format_table(results))
