@@ -177,7 +177,9 @@ def test_random_weights_from_a_config_folder(tmp_path):
 
 
 def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    from transprune.adapters import supported_model_types
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     assert main(["bench", "--arch", str(tmp_path), "--random-weights", "--methods", "none", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "'qwen2_vl'" in err and "supported: llava, llava_next" in err
+    assert "'mamba'" in err and f"supported: {', '.join(supported_model_types())}" in err and "llava_next" in err

@@ -398,3 +398,16 @@ def test_concurrent_generations_do_not_mix(llava):
         for t in threads:
             t.join()
     assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def test_a_pruned_model_dropped_without_remove_is_freed():
+    import gc
+    import weakref
+
+    model = tiny_llava(seed=0, num_hidden_layers=2)
+    transprune.apply(model, transprune.TransPruneConfig(accumulation_layers=(1,), pruning_layers=(1,),
+                                                        keep_ratios=(0.5,)))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -56,14 +56,11 @@ def _method(args):
 def _mapped_for_mini(config, args):
     """The mini model has 12 layers and the methods' defaults are the papers' 32-layer settings: map them
     (reference_depth=32, as `eval --suite mini` does) unless ``--set reference_depth=...`` says otherwise."""
-    from dataclasses import replace
-
-    from .methods import REFERENCE_DEPTH, as_list
+    from .mini.evaluate import mapped_to_mini
 
     if any(item.partition("=")[0].strip() == "reference_depth" for item in args.params):
         return config
-    items = [replace(c, reference_depth=REFERENCE_DEPTH) if c.stage == "in" else c for c in as_list(config)]
-    return items[0] if len(items) == 1 else items
+    return mapped_to_mini(config)
 
 
 def _describe(config) -> str:

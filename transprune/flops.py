@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .accounting import ArchSpec, paper_layer_macs
+from .accounting import ArchSpec, paper_tflops_of
 from .schedule import Schedule
 
 
@@ -69,7 +69,7 @@ def paper_tflops(arch: ArchSpec, tokens_per_layer) -> float:
     tokens_per_layer = list(tokens_per_layer)
     if len(tokens_per_layer) != arch.num_layers:
         raise ValueError(f"{arch.name} has {arch.num_layers} layers, got {len(tokens_per_layer)} token counts")
-    return sum(paper_layer_macs(n, arch.hidden_size, arch.intermediate_size) for n in tokens_per_layer) / 1e12
+    return paper_tflops_of(tokens_per_layer, arch.hidden_size, arch.intermediate_size)
 
 
 def full_layer_macs(n: int, arch: ArchSpec) -> int:
@@ -147,9 +147,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
 
     pre, llm = split_methods(config)
     schedule = llm.layers_for_depth(arch.num_layers) if llm is not None else Schedule.none(arch.num_layers)
-    n_llm = arch.image_tokens
-    if pre is not None:
-        n_llm = min(pre.tokens * arch.crops, arch.image_tokens)
+    n_llm = arch.image_tokens if pre is None else pre.llm_tokens(arch)
     visual = schedule.tokens_per_layer(n_llm)
     unpruned = [arch.image_tokens] * arch.num_layers
     tflops, tflops_unpruned = paper_tflops(arch, visual), paper_tflops(arch, unpruned)

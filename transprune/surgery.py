@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class Layout:
-    """Per-token bookkeeping of the current (possibly pruned) prefill sequence, all (B, L)."""
+    """Per-token bookkeeping of the current (possibly pruned) prefill sequence: (B, L), positions (..., B, L)."""
 
     valid: torch.Tensor  # bool: a real token, not padding
     image: torch.Tensor  # bool: a (valid) image token

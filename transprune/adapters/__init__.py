@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import ModelAdapter
 from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
 FAMILIES: list[type[ModelAdapter]] = []
 
@@ -25,6 +26,7 @@ def unregister_family(adapter_cls: type[ModelAdapter]) -> None:
 
 
 register_family(LlavaAdapter)
+register_family(Qwen2VLAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -27,7 +27,9 @@ class ModelAdapter:
     family: str = "?"
     model_classes: tuple[type, ...] = ()
     model_types: tuple[str, ...] = ()  # HF config.model_type values (tools read configs before any model exists)
-    position_rules: tuple[str, ...] = ("compact", "original")  # what this family can honour
+    position_rules: tuple[str, ...] = ("compact", "original")  # what this family can honour; the first is its default
+    # Why a rule this family does not honour cannot be honoured (rule -> reason), for `apply`'s error message.
+    position_rule_reasons: dict[str, str] = {}
     # Attention backends for which "no mask" means "attend to every cached key" (a 1-token decode step with no
     # padding needs nothing else): sdpa (HF returns None itself there), eager (its mask would be all zeros), flash.
     mask_free_decode: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -108,6 +110,18 @@ class ModelAdapter:
     def layer_position_ids(self, positions):
         """What a layer's `position_ids` argument receives."""
         return positions
+
+    def resolve_position_rule(self, requested: str, defaulted: bool) -> str:
+        """The position rule a method runs with on this family: ``requested`` when the family honours it; a
+        rule the method left at its default (``defaulted``) becomes the family's default rule (its first);
+        an explicit rule the family cannot honour raises, saying why."""
+        if requested in self.position_rules:
+            return requested
+        if defaulted:
+            return self.position_rules[0]
+        reason = self.position_rule_reasons.get(requested)
+        raise ValueError(f"positions={requested!r} is not supported on the {self.family} family"
+                         f"{': ' + reason if reason else ''}; it supports {', '.join(map(repr, self.position_rules))}")
 
     # -- per stage: RoPE and masks ---------------------------------------------------------------
     def rope(self, h, positions):

@@ -33,18 +33,20 @@ __all__ = ["BenchInputs", "MethodResult", "add_ratios", "arch_config", "arch_spe
            "measure_method", "method_config", "method_names", "parse_methods", "register", "run_bench",
            "summarize", "synthetic_inputs"]
 
-# Bench names -> (method list for methods.build, preset); "none" is the model with nothing attached.
-_NAMED = {
-    "none": None,
-    "transprune-high": ("transprune", "high"),
-    "transprune-low": ("transprune", "low"),
-    **{name: (name, None) for name in METHODS if name != "transprune"},
-    **{name: (None, name) for name in COMPOSITIONS},
-}
+def _named() -> dict:
+    """Bench names -> (method list for methods.build, preset); "none" is the model with nothing attached. Read
+    from the registry at each call, so methods registered later are known too."""
+    return {
+        "none": None,
+        "transprune-high": ("transprune", "high"),
+        "transprune-low": ("transprune", "low"),
+        **{name: (name, None) for name in METHODS if name != "transprune"},
+        **{name: (None, name) for name in COMPOSITIONS},
+    }
 
 
 def method_names() -> list[str]:
-    return list(_NAMED)
+    return list(_named())
 
 
 def method_config(name: str):
@@ -52,10 +54,11 @@ def method_config(name: str):
 
     Besides the names in `method_names()`, ``A+B`` composes a pre-LLM and an in-LLM method
     (e.g. ``visionzip+fastv``; TransPrune-High for ``transprune``)."""
-    if name in _NAMED:
-        if _NAMED[name] is None:
+    named = _named()
+    if name in named:
+        if named[name] is None:
             return None
-        methods, preset = _NAMED[name]
+        methods, preset = named[name]
         return build(methods or "transprune", preset)
     parts = name.split("+")
     if len(parts) == 2 and all(p in METHODS for p in parts):

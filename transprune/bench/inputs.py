@@ -53,7 +53,8 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 64, image_size=None, 
     rows = []
     for _ in range(batch):
         text = torch.randint(5, vocab, (text_tokens,), generator=gen)
-        for reserved in (config.image_token_id, getattr(config, "pad_token_id", None)):
+        for reserved in (config.image_token_id, getattr(config, "pad_token_id", None),
+                         getattr(config, "video_token_id", None)):  # Qwen: video placeholders are visual too
             if reserved is not None:
                 text[text == reserved] = 5
         text[0] = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1

@@ -228,8 +228,7 @@ def _paper_tflops_unpruned(model, image_tokens: list[int]) -> list[float]:
 def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: int = 5, warmup: int = 2,
                    new_tokens: int = 64) -> MethodResult:
     """Measure one method (``config`` None: no pruning attached) on ``inputs``; see the module docstring."""
-    from transformers import DynamicCache
-
+    from ..adapters import adapter_for
     from ..runtime import apply
 
     device = model.device
@@ -239,12 +238,13 @@ def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: in
         tensors["pixel_values"] = tensors["pixel_values"].to(model.dtype)
     sha = inputs_sha256(tensors)
     batch = tensors["input_ids"].shape[0]
+    adapter = adapter_for(model)
     handle = apply(model, config, profile=True) if config is not None else None
     try:
         prefill, scoring, detail, cache = [], [], None, None
         with torch.no_grad():
             for i in range(warmup + repeats):
-                cache = DynamicCache(config=model.config.get_text_config())
+                cache = adapter.new_cache()
                 timed = []
                 with clock.time(timed):
                     model(**tensors, cache=cache, use_cache=True, logits_to_keep=1)

@@ -26,6 +26,26 @@ from ..schedule import Schedule
 POSITION_RULES = ("compact", "original")
 
 
+class DefaultRule(str):
+    """A position rule a method config was left at (not passed explicitly). It equals, prints and serialises
+    as the plain rule name; `apply` replaces it by the model family's own rule where the family cannot honour
+    it (the 1-D "compact" rule means nothing under mRoPE), while an explicit rule the family cannot honour
+    raises."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (DefaultRule, (str(self),))
+
+
+DEFAULT_COMPACT = DefaultRule("compact")
+DEFAULT_ORIGINAL = DefaultRule("original")
+
+
+def is_default_rule(value) -> bool:
+    return isinstance(value, DefaultRule)
+
+
 def as_int_tuple(name: str, value) -> tuple[int, ...]:
     try:
         items = tuple(value)

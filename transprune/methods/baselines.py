@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import scoring
-from .base import (POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
+from .base import (DEFAULT_COMPACT, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
                    choice, register_method)
 
 
@@ -16,7 +16,7 @@ class _Baseline(InLLMMethod):
     # Defaults: TransPrune-High's schedule, so a baseline costs exactly what TransPrune costs.
     pruning_layers: tuple[int, ...] = (7, 9, 12)
     keep_ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
-    positions: str = "compact"
+    positions: str = DEFAULT_COMPACT
     reference_depth: int | None = None
 
     def __post_init__(self):

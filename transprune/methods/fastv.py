@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import POSITION_RULES, InLLMMethod, StageView, check_fraction, check_layers, check_reference_depth, choice, \
+from .base import DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, check_fraction, check_layers, check_reference_depth, choice, \
     register_method
 
 
@@ -17,7 +17,7 @@ class FastVConfig(InLLMMethod):
 
     k: int = 2
     r: float = 0.5
-    positions: str = "original"  # the official FastV keeps the kept tokens' position ids
+    positions: str = DEFAULT_ORIGINAL  # the official FastV keeps the kept tokens' position ids
     reference_depth: int | None = None
     method = "fastv"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import POSITION_RULES, InLLMMethod, StageView, check_fraction, check_layers, check_reference_depth, choice, \
+from .base import DEFAULT_COMPACT, POSITION_RULES, InLLMMethod, StageView, check_fraction, check_layers, check_reference_depth, choice, \
     register_method
 
 
@@ -18,7 +18,7 @@ class PDropConfig(InLLMMethod):
 
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
-    positions: str = "compact"  # PDrop renumbers positions after each drop
+    positions: str = DEFAULT_COMPACT  # PDrop renumbers positions after each drop
     reference_depth: int | None = None
     method = "pdrop"
 

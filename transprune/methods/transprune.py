@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import scoring
-from .base import (POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
+from .base import (DEFAULT_COMPACT, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
                    choice, register_method)
 
 DIRECTIONS = ("1-cos", "1-abs-cos")
@@ -43,7 +43,7 @@ class TransPruneConfig(InLLMMethod):
     keep_ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
     alpha: float = 0.5
     direction: str = "1-cos"
-    positions: str = "compact"
+    positions: str = DEFAULT_COMPACT
     score: str = "transprune"
     reference_depth: int | None = None
     name: str = field(default="custom", compare=False)

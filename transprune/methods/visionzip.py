@@ -45,6 +45,10 @@ class VisionZipConfig:
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 
+    def llm_tokens(self, arch) -> int:
+        """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`): ``tokens`` per vision crop (FLOPs tool)."""
+        return min(self.tokens * arch.crops, arch.image_tokens)
+
     def check(self, adapter) -> None:
         """Raise before the model changes if this family or setting cannot run VisionZip."""
         hooks = adapter.vision_hooks()
@@ -56,10 +60,10 @@ class VisionZipConfig:
             raise ValueError(f"VisionZipConfig keeps dominant + contextual = {self.tokens} tokens per image (per anyres "
                              f"tile), more than the model's {n} patches per tile")
 
-    def install(self, adapter, hand_over) -> list:
+    def install(self, adapter, hand_over) -> tuple[list, list]:
         """Wrap this model instance's image encoder; ``hand_over(outputs, run)`` times ``run()`` (the
         selection, a bool over every image token of the call) and passes the result to the prefill.
-        Returns what `PruneHandle.remove` undoes: [(module, attribute, previous instance value)] + hooks."""
+        Returns what `PruneHandle.remove` undoes: ([(module, attribute, previous instance value)], [hooks])."""
         hooks = adapter.vision_hooks()
         mm = adapter.multimodal_model
         features = mm.get_image_features

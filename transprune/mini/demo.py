@@ -115,7 +115,7 @@ def run_demo(model, processor, image: Image.Image, question: str, out: str | Pat
              config: TransPruneConfig | None = None, expected: str | None = None,
              max_new_tokens: int = 4) -> DemoResult:
     """Answer ``question`` about ``image`` unpruned and with ``config`` (default TransPrune high); write the PNG."""
-    config = config or TransPruneConfig.preset("high")
+    config = config or TransPruneConfig.preset("high", reference_depth=32)  # the paper's layers, mapped to 12
     image = image.convert("RGB")
     inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]

@@ -31,6 +31,15 @@ def _visionzip(total_of_576: int, dominant_of_576: int) -> VisionZipConfig:
 
 # The papers' LLaVA-1.5 settings are written for 32 layers: reference_depth=32 maps them to this 12-layer model.
 _MAPPED = dict(reference_depth=32)
+
+
+def mapped_to_mini(config):
+    """``config`` (one or a composition) with every in-LLM method's layer numbers mapped from 32 layers, as the
+    suite maps the papers' settings (what `demo` applies unless the user sets reference_depth)."""
+    from ..methods import as_list
+
+    items = [replace(c, **_MAPPED) if c.stage == "in" else c for c in as_list(config)]
+    return items[0] if len(items) == 1 else items
 _HIGH = TransPruneConfig.preset("high", **_MAPPED)
 # name -> (what it is, factory). In-LLM schedules are the papers' LLaVA-1.5 (32-layer) settings, mapped to
 # this model's depth by the configs themselves (`layers_for_depth`); nothing here is tuned on the testbed.

@@ -8,9 +8,11 @@ per-stage caches, `stats.py` what a call reports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from ..adapters import adapter_for
 from ..methods import split_methods
+from ..methods.base import is_default_rule
 from ..schedule import Schedule
 from .handle import APPLIED, PruneHandle
 from .stats import SampleStats
@@ -31,13 +33,18 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
     """
     pre, llm = split_methods(config)
     adapter = adapter_for(model)
-    if model in APPLIED and APPLIED[model].active:
+    applied = APPLIED.get(model)
+    if applied is not None and applied() is not None and applied().active:
         raise ValueError("transprune is already applied to this model; call handle.remove() before applying again")
     adapter.check_decoder()
     schedule = llm.layers_for_depth(adapter.depth) if llm is not None else Schedule.none(adapter.depth)
-    if llm is not None and llm.positions not in adapter.position_rules:
-        raise ValueError(f"positions={llm.positions!r} is not supported on the {adapter.family} family; it supports "
-                         f"{', '.join(map(repr, adapter.position_rules))}")
+    if llm is not None:
+        # A rule left at the method's default becomes the family's own; an explicit one it cannot honour raises.
+        rule = adapter.resolve_position_rule(llm.positions, is_default_rule(llm.positions))
+        if rule != llm.positions:
+            resolved = dataclasses.replace(llm, positions=rule)
+            config = [resolved if c is llm else c for c in config] if isinstance(config, (list, tuple)) else resolved
+            llm = resolved
     if pre is not None:
         pre.check(adapter)
     handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)

@@ -25,8 +25,9 @@ from .decode import Generation, continue_generation
 from .prefill import prefill
 from .stats import NO_PROFILE, Profiler, SampleStats, sample_stats
 
-# handle of every model pruning is attached to (weak: a dropped model is not kept alive by it)
-APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
+# model -> weak reference to its active handle. Both weak: the handle holds the model, so a strong value
+# would keep every pruned model alive; the model's patched forwards keep its handle alive instead.
+APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _PRE_LLM = "_transprune_pre_llm"  # attribute of encoded images that carries their `PreLLMChoice`
 
 
@@ -101,7 +102,7 @@ class PruneHandle:
             self._saved += saved
             self._hooks += hooks
         self._active = True
-        APPLIED[self.model] = self
+        APPLIED[self.model] = weakref.ref(self)
 
     def _hand_over(self, encoded, choose) -> None:
         """Run a pre-LLM method's ``choose()`` (timed when profiling) and pass its choice to the prefill: on
@@ -191,8 +192,8 @@ class PruneHandle:
         pre_keep = None
         if self.pre is not None:
             if call.pre is None:
-                raise RuntimeError("VisionZip found no selection for these images: they were encoded without "
-                                   "transprune (pass pixel_values, not precomputed features)")
+                raise RuntimeError(f"{type(self.pre).__name__} found no selection for these images: they were encoded "
+                                   "without transprune (pass pixel_values, not precomputed features)")
             pre_keep = torch.zeros_like(image_mask)
             pre_keep[image_mask] = call.pre.keep.to(image_mask.device)
         profiler = NO_PROFILE

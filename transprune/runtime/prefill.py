@@ -59,11 +59,13 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
     state = PrefillState(layout, embeds, [[] for _ in n_original], bool(valid.all()),
                          torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device), profiler)
     if pre_keep is not None:
-        # Pre-LLM stage (VisionZip): the LLM never sees the other image tokens; positions close up.
+        # Pre-LLM stage: the LLM never sees the other image tokens; positions close up where the family's
+        # positions can (1-D RoPE, as the official VisionZip), else kept tokens keep theirs.
         keep = layout.valid & (~layout.image | pre_keep)
         for b in range(len(n_original)):
             state.kept_ranks[b].append(layout.image_rank[b][layout.image[b] & keep[b]])
-        state.drop(keep, close_up=adapter.close_up, kind="pre_llm_drop_s")
+        state.drop(keep, close_up=adapter.close_up if "compact" in adapter.position_rules else None,
+                   kind="pre_llm_drop_s")
     n_image = state.layout.image.sum(1).tolist()  # in-LLM ratios apply to what reaches the LLM
     keep_counts = [[int(n * r) for r in sched.keep_ratios] for n in n_image]
     state.ttv = torch.zeros(state.layout.valid.shape, dtype=torch.float32, device=embeds.device)
