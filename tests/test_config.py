@@ -95,9 +95,10 @@ def test_layer_numbers_are_used_as_written_on_every_depth_they_fit():
     assert TransPruneConfig(pruning_layers=(3, 4, 6)).layers_for_depth(12).pruning_layers == (3, 4, 6)
     assert TransPruneConfig.preset("high", reference_depth=32).layers_for_depth(12).pruning_layers == (3, 4, 5)
     # every method's layer fields follow the same rule, and a schedule that does not fit names layers and depth
-    for config, layers in [(TransPruneConfig.preset("low"), "(7, 9, 12)"), (FastVConfig(k=12), "(12,)"),
-                           (PDropConfig(), "(8, 16, 24)"), (RandomConfig(), "(7, 9, 12)"), (UniformConfig(), "(7, 9, 12)")]:
-        with pytest.raises(ValueError, match=rf"as written \({re.escape(layers)}\) do not fit a 12-layer decoder.*reference_depth"):
+    for config, written in [(TransPruneConfig.preset("low"), "pruning_layers=(7, 9, 12)"), (FastVConfig(k=12), "k=12"),
+                            (PDropConfig(), "layers=(8, 16, 24)"), (RandomConfig(), "pruning_layers=(7, 9, 12)"),
+                            (UniformConfig(), "pruning_layers=(7, 9, 12)")]:
+        with pytest.raises(ValueError, match=rf"{re.escape(written)} \(as written\) do not fit a 12-layer decoder.*reference_depth"):
             config.layers_for_depth(12)
         mapped = type(config)(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "reference_depth": 32})
         assert max(mapped.layers_for_depth(12).pruning_layers) < 12

@@ -127,7 +127,7 @@ def cmd_run(args) -> int:
     stats = handle.last_stats[0]
     if args.json:
         method = [c.to_dict() for c in config] if isinstance(config, list) else config.to_dict()
-        print(json.dumps({"answer": answer, "preset": args.preset or ("high" if "transprune" in args.method else None),
+        print(json.dumps({"answer": answer, "preset": args.preset or _default_preset(args.method),
                           "method": method, **stats.to_dict()}))
         return 0
     rows = [
@@ -192,9 +192,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _default_preset(methods: str) -> str | None:
+    """The preset a bare method list implies (its first method with presets), as `methods.build` applies it."""
+    from .methods import default_preset
+
+    names = [m.strip() for m in methods.split(",") if m.strip() in METHODS]
+    return next((default_preset(n) for n in names if default_preset(n) is not None), None)
+
+
 def _label(args) -> str:
     """A short name for the method chosen on the command line."""
-    preset = args.preset or ("high" if args.method == "transprune" else None)
+    preset = args.preset or _default_preset(args.method)
     extra = " " + " ".join(args.params) if args.params else ""
     return f"{args.method}{' ' + preset if preset else ''}{extra}"
 

@@ -43,7 +43,8 @@ class Schedule:
         if not prune:
             acc = ()  # nothing is pruned, so nothing is scored
         ref = config.reference_depth
-        written = f"as written ({prune})" if ref is None else f"{prune} mapped from reference_depth={ref}"
+        field = getattr(config, "layer_field", "pruning_layers")  # the field the user wrote (FastV: k)
+        written = f"{field}={getattr(config, field, prune)!r} (as written)"
         if ref is not None and depth != ref and prune:
             # Proportional map, then push collisions apart so each pruning stage keeps its own layer.
             mapped = []
@@ -57,15 +58,16 @@ class Schedule:
                 # The paper's window spans exactly the pruning layers (7..12 for 7, 9, 12): keep that shape.
                 mapped_acc = list(range(mapped[0], mapped[-1] + 1))
             prune, acc = tuple(mapped), tuple(mapped_acc)
-            written = f"{config.pruning_layers} mapped from reference_depth={ref} to {prune}"
+            written = f"{field}={getattr(config, field, prune)!r} (mapped from reference_depth={ref} to {prune})"
         if prune and prune[-1] >= depth:
             hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder"
                     if ref is None else "")
             raise ValueError(
-                f"pruning layers {written} do not fit a {depth}-layer decoder: every pruning layer must be "
+                f"{written} do not fit a {depth}-layer decoder: every pruning layer must be "
                 f"<= {depth - 1} (1-indexed), because scores may use the following layer{hint}")
         if acc and acc[-1] > depth:
-            raise ValueError(f"accumulation layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed)")
+            hint = "; pass reference_depth=N to map layer numbers written for an N-layer decoder" if ref is None else ""
+            raise ValueError(f"accumulation_layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed){hint}")
         return cls(depth, acc, prune, tuple(config.keep_ratios))
 
     def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:

@@ -36,13 +36,11 @@ __all__ = ["BenchInputs", "MethodResult", "add_ratios", "arch_config", "arch_spe
 def _named() -> dict:
     """Bench names -> (method list for methods.build, preset); "none" is the model with nothing attached. Read
     from the registry at each call, so methods registered later are known too."""
-    return {
-        "none": None,
-        "transprune-high": ("transprune", "high"),
-        "transprune-low": ("transprune", "low"),
-        **{name: (name, None) for name in METHODS if name != "transprune"},
-        **{name: (None, name) for name in COMPOSITIONS},
-    }
+    named = {"none": None}
+    for name, cls in METHODS.items():
+        presets = [p for p in getattr(cls, "presets", ()) if p != "off"]
+        named.update({f"{name}-{p}": (name, p) for p in presets} if presets else {name: (name, None)})
+    return {**named, **{name: (None, name) for name in COMPOSITIONS}}
 
 
 def method_names() -> list[str]:

@@ -20,7 +20,7 @@ from .visionzip import VisionZipConfig
 
 __all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "unregister_method", "TransPruneConfig",
            "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "REFERENCE_DEPTH",
-           "COMPOSITIONS", "preset", "build", "split_methods", "as_list"]
+           "COMPOSITIONS", "preset", "build", "split_methods", "as_list", "default_preset"]
 
 
 def as_list(config) -> list:
@@ -61,6 +61,12 @@ def preset(name: str):
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, PRESETS + tuple(COMPOSITIONS)))}")
 
 
+def default_preset(name: str) -> str | None:
+    """The preset a bare method name stands for (its first named setting), or None for a method without presets."""
+    presets = getattr(METHODS[name], "presets", ())
+    return presets[0] if presets else None
+
+
 def _parse_value(text: str):
     """'8,16,24' -> (8, 16, 24); '0.5' -> 0.5; '2' -> 2; 'none' -> None; anything else stays a string."""
     if "," in text:
@@ -88,9 +94,12 @@ def build(methods: str = "transprune", preset_name: str | None = None, params: d
         if unknown or not names:
             raise ValueError(f"unknown method {unknown or methods!r}; choose from {', '.join(METHODS)} "
                              f"(comma-separated to compose, e.g. visionzip,transprune)")
-        if preset_name is not None and "transprune" not in names:
-            raise ValueError(f"--preset {preset_name!r} applies to transprune; the methods are {names}")
-        configs = [TransPruneConfig.preset(preset_name or "high") if n == "transprune" else METHODS[n]() for n in names]
+        with_presets = [n for n in names if default_preset(n) is not None]
+        if preset_name is not None and not with_presets:
+            raise ValueError(f"--preset {preset_name!r} applies to a method with presets "
+                             f"({', '.join(n for n in METHODS if default_preset(n))}); the methods are {names}")
+        configs = [METHODS[n].preset(preset_name or default_preset(n)) if n in with_presets else METHODS[n]()
+                   for n in names]
     used = set()
     for i, cfg in enumerate(configs):
         names = {f.name for f in fields(cfg)}

@@ -20,6 +20,7 @@ class FastVConfig(InLLMMethod):
     positions: str = DEFAULT_ORIGINAL  # the official FastV keeps the kept tokens' position ids
     reference_depth: int | None = None
     method = "fastv"
+    layer_field = "k"
 
     def __post_init__(self):
         check_reference_depth(self.reference_depth)

@@ -21,6 +21,7 @@ class PDropConfig(InLLMMethod):
     positions: str = DEFAULT_COMPACT  # PDrop renumbers positions after each drop
     reference_depth: int | None = None
     method = "pdrop"
+    layer_field = "layers"
 
     def __post_init__(self):
         check_reference_depth(self.reference_depth)

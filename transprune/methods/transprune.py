@@ -48,6 +48,7 @@ class TransPruneConfig(InLLMMethod):
     reference_depth: int | None = None
     name: str = field(default="custom", compare=False)
     method = "transprune"
+    presets = PRESETS  # named settings (`preset(name)`); a bare "transprune" means the first
 
     def __post_init__(self):
         check_reference_depth(self.reference_depth)
