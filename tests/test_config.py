@@ -92,7 +92,7 @@ def test_layer_numbers_are_used_as_written_on_every_depth_they_fit():
     for depth in (13, 28, 32, 40):  # the paper ran 7/9/12 unmapped on Qwen2.5-VL-7B's 28 layers
         s = TransPruneConfig.preset("high").layers_for_depth(depth)
         assert (s.pruning_layers, s.accumulation_layers) == ((7, 9, 12), (7, 8, 9, 10, 11, 12))
-    assert TransPruneConfig(pruning_layers=(3, 4, 6)).layers_for_depth(12).pruning_layers == (3, 4, 6)
+    assert TransPruneConfig(accumulation_layers=(3, 4, 5, 6), pruning_layers=(3, 4, 6)).layers_for_depth(12).pruning_layers == (3, 4, 6)
     assert TransPruneConfig.preset("high", reference_depth=32).layers_for_depth(12).pruning_layers == (3, 4, 5)
     # every method's layer fields follow the same rule, and a schedule that does not fit names layers and depth
     for config, written in [(TransPruneConfig.preset("low"), "pruning_layers=(7, 9, 12)"), (FastVConfig(k=12), "k=12"),
@@ -104,3 +104,13 @@ def test_layer_numbers_are_used_as_written_on_every_depth_they_fit():
         assert max(mapped.layers_for_depth(12).pruning_layers) < 12
     assert FastVConfig(k=2).layers_for_depth(12).pruning_layers == (2,)
     assert PDropConfig().layers_for_depth(28).pruning_layers == (8, 16, 24)
+
+
+@pytest.mark.parametrize("score", ["transprune", "ttv"])
+def test_a_schedule_whose_ttv_cannot_be_computed_is_a_config_error(score):
+    with pytest.raises(ValueError, match=r"accumulation_layers=\(9, 10\) has no layer at or before the first pruning layer 7"):
+        TransPruneConfig(accumulation_layers=(9, 10), pruning_layers=(7, 9, 12), score=score)
+    with pytest.raises(ValueError, match="accumulation_layers=()"):
+        TransPruneConfig(accumulation_layers=(), score=score)
+    TransPruneConfig(accumulation_layers=(9, 10), score="iga")  # IGA alone needs no TTV
+    TransPruneConfig.preset("off", accumulation_layers=())  # nothing pruned, nothing scored

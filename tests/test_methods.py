@@ -296,3 +296,37 @@ def test_manual_decode_without_positions_matches_generate(llava):
             tokens.append(out.logits[:, -1].argmax(-1))
     assert out.cache.get_seq_length(0) == ids.shape[1] - (64 - 32) + 5
     assert torch.equal(torch.stack(tokens, 1), expected)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_visionzip_with_beams_and_several_sequences_keeps_each_samples_choice(kind):
+    from transprune.testing import sample_inputs, tiny_model, tiny_processor
+
+    model, processor = tiny_model(kind, seed=0), tiny_processor(kind)
+    inputs = sample_inputs(processor, n=2, seed=1)
+    config = [VisionZipConfig(dominant=20, contextual=6), TransPruneConfig(accumulation_layers=(2, 3),
+                                                                          pruning_layers=(2, 3), keep_ratios=(0.5, 0.25))]
+    with transprune.pruned(model, config) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        greedy = [s.kept_indices for s in handle.last_stats]
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=3, num_return_sequences=2)
+        assert out.shape[0] == 4
+        beams = [s.kept_indices for s in handle.last_stats]
+    half = len(beams) // 2  # one entry per row (today: per beam row), each the choice of the sample it came from
+    assert beams == [greedy[0]] * half + [greedy[1]] * half
+
+
+def test_iga_without_text_after_the_image_reads_the_last_tokens_row(llava):
+    """A prompt that ends with the image: IGA falls back to the last token's attention (next layer), which is
+    exactly PDrop's rule, so both keep the same tokens (L1 normalisation does not change the order)."""
+    ids = make_prompt(llava, 6, 0, seed=21)[None]
+    pix = pixels(llava, 1, seed=22)
+    kept = {}
+    for name, config in [("iga", tiny_config(accumulation_layers=(), pruning_layers=(2,), keep_ratios=(0.5,), score="iga")),
+                         ("transprune", tiny_config(accumulation_layers=(2,), pruning_layers=(2,), keep_ratios=(0.5,))),
+                         ("pdrop", PDropConfig(layers=(2,), ratio=0.5, reference_depth=None))]:
+        with transprune.pruned(llava, config) as handle, torch.no_grad():
+            llava.generate(input_ids=ids, pixel_values=pix, max_new_tokens=2, do_sample=False)
+        kept[name] = handle.last_stats[0].kept_indices
+        assert len(kept[name][0]) == 32
+    assert kept["iga"] == kept["pdrop"]

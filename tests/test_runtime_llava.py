@@ -411,3 +411,29 @@ def test_a_pruned_model_dropped_without_remove_is_freed():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_a_deep_copy_carries_no_pruning_and_runs_its_own_weights(llava):
+    import copy
+
+    ids = make_prompt(llava, 3, 5, seed=7)[None]
+    pix = pixels(llava, 1, seed=8)
+    with torch.no_grad():
+        unpruned = llava(input_ids=ids, pixel_values=pix).logits
+    with transprune.pruned(llava, tiny_config()) as handle:
+        twin = copy.deepcopy(llava)
+        with torch.no_grad():
+            assert torch.equal(twin(input_ids=ids, pixel_values=pix).logits, unpruned)  # no pruning on the copy
+            for p in twin.model.language_model.layers[-1].parameters():
+                p.mul_(0.5)
+            assert not torch.equal(twin(input_ids=ids, pixel_values=pix).logits, unpruned)  # its own weights
+            llava(input_ids=ids, pixel_values=pix)
+        assert handle.last_stats[0].kept_indices  # the original still prunes
+
+
+def test_static_caches_are_refused_up_front(llava):
+    ids = make_prompt(llava, 3, 5, seed=9)[None]
+    with transprune.pruned(llava, tiny_config()):
+        with pytest.raises(ValueError, match="StaticCache is not supported while transprune prunes.*DynamicCache"):
+            llava.generate(input_ids=ids, pixel_values=pixels(llava, 1, seed=10), max_new_tokens=2,
+                           cache_implementation="static")

@@ -96,6 +96,8 @@ def cmd_flops(args) -> int:
         ("schedule", schedule),
         ("visual tokens/layer", compress_runs(r.visual_tokens_per_layer)),
         ("TFLOPs, paper convention", f"{r.tflops:.3f} ({100 * r.ratio:.1f}% of {r.tflops_unpruned:.3f} unpruned)"),
+        ("ratio, token-linear cost", f"{100 * r.ratio_token_linear:.1f}% (visual tokens summed over the layers; "
+                                     "the paper's Qwen2.5-VL convention)"),
         ("TFLOPs, full prefill (text + scoring included)",
          f"{r.tflops_full:.3f} ({100 * r.tflops_full / r.tflops_full_unpruned:.1f}% of "
          f"{r.tflops_full_unpruned:.3f} unpruned; {r.text_tokens} text tokens, scoring {r.tflops_scoring:.4f})"),

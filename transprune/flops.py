@@ -27,6 +27,17 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 576),
         # 2880 = 5 x 576: base image + 2x2 anyres grid, newline tokens not counted (paper number).
         ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880, crops=5),
+        # Qwen decoders: the text dimensions of the public config.json of Qwen/Qwen2-VL-7B-Instruct and
+        # Qwen/Qwen2.5-VL-7B-Instruct (the Qwen2-7B decoder: d 3584, m 18944, 28 layers, 28 heads / 4 KV heads,
+        # head_dim 128) and of Qwen/Qwen3-VL-8B-Instruct (the Qwen3-8B decoder: d 4096, m 12288, 36 layers,
+        # 32 heads / 8 KV heads, head_dim 128). transformers' config defaults are not these models (Qwen2-VL's
+        # text defaults are the 72B's, Qwen3-VL's a generic 32-layer MHA decoder), so they are written here.
+        # N = 256 is nominal (a 16 x 16 merged grid: a 448 x 448 image with 14-pixel patches merged 2 x 2 on
+        # Qwen2/2.5-VL, 512 x 512 with Qwen3-VL's 16-pixel patches); the paper states no count for
+        # Qwen2.5-VL, and its ratios (`ratio_token_linear`) do not depend on N.
+        ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256),
+        ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256),
+        ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256),
     )
 }
 
@@ -117,6 +128,9 @@ class FlopsReport:
     tflops: float  # paper convention
     tflops_unpruned: float
     ratio: float  # tflops / tflops_unpruned (the paper rounds the TFLOPs before dividing)
+    # Visual tokens summed over the layers / N x depth: a cost linear in the tokens, the convention the paper's
+    # Qwen2.5-VL-7B numbers follow (45.1% TransPrune-High, 53.6% FastV; ../shared/method.md 6.1).
+    ratio_token_linear: float
     tflops_full: float  # full prefill: text + visual tokens, GQA k/v, scoring overhead
     tflops_full_unpruned: float
     tflops_scoring: float  # the scoring part of tflops_full
@@ -172,6 +186,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
         tflops=tflops,
         tflops_unpruned=tflops_unpruned,
         ratio=tflops / tflops_unpruned,
+        ratio_token_linear=sum(visual) / sum(unpruned),
         tflops_full=full(visual) + scoring,
         tflops_full_unpruned=full(unpruned),
         tflops_scoring=scoring,

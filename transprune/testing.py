@@ -53,6 +53,7 @@ __all__ = [
     "sample_inputs", "sample_inputs_unbatched",
     "QWEN_SPECIAL_TOKENS", "QWEN_PATCH_SIZE", "QWEN_MERGE_SIZE", "QWEN_CHAT_TEMPLATE", "tiny_qwen_tokenizer",
     "tiny_qwen2_5_vl_config", "tiny_qwen2_vl_config", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "tiny_qwen_processor",
+    "tiny_qwen3_vl_config", "tiny_qwen3_vl", "QWEN3_DEEPSTACK_LAYERS",
     "qwen_sample_prompts", "qwen_sample_inputs", "qwen_sample_inputs_unbatched",
 ]
 
@@ -373,6 +374,26 @@ def tiny_qwen2_vl_config(**text_overrides):
     return Qwen2VLConfig(vision_config=vision, **_qwen_common(**text_overrides))
 
 
+# Qwen3-VL: the same tokenizer, patch (8) and merge (2): one visual token per 16x16 pixels. Vision: 3 blocks
+# (hidden 32), a learned 8x8 position grid, DeepStack features taken after every block (indexes 0, 1, 2) and
+# added after decoder layers 0, 1, 2, as the real model adds its three. Decoder: Qwen3's layer (q/k norms
+# per head), hidden 64, 4 query / 2 KV heads, head_dim 16, interleaved mRoPE sections (4, 2, 2).
+QWEN3_DEEPSTACK_LAYERS = 3
+
+
+def tiny_qwen3_vl_config(**text_overrides):
+    """Qwen3-VL-shaped config (DeepStack into decoder layers 0-2). ``text_overrides`` go to the text config."""
+    from transformers import Qwen3VLConfig
+
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=QWEN_PATCH_SIZE,
+                  spatial_merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2, out_hidden_size=64,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(range(QWEN3_DEEPSTACK_LAYERS)),
+                  initializer_range=INIT_STD)
+    text = dict(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
+                                              "mrope_interleaved": True, "rope_theta": 10000.0})
+    return Qwen3VLConfig(vision_config=vision, **_qwen_common(**{**text, **text_overrides}))
+
+
 @torch.no_grad()
 def _qwen_build(config, model_cls, seed: int, attn_implementation: str, dtype: torch.dtype):
     torch.manual_seed(seed)
@@ -403,17 +424,27 @@ def tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch
                        attn_implementation, dtype)
 
 
+def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                  **text_overrides):
+    """Random-init ``Qwen3VLForConditionalGeneration`` in eval mode."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return _qwen_build(tiny_qwen3_vl_config(**text_overrides), Qwen3VLForConditionalGeneration, seed,
+                       attn_implementation, dtype)
+
+
 def tiny_qwen_processor(kind: str = "qwen2_5_vl"):
     """Processor for the tiny Qwen models (PIL image processor; images resized to multiples of 16 pixels,
-    between 32x32 and 128x128 worth of pixels). ``kind``: "qwen2_5_vl" or "qwen2_vl"."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    between 32x32 and 128x128 worth of pixels). ``kind``: "qwen2_5_vl", "qwen2_vl" or "qwen3_vl"."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen3VLProcessor
 
-    if kind not in ("qwen2_5_vl", "qwen2_vl"):
-        raise ValueError(f"kind must be 'qwen2_5_vl' or 'qwen2_vl', not {kind!r}")
+    bases = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen2_vl": Qwen2VLProcessor, "qwen3_vl": Qwen3VLProcessor}
+    if kind not in bases:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, bases))}, not {kind!r}")
     image_processor = Qwen2VLImageProcessorPil(patch_size=QWEN_PATCH_SIZE, temporal_patch_size=2,
                                                merge_size=QWEN_MERGE_SIZE, min_pixels=32 * 32,
                                                max_pixels=128 * 128)
-    base = Qwen2_5_VLProcessor if kind == "qwen2_5_vl" else Qwen2VLProcessor
+    base = bases[kind]
     # Images only: Qwen's video processor needs torchvision, so the processor is built without one.
     cls = type(f"TinyImageOnly{base.__name__}", (base,),
                {"get_attributes": classmethod(lambda cls: ["image_processor", "tokenizer"])})

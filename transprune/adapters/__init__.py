@@ -6,6 +6,7 @@ from __future__ import annotations
 from .base import ModelAdapter
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 FAMILIES: list[type[ModelAdapter]] = []
 
@@ -27,6 +28,7 @@ def unregister_family(adapter_cls: type[ModelAdapter]) -> None:
 
 register_family(LlavaAdapter)
 register_family(Qwen2VLAdapter)
+register_family(Qwen3VLAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -156,6 +156,23 @@ class ModelAdapter:
     run_layer = staticmethod(llama.run_layer)
     scoring_qk = staticmethod(llama.scoring_qk)
 
+    # -- what the decoder's own loop does between layers -----------------------------------------
+    # A family whose decoder changes the hidden states between layers from inputs of its own (Qwen3-VL's
+    # DeepStack adds vision features at the visual positions after the first layers) overrides both.
+    # The defaults do nothing, and the runtime then installs nothing and calls nothing.
+    def layer_extras(self, decoder_kwargs: dict):
+        """What this decoder call adds between layers, from the keyword arguments the decoder's forward received
+        beyond the runtime's own (input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache);
+        None: nothing for this call. Read once per decoder call, before the pruned prefill."""
+        return None
+
+    def after_layer(self, layer_index: int, h: torch.Tensor, layout, extras) -> torch.Tensor:
+        """The hidden states after layer ``layer_index`` (0-based) of a pruned prefill, as the decoder's own loop
+        would hand them to the next layer; ``layout`` (`surgery.Layout`) says which tokens are present now
+        (``orig_index``: their columns in the caller's input; ``valid``), so what is added follows the
+        tokens kept so far. Called before the layer's pruning step, only when ``extras`` is not None."""
+        return h
+
     # -- facts for tools (no model needed) -------------------------------------------------------
     @classmethod
     def model_class_for(cls, model_type: str) -> type:

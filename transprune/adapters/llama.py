@@ -38,25 +38,29 @@ def run_layer(layer, h, *, mask, position_embeddings, position_ids, cache, use_c
     return h + mlp_out, (attn_in, attn_out, mlp_in, mlp_out)
 
 
-def scoring_qk(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_idx: torch.Tensor):
+def scoring_qk(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_idx: torch.Tensor,
+               head_norms: bool = False):
     """Rotated queries of the rows ``query_idx`` and keys of all rows, with ``layer``'s weights.
 
     h: (S, d) hidden states of one sample's valid tokens, input to ``layer``; cos/sin: (S, head_dim).
     Returns q (H, T, hd), k (H, S, hd) with KV heads repeated for GQA, and the attention scaling.
     Only T query rows are projected: the instruction is short, the keys must cover every token because
     the softmax denominator does. With a batch dim (h (B, S, d), cos/sin (B, S, hd), the same rows
-    ``query_idx`` in every sample) q and k are (B, H, T, hd) and (B, H, S, hd).
+    ``query_idx`` in every sample) q and k are (B, H, T, hd) and (B, H, S, hd). ``head_norms``: the attention
+    normalises q and k per head before RoPE (its ``q_norm`` / ``k_norm`` over head_dim: Qwen3, Qwen3-VL).
     """
     attn = layer.self_attn
     head_dim = attn.head_dim
     x = layer.input_layernorm(h)
     lead = x.shape[:-2]
-    k = attn.k_proj(x).view(*lead, x.shape[-2], -1, head_dim).transpose(-3, -2)
+    k = attn.k_proj(x).view(*lead, x.shape[-2], -1, head_dim)
+    k = (attn.k_norm(k) if head_norms else k).transpose(-3, -2)
     rows = x[..., query_idx, :]
     # Queries sample by sample: a GEMM over T rows accumulates like the one-sample call (over B*T rows, or
     # as a GEMV when T == 1, BLAS may order the sums differently), so batched scores equal the loop's bits.
     q = torch.stack([attn.q_proj(r) for r in rows]) if lead else attn.q_proj(rows)
-    q = q.view(*lead, query_idx.shape[0], -1, head_dim).transpose(-3, -2)
+    q = q.view(*lead, query_idx.shape[0], -1, head_dim)
+    q = (attn.q_norm(q) if head_norms else q).transpose(-3, -2)
     cos_q, sin_q = cos[..., query_idx, :].unsqueeze(-3), sin[..., query_idx, :].unsqueeze(-3)
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # broadcast over heads
     k = k * cos + rotate_half(k) * sin

@@ -63,6 +63,11 @@ class TransPruneConfig(InLLMMethod):
         choice("direction", self.direction, DIRECTIONS)
         choice("positions", self.positions, POSITION_RULES)
         choice("score", self.score, SCORES)
+        acc = self.accumulation_layers
+        if prune and self.score != "iga" and (not acc or acc[0] > prune[0]):
+            raise ValueError(f"accumulation_layers={acc} has no layer at or before the first pruning layer {prune[0]}, so "
+                             f"TTV (score={self.score!r}) would be zero there: start it at or before {prune[0]}, or use "
+                             "score='iga'")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TransPruneConfig":
@@ -85,6 +90,8 @@ class TransPruneConfig(InLLMMethod):
         if self.score != "ttv":
             # Instruction rows: the text after the last image token (D3 in method.md), next layer's weights.
             after = torch.arange(view.last_image + 1, view.length, device=view.h.device)
+            if after.numel() == 0:  # no text after the image: the last token's row, as PDrop reads it
+                after = torch.tensor([view.length - 1], device=view.h.device)
             iga = view.attention("next", view.h, after)[:, view.image_at]
         parts = {"ttv": scoring.l1_normalize(ttv), "iga": scoring.l1_normalize(iga)}
         return scoring.combine(ttv, iga, self.alpha, self.score), parts

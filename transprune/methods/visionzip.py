@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..patching import patch
 from ..scoring import select_top
 from .base import register_method
 
@@ -87,8 +88,7 @@ class VisionZipConfig:
             if found is not None:
                 found.append(hooks.cls_attention(module, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]))
 
-        saved = [(mm, "get_image_features", mm.__dict__.get("get_image_features"))]
-        mm.get_image_features = image_features
+        saved = [patch(mm, "get_image_features", image_features)]
         hook = hooks.attention_layer().register_forward_pre_hook(capture, with_kwargs=True)
         return saved, [hook]
 

@@ -17,9 +17,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..methods import split_methods
+from ..patching import patch, unpatch
 from ..schedule import Schedule
 from .decode import Generation, continue_generation
 from .prefill import prefill
@@ -49,6 +51,20 @@ class _Call:
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
 
 
+def _rows_of(keep: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """A pre-LLM choice over the image tokens of the encoded samples, for the rows of this call: generate()
+    encodes images once and then repeats each sample's row (beams, num_return_sequences) next to itself."""
+    total = int(image_mask.sum())
+    if keep.numel() == total:
+        return keep
+    copies = total // keep.numel()
+    per_row = image_mask.sum(1)
+    if copies * keep.numel() != total or image_mask.shape[0] % copies:
+        raise RuntimeError(f"the pre-LLM choice covers {keep.numel()} image tokens but this call has {total}")
+    chunks = keep.split(per_row[::copies].tolist())
+    return torch.cat([chunk.repeat(copies) for chunk in chunks])
+
+
 class PruneHandle:
     """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
 
@@ -76,9 +92,7 @@ class PruneHandle:
     def _install(self):
         mm, dec = self.adapter.multimodal_model, self.adapter.decoder
         mm_forward, dec_forward = mm.forward, dec.forward  # bound: the class's or an existing instance override
-        self._saved = [(mm, "forward", mm.__dict__.get("forward")), (dec, "forward", dec.__dict__.get("forward"))]
 
-        @functools.wraps(mm_forward)
         def multimodal_forward(*args, **kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             call = _Call(self, self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds")))
@@ -91,12 +105,11 @@ class PruneHandle:
             finally:
                 _CURRENT_CALL.reset(token)
 
-        @functools.wraps(dec_forward)
         def decoder_forward(*args, **kwargs):
             return self._decoder_forward(dec_forward, *args, **kwargs)
 
-        mm.forward = multimodal_forward
-        dec.forward = decoder_forward
+        self._saved = [patch(mm, "forward", functools.wraps(mm_forward)(multimodal_forward)),
+                       patch(dec, "forward", functools.wraps(dec_forward)(decoder_forward))]
         if self.pre is not None:
             saved, hooks = self.pre.install(self.adapter, self._hand_over)
             self._saved += saved
@@ -120,9 +133,7 @@ class PruneHandle:
         if not self._active:
             return
         for module, name, previous in self._saved:
-            delattr(module, name)
-            if previous is not None:
-                setattr(module, name, previous)
+            unpatch(module, name, previous)
         for hook in self._hooks:
             hook.remove()
         self._saved, self._hooks = [], []
@@ -159,6 +170,10 @@ class PruneHandle:
                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not available while transprune prunes this model")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"{type(cache).__name__} is not supported while transprune prunes: each layer caches only "
+                             "the tokens it kept, which needs a DynamicCache (generate's default cache; do not set "
+                             "cache_implementation)")
         adapter = self.adapter
         config = adapter.decoder.config
         if inputs_embeds is None:
@@ -195,7 +210,7 @@ class PruneHandle:
                 raise RuntimeError(f"{type(self.pre).__name__} found no selection for these images: they were encoded "
                                    "without transprune (pass pixel_values, not precomputed features)")
             pre_keep = torch.zeros_like(image_mask)
-            pre_keep[image_mask] = call.pre.keep.to(image_mask.device)
+            pre_keep[image_mask] = _rows_of(call.pre.keep.to(image_mask.device), image_mask)
         profiler = NO_PROFILE
         if self.profile:
             profiler = call.pre.profiler if pre_keep is not None and call.pre.profiler else Profiler(embeds.device)

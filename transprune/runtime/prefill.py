@@ -1,8 +1,15 @@
 """The pruned prefill: the decoder's layers in a plain loop, TTV captured where the method needs it, image
-tokens dropped after each pruning layer (and before the first, for a pre-LLM method)."""
+tokens dropped after each pruning layer (and before the first, for a pre-LLM method).
+
+A family whose decoder adds inputs of its own between layers (`ModelAdapter.layer_extras` / `after_layer`,
+e.g. Qwen3-VL's DeepStack features) gets them from the decoder call through `capture_layer_extras`: a
+pre-hook on the decoder reads them from the call's keyword arguments into a ContextVar (so concurrent
+calls stay apart) and the prefill hands them to `after_layer` after every layer.
+"""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +19,29 @@ from ..surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
 from .decode import Generation, Stage
 from .select import select
 from .stats import NO_PROFILE
+
+# The family's extras of the decoder call in flight (`ModelAdapter.layer_extras`); None: none.
+_LAYER_EXTRAS: ContextVar[object | None] = ContextVar("transprune_layer_extras", default=None)
+
+
+def capture_layer_extras(adapter) -> list:
+    """Hooks on ``adapter``'s decoder that make its `layer_extras` of each call visible to the pruned prefill
+    of that call (set before the decoder's forward, cleared after it, also when it raises). A family that
+    keeps the default `layer_extras` gets no hooks at all. Returns the hook handles (to remove)."""
+    from ..adapters.base import ModelAdapter
+
+    if type(adapter).layer_extras is ModelAdapter.layer_extras:
+        return []
+
+    def before(module, args, kwargs):
+        _LAYER_EXTRAS.set(adapter.layer_extras(kwargs))
+
+    def after(module, args, kwargs, output):
+        _LAYER_EXTRAS.set(None)
+
+    decoder = adapter.decoder
+    return [decoder.register_forward_pre_hook(before, with_kwargs=True),
+            decoder.register_forward_hook(after, with_kwargs=True, always_call=True)]
 
 
 @dataclass
@@ -45,10 +75,13 @@ class PrefillState:
 
 
 def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_keep=None, profiler=NO_PROFILE,
-            aligned: bool = True):
+            aligned: bool = True, extras=None):
     """Run the pruned prefill; returns the final hidden states at the caller's columns (dropped rows zero)
-    and leaves the `Generation` for decode steps on ``cache``."""
+    and leaves the `Generation` for decode steps on ``cache``. ``extras``: the family's `layer_extras` of
+    this call (None: those `capture_layer_extras` recorded for the decoder call in flight, if any)."""
     method, sched, adapter = handle.llm, handle.schedule, handle.adapter
+    if extras is None:
+        extras = _LAYER_EXTRAS.get()
     layers = adapter.layers
     prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
     last_prune = max(prune_at) if prune_at else -1
@@ -92,6 +125,8 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
                 state.ttv += scoring.module_ttv(moved[2], moved[3], state.layout.valid, method.direction)
         if hidden is not None:
             hidden.append(scatter_to_input(state.h, state.layout, valid.shape[1]))
+        if extras is not None:  # what the decoder's own loop adds before the next layer (and before scoring)
+            state.h = adapter.after_layer(i, state.h, state.layout, extras)
         if i in prune_at:
             stage = prune_at[i]
             with profiler.span("select_s", stage):

@@ -1,0 +1,199 @@
+"""The pruned decoder loop on a tiny random-init Qwen3-VL (mRoPE, GQA, q/k norms, DeepStack into layers 0-2; fp32, CPU).
+
+DeepStack: the decoder adds one vision feature row per visual token to the hidden states after each of its
+first three layers. A method that prunes after layer 1 or 2 must add the later rows only at the kept
+visual tokens, each token its own row; the reference below runs transformers' own layers by hand on the
+hand-gathered sequence with the kept tokens' rows.
+"""
+
+import pytest
+import torch
+
+import transprune
+from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig
+from transprune.adapters import adapter_for, family_for
+from transprune.runtime.prefill import capture_layer_extras
+from transprune.testing import (QWEN3_DEEPSTACK_LAYERS, qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_llava,
+                                tiny_qwen3_vl, tiny_qwen3_vl_config, tiny_qwen_processor)
+
+SIZES = [(64, 64), (128, 96), (96, 128)]  # 16, 48 and 48 visual tokens
+SCHEDULE = dict(accumulation_layers=(2, 3, 4, 5), pruning_layers=(2, 3, 5), reference_depth=None)
+KEEP_ALL = TransPruneConfig(**SCHEDULE, keep_ratios=(1.0, 1.0, 1.0))
+TINY = TransPruneConfig(**SCHEDULE, keep_ratios=(0.875, 0.5, 0.25))
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return tiny_qwen3_vl(seed=0), tiny_qwen_processor("qwen3_vl")
+
+
+def greedy(model, inputs, n=20):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def n_visual(inputs) -> list[int]:
+    return (inputs["mm_token_type_ids"] > 0).sum(1).tolist()
+
+
+# -- the family, its position rule, its hooks -------------------------------------------------------------
+def test_adapter_position_rule_and_hooks(qwen3):
+    model, _ = qwen3
+    decoder = model.model.language_model
+    assert not decoder._forward_pre_hooks and not decoder._forward_hooks
+    with transprune.pruned(model, TINY) as handle:
+        assert handle.adapter.family == "qwen3-vl" and handle.llm.positions == "original"
+        assert len(decoder._forward_pre_hooks) == 1 and len(decoder._forward_hooks) == 1
+    assert not decoder._forward_pre_hooks and not decoder._forward_hooks  # remove() takes them off
+    assert "forward" not in vars(decoder)
+    with pytest.raises(ValueError, match=r"positions='compact' is not supported on the qwen3-vl family"):
+        transprune.apply(model, TransPruneConfig(**SCHEDULE, keep_ratios=(0.5, 0.5, 0.5), positions="compact"))
+    assert capture_layer_extras(adapter_for(tiny_llava(seed=0))) == []  # the default seam installs nothing
+
+
+# -- 1. keep everything == unpruned: DeepStack is injected where the decoder injects it ------------------------
+def test_keep_all_equals_unpruned(qwen3):
+    model, processor = qwen3
+    inputs = qwen_sample_inputs(processor, 3, seed=1, sizes=SIZES)
+    ref_tokens, ref_logits = greedy(model, inputs), logits(model, inputs)
+    with transprune.pruned(model, KEEP_ALL) as handle:
+        tokens, got_logits = greedy(model, inputs), logits(model, inputs)
+        assert [s.visual_tokens_per_layer for s in handle.last_stats] == [[n] * 8 for n in n_visual(inputs)]
+    valid = inputs["attention_mask"].bool()
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(got_logits[valid], ref_logits[valid], atol=1e-5, rtol=1e-5)
+    # DeepStack matters here: the same loop without the injection gives other logits.
+    from transprune.adapters.qwen3_vl import Qwen3VLAdapter
+    original = Qwen3VLAdapter.after_layer
+    Qwen3VLAdapter.after_layer = lambda self, i, h, layout, extras: h
+    try:
+        with transprune.pruned(model, KEEP_ALL):
+            without = logits(model, inputs)
+    finally:
+        Qwen3VLAdapter.after_layer = original
+    assert not torch.allclose(without[valid], ref_logits[valid], atol=1e-3)
+
+
+# -- 2. exact kept counts ---------------------------------------------------------------------------------------
+def test_exact_kept_counts_per_sample(qwen3):
+    model, processor = qwen3
+    inputs = qwen_sample_inputs(processor, 3, seed=2, sizes=SIZES)
+    with transprune.pruned(model, TINY) as handle:
+        greedy(model, inputs, n=2)
+    for n, stats in zip(n_visual(inputs), handle.last_stats):
+        counts = [int(n * r) for r in TINY.keep_ratios]
+        assert [len(k) for k in stats.kept_indices] == counts
+        assert all(k == sorted(k) for k in stats.kept_indices)
+        assert all(set(b) <= set(a) for a, b in zip(stats.kept_indices, stats.kept_indices[1:]))
+        assert stats.visual_tokens_per_layer == [n, n] + [counts[0]] + [counts[1]] * 2 + [counts[2]] * 3
+
+
+# -- 3. batch == one by one (padding, per-sample counts: each sample's DeepStack rows found in the flat list) ----
+@pytest.mark.parametrize("config", [TINY, FastVConfig(k=1, r=0.5), PDropConfig(layers=(2, 4, 6), ratio=0.5),
+                                    RandomConfig(pruning_layers=(1, 3), keep_ratios=(0.5, 0.25))],
+                         ids=["transprune", "fastv-k1", "pdrop", "random"])
+def test_batch_matches_one_by_one(qwen3, config):
+    model, processor = qwen3
+    batch = qwen_sample_inputs(processor, 3, seed=3, sizes=SIZES)
+    with transprune.pruned(model, config) as handle:
+        tokens = greedy(model, batch, n=10)
+        stats = handle.last_stats
+        for b, inputs in enumerate(qwen_sample_inputs_unbatched(processor, 3, seed=3, sizes=SIZES)):
+            assert torch.equal(greedy(model, inputs, n=10)[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == stats[b].kept_indices
+
+
+# -- 4. DeepStack under FastV: the scores and the pruned forward against an independent reference -------------------
+def fastv_expected(inputs, k: int, r: float) -> list[int]:
+    """FastV's choice from transformers' own eager attention weights of layer k (its input carries the DeepStack
+    rows of the layers before it; the scores use the q/k norms)."""
+    eager = tiny_qwen3_vl(seed=0, attn_implementation="eager")
+    with torch.no_grad():  # reference only: the library never asks for attention weights
+        attn = eager(**inputs, output_attentions=True).attentions[k - 1][0]
+    image = (inputs["mm_token_type_ids"][0] > 0).nonzero().squeeze(1)
+    score = attn[:, -1].mean(0)[image]
+    return sorted(torch.topk(score, int(len(image) * (1 - r))).indices.tolist())
+
+
+@torch.no_grad()
+def reference_last_logits(model, inputs, k: int, kept: list[int], deepstack_rows=None):
+    """Layers 1..k on the whole sequence, then the remaining layers on the text + the ``kept`` visual tokens at
+    their own mRoPE positions, with transformers' own layers; DeepStack row j of layer i is added to visual token
+    j after layer i while i < 3 (``deepstack_rows``: which rows the kept tokens get; default their own)."""
+    mm, lm = model.model, model.model.language_model
+    ids = inputs["input_ids"]
+    image = model.config.image_token_id
+    encoded = mm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    features = [torch.cat(f) for f in encoded.deepstack_features]
+    assert len(features) == QWEN3_DEEPSTACK_LAYERS
+    h = lm.embed_tokens(ids)
+    visual = ids[0] == image
+    h[0, visual] = torch.cat(encoded.pooler_output)
+    positions, _ = mm.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    rows = torch.arange(int(visual.sum()))  # the visual tokens present, by their feature row
+    for i, layer in enumerate(lm.layers):
+        if i == k:  # drop the visual tokens FastV did not keep
+            cols = visual.nonzero().squeeze(1)
+            keep = ~visual
+            keep[cols[kept]] = True
+            h, positions, visual = h[:, keep], positions[:, :, keep], visual[keep]
+            rows = torch.tensor(kept) if deepstack_rows is None else torch.tensor(deepstack_rows)
+        h = layer(h, attention_mask=None, position_ids=None, position_embeddings=lm.rotary_emb(h, positions))
+        if i < len(features):
+            h = h.clone()
+            h[0, visual] += features[i][rows]
+    return model.lm_head(lm.norm(h))[:, -1]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fastv_inside_the_deepstack_layers_matches_the_reference(qwen3, k):
+    model, processor = qwen3
+    inputs = qwen_sample_inputs_unbatched(processor, 2, seed=5, sizes=SIZES[1:])[1]
+    config = FastVConfig(k=k, r=0.75)
+    with transprune.pruned(model, config) as handle:
+        got = logits(model, inputs)[:, -1]
+    kept = handle.last_stats[0].kept_indices[0]
+    assert kept == fastv_expected(inputs, k, config.r)
+    assert len(kept) == 12
+    expected = reference_last_logits(model, inputs, k, kept)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # The reference tells the rows apart: the first 12 rows (not each kept token's own) give other logits.
+    wrong = reference_last_logits(model, inputs, k, kept, deepstack_rows=list(range(len(kept))))
+    assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+# -- 5. backends, prompts without images, facts for tools ------------------------------------------------------------
+def test_sdpa_and_eager_agree(qwen3):
+    sdpa, processor = qwen3
+    eager = tiny_qwen3_vl(seed=0, attn_implementation="eager")
+    inputs = qwen_sample_inputs(processor, 3, seed=7, sizes=SIZES)
+    outputs = []
+    for model in (sdpa, eager):
+        with transprune.pruned(model, TINY) as handle:
+            outputs.append((greedy(model, inputs, n=8), [s.kept_indices for s in handle.last_stats]))
+    assert outputs[0][1] == outputs[1][1] and torch.equal(outputs[0][0], outputs[1][0])
+
+
+def test_prompt_without_image(qwen3):
+    model, processor = qwen3
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=["USER: what is the colour ? ASSISTANT:", "USER: how many dogs ? ASSISTANT:"],
+                       padding=True, return_tensors="pt")
+    ref = greedy(model, inputs, n=6)
+    with transprune.pruned(model, TINY) as handle:
+        assert torch.equal(greedy(model, inputs, n=6), ref)
+        assert handle.last_stats is None
+
+
+def test_arch_spec():
+    cfg = tiny_qwen3_vl_config()
+    assert family_for("qwen3_vl").__name__ == "Qwen3VLAdapter"
+    spec = family_for(cfg.model_type).arch_spec(cfg, "tiny")
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+            spec.image_tokens) == (64, 8, 4, 2, 16, 256)
