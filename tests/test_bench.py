@@ -183,3 +183,25 @@ def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(t
     assert main(["bench", "--arch", str(tmp_path), "--random-weights", "--methods", "none", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "'mamba'" in err and f"supported: {', '.join(supported_model_types())}" in err and "llava_next" in err
+
+
+# -- Qwen archs ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
+def test_full_size_qwen_configs_match_the_flops_archs(name):
+    import dataclasses
+
+    from transprune.flops import ARCHS
+
+    assert dataclasses.replace(arch_spec(name), name=name) == ARCHS[name]
+
+
+def test_qwen_reduced_bench_runs_on_cpu():
+    """The reduced Qwen2.5-VL (28 layers, GQA 7:1, 256 visual tokens at 448 x 448, small widths) through the CLI,
+    with the model's own mRoPE positions (synthetic inputs carry mm_token_type_ids)."""
+    report = _bench_json(["bench", "--arch", "qwen2.5-vl-reduced", "--methods", "none,transprune-high", "--batch", "2",
+                          "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
+    assert report["image_tokens"] == [256, 256] and report["decoder"]["layers"] == 28
+    none, high = report["methods"]
+    assert none["visual_tokens_per_layer"][0] == [256] * 28
+    assert high["visual_tokens_per_layer"][0] == [256] * 7 + [224] * 2 + [160] * 3 + [32] * 16
+    assert high["kv_tokens_per_layer"] == [320] * 7 + [288] * 2 + [224] * 3 + [96] * 16

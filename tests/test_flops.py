@@ -147,3 +147,37 @@ def test_cli_bad_arguments_exit_2(capsys, argv, names):
         main(["flops", *argv])
     assert exc.value.code == 2
     assert names in capsys.readouterr().err
+
+
+# -- Qwen: the paper's Table 3 ratios follow a token-linear cost (../shared/method.md 6.1) ---------------------
+@pytest.mark.parametrize("config, paper", [(TransPruneConfig.preset("high"), 45.1), ("fastv", 53.6)])
+def test_qwen2_5_vl_7b_paper_ratios_are_token_linear(config, paper):
+    from transprune import FastVConfig
+
+    config = FastVConfig() if config == "fastv" else config
+    report = estimate(config, "qwen2.5-vl-7b")
+    assert report.depth == 28 and report.image_tokens == 256
+    if paper == 45.1:  # the preset as written: layers 7, 9, 12 of 28 (no mapping)
+        assert report.pruning_layers == (7, 9, 12)
+        assert list(report.visual_tokens_per_layer) == [256] * 7 + [224] * 2 + [160] * 3 + [32] * 16
+        assert report.ratio_token_linear == pytest.approx((7 + 2 * .875 + 3 * .625 + 16 * .125) / 28)
+    else:
+        assert report.ratio_token_linear == pytest.approx((2 + 26 * 0.5) / 28)
+    assert round(100 * report.ratio_token_linear, 1) == paper
+    # The per-layer formula (quadratic in n) lands 0.1-0.2 points lower: the paper did not use it for Qwen.
+    assert round(100 * report.ratio, 1) == {45.1: 45.0, 53.6: 53.4}[paper]
+
+
+def test_qwen_archs():
+    facts = {name: (a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim)
+             for name, a in ARCHS.items() if name.startswith("qwen")}
+    assert facts == {"qwen2-vl-7b": (3584, 18944, 28, 28, 4, 128), "qwen2.5-vl-7b": (3584, 18944, 28, 28, 4, 128),
+                     "qwen3-vl-8b": (4096, 12288, 36, 32, 8, 128)}
+    high = estimate(TransPruneConfig.preset("high"), "qwen3-vl-8b")
+    assert high.pruning_layers == (7, 9, 12) and high.ratio_token_linear == pytest.approx((7 + 1.75 + 1.875 + 24 * .125) / 36)
+
+
+def test_cli_prints_the_token_linear_ratio(capsys):
+    assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high"]) == 0
+    out = capsys.readouterr().out
+    assert "45.1% (visual tokens summed over the layers" in out and "45.0% of" in out

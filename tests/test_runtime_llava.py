@@ -301,7 +301,8 @@ def test_prompts_without_image(llava):
         ref = llava.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         with transprune.pruned(llava, tiny_config()) as handle:
             got = llava.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-            assert handle.last_stats is None
+            # every prefill sets last_stats: one entry per sample, no image tokens, nothing pruned
+            assert [(s.n_image_tokens, s.kept_indices) for s in handle.last_stats] == [(0, []), (0, [])]
     assert torch.equal(ref, got)
 
 
@@ -437,3 +438,42 @@ def test_static_caches_are_refused_up_front(llava):
         with pytest.raises(ValueError, match="StaticCache is not supported while transprune prunes.*DynamicCache"):
             llava.generate(input_ids=ids, pixel_values=pixels(llava, 1, seed=10), max_new_tokens=2,
                            cache_implementation="static")
+
+
+def test_a_lost_handle_can_be_found_and_removed(llava):
+    handle = transprune.apply(llava, tiny_config())
+    assert transprune.handle_of(llava) is handle
+    with pytest.raises(ValueError, match=r"transprune.remove\(model\).*transprune.handle_of\(model\)"):
+        transprune.apply(llava, tiny_config())
+    assert transprune.remove(llava) and not handle.active and transprune.handle_of(llava) is None
+    assert not transprune.remove(llava)
+
+
+def test_last_stats_belong_to_the_last_call_and_to_its_thread(llava):
+    image_prompt, text_prompt = make_prompt(llava, 3, 5, seed=11), make_prompt(llava, 6, 4, seed=12, n_image=0)
+    with transprune.pruned(llava, tiny_config()) as handle, torch.no_grad():
+        greedy(llava, image_prompt[None], torch.ones(1, len(image_prompt), dtype=torch.long), pixels(llava, 1, 13), n=2)
+        assert handle.last_stats[0].n_image_tokens == 64
+        llava.generate(input_ids=text_prompt[None], max_new_tokens=2, do_sample=False)  # text only: reset
+        assert [s.n_image_tokens for s in handle.last_stats] == [0] and handle.last_stats[0].kept_indices == []
+        prompts = {n: make_prompt(llava, n, 3, seed=n) for n in (2, 9)}
+        expected = {}
+        for n, p in prompts.items():
+            llava(input_ids=p[None], pixel_values=pixels(llava, 1, n))
+            expected[n] = handle.last_stats[0].kept_indices
+        assert expected[2] != expected[9]
+        seen, barrier = {}, threading.Barrier(2)
+
+        def call(n_before):
+            barrier.wait()
+            for _ in range(5):
+                llava(input_ids=prompts[n_before][None], pixel_values=pixels(llava, 1, n_before))
+                seen.setdefault(n_before, []).append(handle.last_stats[0].kept_indices)
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in (2, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert handle.last_stats[0].kept_indices == expected[9]  # this thread's last call, not the others'
+    assert seen == {n: [expected[n]] * 5 for n in (2, 9)}

@@ -188,7 +188,7 @@ def test_prompt_without_image(qwen3):
     ref = greedy(model, inputs, n=6)
     with transprune.pruned(model, TINY) as handle:
         assert torch.equal(greedy(model, inputs, n=6), ref)
-        assert handle.last_stats is None
+        assert handle.last_stats is None or [s.n_image_tokens for s in handle.last_stats] == [0] * 2
 
 
 def test_arch_spec():
@@ -197,3 +197,14 @@ def test_arch_spec():
     spec = family_for(cfg.model_type).arch_spec(cfg, "tiny")
     assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
             spec.image_tokens) == (64, 8, 4, 2, 16, 256)
+
+
+def test_bench_inputs_carry_token_types(qwen3):
+    from transprune.bench.inputs import synthetic_inputs
+
+    model, _ = qwen3
+    inputs = synthetic_inputs(model, 2, text_tokens=16, image_size=(64, 96))
+    assert torch.equal(inputs.tensors["mm_token_type_ids"], (inputs.tensors["input_ids"] == model.config.image_token_id).int())
+    with transprune.pruned(model, TINY) as handle, torch.no_grad():
+        model(**inputs.tensors)
+    assert [s.n_image_tokens for s in handle.last_stats] == [24, 24]

@@ -9,10 +9,10 @@ compositions such as `[VisionZipConfig(...), TransPruneConfig(...)]` or `transpr
 
 from .config import TransPruneConfig
 from .methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig, preset
-from .runtime import PruneHandle, SampleStats, apply, pruned
+from .runtime import PruneHandle, SampleStats, apply, handle_of, pruned, remove
 
 __all__ = [
     "TransPruneConfig", "FastVConfig", "PDropConfig", "VisionZipConfig", "RandomConfig", "UniformConfig",
-    "PruneHandle", "SampleStats", "apply", "pruned", "preset",
+    "PruneHandle", "SampleStats", "apply", "pruned", "handle_of", "remove", "preset",
 ]
 __version__ = "0.1.0"

@@ -187,6 +187,11 @@ class ModelAdapter:
         """Visual tokens one image of ``image_size`` (h, w) becomes in this model."""
         raise NotImplementedError
 
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The per-token modality types the model needs besides ``input_ids`` (`mm_token_type_ids`: 0 text,
+        1 image, 2 video, for mRoPE families), for bench inputs built without a processor; None: none."""
+        return None
+
     def synthetic_vision_inputs(self, batch: int, image_size: tuple[int, int], gen: torch.Generator) -> dict:
         """The vision tensors of ``batch`` random images of ``image_size`` (bench inputs without a processor)."""
         raise NotImplementedError

@@ -50,18 +50,72 @@ _REDUCED_TEXT = dict(hidden=128, intermediate=344, layers=32, heads=4)
 _REDUCED_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        projection_dim=64)
 
+# Qwen: the public config.json facts of Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct and
+# Qwen/Qwen3-VL-8B-Instruct (transformers' defaults are other sizes), written in code; the vision towers'
+# depth and widths matter only for the vision cost. Token ids are Qwen's (image 151655, video 151656).
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def _qwen_text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, mrope, **overrides):
+    fields = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=152064,
+                  max_position_embeddings=128000, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(mrope)})
+    return {**fields, **overrides}
+
+
+def _qwen2_5_vl(text, **vision_overrides):
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  out_hidden_size=text["hidden_size"], tokens_per_second=2, hidden_act="silu")
+    return Qwen2_5_VLConfig(vision_config={**vision, **vision_overrides}, text_config=text, tie_word_embeddings=False,
+                            **QWEN_IDS)
+
+
+def _qwen2_vl(text):
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=32, embed_dim=1280, hidden_size=text["hidden_size"], mlp_ratio=4, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
+
+
+def _qwen3_vl():
+    from transformers import Qwen3VLConfig
+
+    text = _qwen_text(4096, 12288, 36, 32, 8, (24, 20, 20), head_dim=128, vocab_size=151936,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                       "mrope_interleaved": True})
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24])
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
+
+
+# Reduced Qwen2.5-VL: the 7B's geometry (28 decoder layers, GQA 7:1, m/d ~ 5.3, 14-pixel patches merged 2 x 2:
+# 256 visual tokens for the default 448 x 448 image, window attention with full layers) at hidden 112 and a
+# 2-block vision tower, so it runs on a CPU in seconds.
+_QWEN_REDUCED_TEXT = (112, 592, 28, 7, 1, (2, 3, 3))
+_QWEN_REDUCED_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1])
+
 CONFIGS = {
     "llava-1.5-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=False),
     "llava-1.5-13b": lambda: _llava(_clip_l336(), _llama(5120, 13824, 40, 40), anyres=False),
     "llava-next-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=True),
     "llava-1.5-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=False),
     "llava-next-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=True),
+    "qwen2-vl-7b": lambda: _qwen2_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
+    "qwen2.5-vl-7b": lambda: _qwen2_5_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
+    "qwen3-vl-8b": _qwen3_vl,
+    "qwen2.5-vl-reduced": lambda: _qwen2_5_vl(_qwen_text(*_QWEN_REDUCED_TEXT), **_QWEN_REDUCED_VISION),
 }
-REDUCED = ("llava-1.5-reduced", "llava-next-reduced")
+REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "qwen2.5-vl-reduced")
 
 
 def arch_config(name: str):
-    """The Hugging Face config (LlavaConfig / LlavaNextConfig) of a named bench arch, built in code."""
+    """The Hugging Face config (Llava, LlavaNext, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) of a named bench arch, built in code."""
     if name not in CONFIGS:
         raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(CONFIGS)} or a checkpoint folder")
     return CONFIGS[name]()

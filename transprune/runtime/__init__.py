@@ -18,7 +18,22 @@ from .handle import APPLIED, PruneHandle
 from .prefill import capture_layer_extras
 from .stats import SampleStats
 
-__all__ = ["apply", "pruned", "PruneHandle", "SampleStats"]
+__all__ = ["apply", "pruned", "handle_of", "remove", "PruneHandle", "SampleStats"]
+
+
+def handle_of(model) -> PruneHandle | None:
+    """The active handle of pruning attached to ``model`` (for a user who lost it), or None."""
+    ref = APPLIED.get(model)
+    handle = ref() if ref is not None else None
+    return handle if handle is not None and handle.active else None
+
+
+def remove(model) -> bool:
+    """Detach whatever pruning is attached to ``model``; returns whether there was any."""
+    handle = handle_of(model)
+    if handle is not None:
+        handle.remove()
+    return handle is not None
 
 
 def apply(model, config, *, record_scores: bool = False, profile: bool = False) -> PruneHandle:
@@ -34,9 +49,9 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
     """
     pre, llm = split_methods(config)
     adapter = adapter_for(model)
-    applied = APPLIED.get(model)
-    if applied is not None and applied() is not None and applied().active:
-        raise ValueError("transprune is already applied to this model; call handle.remove() before applying again")
+    if handle_of(model) is not None:
+        raise ValueError("transprune is already applied to this model; call handle.remove() (or "
+                         "transprune.remove(model); transprune.handle_of(model) returns the handle) before applying again")
     adapter.check_decoder()
     schedule = llm.layers_for_depth(adapter.depth) if llm is not None else Schedule.none(adapter.depth)
     if llm is not None:

@@ -74,16 +74,15 @@ class PruneHandle:
         self.record_scores = record_scores
         # With profile=True each pruned prefill times its scoring steps into `last_profile` (see Profiler).
         self.profile = profile
-        self.last_profile: dict | None = None
         self.config = config
         self.pre, self.llm = split_methods(config)
         self.adapter = adapter
         self.schedule = schedule
-        self.last_stats: list[SampleStats] | None = None
         # False: score every sample on its own even when a batch's rows line up (the batched path's reference).
         self.batched_selection = True
         self._generations: "weakref.WeakKeyDictionary[object, Generation]" = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
+        # last_stats / last_profile are per thread of execution: concurrent calls each read their own.
+        self._local = threading.local()
         self._saved: list[tuple[torch.nn.Module, str, object]] = []
         self._hooks: list = []
         self._active = False
@@ -141,6 +140,17 @@ class PruneHandle:
         APPLIED.pop(self.model, None)
 
     @property
+    def last_stats(self) -> list[SampleStats] | None:
+        """One `SampleStats` per sample of this thread's last prefill (a call that starts a new cache), set
+        by every such call, with images or without (then each sample reports 0 image tokens)."""
+        return getattr(self._local, "stats", None)
+
+    @property
+    def last_profile(self) -> dict | None:
+        """This thread's last pruned prefill's scoring times, with profiling on (see `Profiler`)."""
+        return getattr(self._local, "profile", None)
+
+    @property
     def active(self) -> bool:
         return self._active
 
@@ -164,8 +174,8 @@ class PruneHandle:
         has_images = fresh and image_mask is not None and bool(image_mask.any())
         enabled = self.pre is not None or (self.llm is not None and self.llm.enabled)
         if generation is None and not (enabled and has_images):
-            if has_images:
-                self._record_unpruned(image_mask, attention_mask)
+            if fresh:
+                self._record_unpruned(image_mask, attention_mask, inputs_embeds if input_ids is None else input_ids)
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if kwargs.get("output_attentions"):
@@ -222,17 +232,18 @@ class PruneHandle:
         self._record(n_original, n_llm, state.kept_ranks, state.scores, pre_keep is not None)
         if self.profile:
             result = profiler.result(len(self.schedule.pruning_layers))
-            with self._lock:
-                self.last_profile = result
+            self._local.profile = result
         return h
 
     # -- statistics -------------------------------------------------------------------------------
     def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
         stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm)
-        with self._lock:
-            self.last_stats = stats
+        self._local.stats = stats
 
-    def _record_unpruned(self, image_mask, attention_mask):
-        valid = image_mask if attention_mask is None else image_mask & attention_mask[:, -image_mask.shape[1]:].bool()
-        counts = valid.sum(1).tolist()
+    def _record_unpruned(self, image_mask, attention_mask, tokens):
+        if image_mask is None:  # the decoder was called on its own (no multimodal call around it): no images
+            counts = [0] * tokens.shape[0]
+        else:
+            valid = image_mask if attention_mask is None else image_mask & attention_mask[:, -image_mask.shape[1]:].bool()
+            counts = valid.sum(1).tolist()
         self._record(counts, counts, [[] for _ in counts])
