@@ -12,7 +12,6 @@ import torch
 import transprune
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig
 from transprune.adapters import adapter_for, family_for
-from transprune.runtime.prefill import capture_layer_extras
 from transprune.testing import (QWEN3_DEEPSTACK_LAYERS, qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_llava,
                                 tiny_qwen3_vl, tiny_qwen3_vl_config, tiny_qwen_processor)
 
@@ -46,15 +45,13 @@ def n_visual(inputs) -> list[int]:
 def test_adapter_position_rule_and_hooks(qwen3):
     model, _ = qwen3
     decoder = model.model.language_model
-    assert not decoder._forward_pre_hooks and not decoder._forward_hooks
     with transprune.pruned(model, TINY) as handle:
         assert handle.adapter.family == "qwen3-vl" and handle.llm.positions == "original"
-        assert len(decoder._forward_pre_hooks) == 1 and len(decoder._forward_hooks) == 1
-    assert not decoder._forward_pre_hooks and not decoder._forward_hooks  # remove() takes them off
+        assert not decoder._forward_pre_hooks and not decoder._forward_hooks  # extras come from the call itself
     assert "forward" not in vars(decoder)
     with pytest.raises(ValueError, match=r"positions='compact' is not supported on the qwen3-vl family"):
         transprune.apply(model, TransPruneConfig(**SCHEDULE, keep_ratios=(0.5, 0.5, 0.5), positions="compact"))
-    assert capture_layer_extras(adapter_for(tiny_llava(seed=0))) == []  # the default seam installs nothing
+    assert adapter_for(tiny_llava(seed=0)).layer_extras({"visual_pos_masks": None}) is None  # the default: none
 
 
 # -- 1. keep everything == unpruned: DeepStack is injected where the decoder injects it ------------------------

@@ -15,7 +15,6 @@ from ..methods import split_methods
 from ..methods.base import is_default_rule
 from ..schedule import Schedule
 from .handle import APPLIED, PruneHandle
-from .prefill import capture_layer_extras
 from .stats import SampleStats
 
 __all__ = ["apply", "pruned", "handle_of", "remove", "PruneHandle", "SampleStats"]
@@ -65,8 +64,6 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
         pre.check(adapter)
     handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)
     handle._install()
-    # The family's between-layer inputs (e.g. DeepStack), read from each decoder call; `remove()` removes the hooks.
-    handle._hooks.extend(capture_layer_extras(adapter))
     return handle
 
 

@@ -207,13 +207,13 @@ class PruneHandle:
         hidden = [] if want_hidden else None
         if generation is None:
             h = self._prefill(call, inputs_embeds, new_valid, image_mask, position_ids, cache if use_cache else None,
-                              hidden)
+                              hidden, adapter.layer_extras(kwargs))
         else:
             h = continue_generation(adapter, generation, inputs_embeds, new_valid, position_ids, cache, hidden)
         return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None,
                                        hidden_states=tuple(hidden) if want_hidden else None)
 
-    def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden):
+    def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None):
         pre_keep = None
         if self.pre is not None:
             if call.pre is None:
@@ -225,7 +225,8 @@ class PruneHandle:
         if self.profile:
             profiler = call.pre.profiler if pre_keep is not None and call.pre.profiler else Profiler(embeds.device)
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
-                                              hidden, pre_keep, profiler, aligned=self.batched_selection)
+                                              hidden, pre_keep, profiler, aligned=self.batched_selection,
+                                              extras=extras)
         if cache is not None:
             state.generation.next_position = self.adapter.next_position(position_ids)
             self._generations[cache] = state.generation

@@ -1,15 +1,13 @@
 """The pruned prefill: the decoder's layers in a plain loop, TTV captured where the method needs it, image
 tokens dropped after each pruning layer (and before the first, for a pre-LLM method).
 
-A family whose decoder adds inputs of its own between layers (`ModelAdapter.layer_extras` / `after_layer`,
-e.g. Qwen3-VL's DeepStack features) gets them from the decoder call through `capture_layer_extras`: a
-pre-hook on the decoder reads them from the call's keyword arguments into a ContextVar (so concurrent
-calls stay apart) and the prefill hands them to `after_layer` after every layer.
+A family whose decoder adds inputs of its own between layers (e.g. Qwen3-VL's DeepStack features) reads them
+from the decoder call's keyword arguments (`ModelAdapter.layer_extras`); the prefill hands them to
+`ModelAdapter.after_layer` after every layer.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -19,30 +17,6 @@ from ..surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
 from .decode import Generation, Stage
 from .select import select
 from .stats import NO_PROFILE
-
-# The family's extras of the decoder call in flight (`ModelAdapter.layer_extras`); None: none.
-_LAYER_EXTRAS: ContextVar[object | None] = ContextVar("transprune_layer_extras", default=None)
-
-
-def capture_layer_extras(adapter) -> list:
-    """Hooks on ``adapter``'s decoder that make its `layer_extras` of each call visible to the pruned prefill
-    of that call (set before the decoder's forward, cleared after it, also when it raises). A family that
-    keeps the default `layer_extras` gets no hooks at all. Returns the hook handles (to remove)."""
-    from ..adapters.base import ModelAdapter
-
-    if type(adapter).layer_extras is ModelAdapter.layer_extras:
-        return []
-
-    def before(module, args, kwargs):
-        _LAYER_EXTRAS.set(adapter.layer_extras(kwargs))
-
-    def after(module, args, kwargs, output):
-        _LAYER_EXTRAS.set(None)
-
-    decoder = adapter.decoder
-    return [decoder.register_forward_pre_hook(before, with_kwargs=True),
-            decoder.register_forward_hook(after, with_kwargs=True, always_call=True)]
-
 
 @dataclass
 class PrefillState:
@@ -78,10 +52,8 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
             aligned: bool = True, extras=None):
     """Run the pruned prefill; returns the final hidden states at the caller's columns (dropped rows zero)
     and leaves the `Generation` for decode steps on ``cache``. ``extras``: the family's `layer_extras` of
-    this call (None: those `capture_layer_extras` recorded for the decoder call in flight, if any)."""
+    this call (None: the family adds nothing between layers)."""
     method, sched, adapter = handle.llm, handle.schedule, handle.adapter
-    if extras is None:
-        extras = _LAYER_EXTRAS.get()
     layers = adapter.layers
     prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
     last_prune = max(prune_at) if prune_at else -1
