@@ -161,3 +161,16 @@ def test_random_image_and_prompts():
     assert a.tobytes() == random_image(0).tobytes() and a.tobytes() != random_image(1).tobytes()
     prompts = sample_prompts(4, seed=0)
     assert len({len(p.split()) for p in prompts}) == 4 and all(p.count("<image>") == 1 for p in prompts)
+
+
+def test_every_registered_family_has_a_tiny_model_and_processor(tmp_path):
+    from transprune.adapters import adapter_for, family_for, supported_model_types
+    from transprune.testing import TINY_MODELS, save_tiny_checkpoint, tiny_model
+
+    assert sorted(TINY_MODELS) == sorted(supported_model_types())
+    for model_type in supported_model_types():
+        model = tiny_model(model_type, seed=0)
+        assert type(model) is family_for(model_type).model_class_for(model_type)
+        assert adapter_for(model).family == family_for(model_type).family
+    with pytest.raises(ValueError, match="image-only"):
+        save_tiny_checkpoint(tmp_path / "q", kind="qwen2_5_vl")

@@ -199,20 +199,22 @@ def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtype: tor
 
 
 def tiny_model(kind: str = "llava", **kwargs):
-    """``tiny_llava`` or ``tiny_llava_next`` by name."""
-    return {"llava": tiny_llava, "llava_next": tiny_llava_next}[_check_kind(kind)](**kwargs)
+    """The tiny model of a supported ``model_type`` (`TINY_MODELS`: one per registered family's model type)."""
+    return TINY_MODELS[_check_kind(kind, TINY_MODELS)](**kwargs)
 
 
-def _check_kind(kind: str) -> str:
-    if kind not in ("llava", "llava_next"):
-        raise ValueError(f"kind must be 'llava' or 'llava_next', not {kind!r}")
+def _check_kind(kind: str, kinds=("llava", "llava_next")) -> str:
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, kinds))}, not {kind!r}")
     return kind
 
 
 # ---------------------------------------------------------------------------------------------- processors
 
-def tiny_processor(kind: str = "llava") -> LlavaProcessor | LlavaNextProcessor:
-    """Processor matching the tiny configs; it expands each ``<image>`` in the text to the model's count."""
+def tiny_processor(kind: str = "llava"):
+    """Processor matching the tiny configs; it expands each image placeholder in the text to the model's count."""
+    if kind in QWEN_KINDS:
+        return tiny_qwen_processor(kind)
     size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     common = dict(tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
                   image_token="<image>", num_additional_image_tokens=1,  # the CLIP CLS token
@@ -226,6 +228,9 @@ def tiny_processor(kind: str = "llava") -> LlavaProcessor | LlavaNextProcessor:
 
 def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llava", seed: int = 0, **text_overrides) -> Path:
     """Write a tiny model + processor with ``save_pretrained``; load them back with ``from_pretrained(path)``."""
+    if kind in QWEN_KINDS:  # its processor is built without a video processor (that needs torchvision)
+        raise ValueError(f"save_tiny_checkpoint supports {', '.join(('llava', 'llava_next'))}: the tiny {kind} "
+                         "processor is image-only and does not load back through AutoProcessor")
     path = Path(path)
     tiny_model(kind, seed=seed, **text_overrides).save_pretrained(path)
     tiny_processor(kind).save_pretrained(path)
@@ -471,3 +476,10 @@ def qwen_sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, sizes: li
     """The same prompts and images as ``qwen_sample_inputs``, one unpadded batch of one each."""
     images, prompts = sample_images(n, seed, sizes), qwen_sample_prompts(n, seed)
     return [processor(images=[image], text=[prompt], return_tensors="pt") for image, prompt in zip(images, prompts)]
+
+
+# model_type -> tiny model builder: what tests build for every registered family
+# (tests/test_testing.py checks that each model type of the adapter registry has one).
+TINY_MODELS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+               "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
