@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from transprune.cli import main
 from transprune.testing import random_image, save_tiny_checkpoint
@@ -68,3 +69,52 @@ def test_flops_methods_json(capsys):
     assert round(json.loads(capsys.readouterr().out)["tflops"], 2) == 0.66
     assert main(["flops", "--arch", "llava-1.5-7b", "--method", "fastv", "--set", "z=1"]) == 2
     assert "allowed: k, positions, r, reference_depth" in capsys.readouterr().err
+
+
+def test_cli_mistakes_exit_2_with_one_line_before_any_work(tmp_path, capsys):
+    """Each mistake a user makes on the command line: exit 2, one line on stderr naming the option or field."""
+    from transprune.mini.model import build_mini, mini_processor
+    from transprune.testing import random_image, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny")
+    image = tmp_path / "img.png"
+    random_image(0).save(image)
+    mini = tmp_path / "mini"
+    build_mini(seed=0).save_pretrained(mini)
+    mini_processor().save_pretrained(mini)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    run = ["run", "--model", str(ckpt), "--image", str(image), "--prompt", "hi"]
+    cases = [
+        (run + ["--method", "visionzip", "--set", "dominant=100"], "more than the model's 64 patches"),
+        (run, "do not fit a 8-layer decoder"),  # the paper's layers as written on an 8-layer model
+        (run + ["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["eval", "--suite", "mini", "--model", str(mini), "--threads", "0"], "--threads"),
+        (["eval", "--suite", "mini", "--model", str(ckpt), "--n", "5"], "is not a mini checkpoint"),
+        (["bench", "--arch", "llava-1.5-reduced", "--attn", "flash_attention_2", "--methods", "none"], "flash"),
+        (["train-mini", "--out", str(tmp_path / "x"), "--lr", "-1"], "lr=-1.0"),
+        (["train-mini", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "empty")], "init="),
+        (["train-mini", "--out", str(tmp_path / "file")], "an existing file"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["bench", "--arch", "llava-1.5-reduced", "--device", "cuda", "--methods", "none"], "no CUDA"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) if "--max-new-tokens" in message or "--threads" in message else _nothing():
+            assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]  # loading bars aside
+        assert message in err and "Traceback" not in err, (argv, err)
+        errors = [line for line in lines if line.startswith("transprune") and "error:" in line]
+        assert len(errors) == 1 and message in errors[0], lines
+        assert lines[0].startswith("usage") or len(lines) == 1, lines  # only argparse adds its usage
+    assert not (tmp_path / "x").exists()
+    # a single value for a one-stage sequence field is accepted
+    assert main(run + ["--set", "pruning_layers=2", "--set", "keep_ratios=0.5", "--set", "accumulation_layers=2",
+                       "--max-new-tokens", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pruning_layers"] == [2]
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .adapters import supported_model_types
-from .argtypes import count
+from .argtypes import count, positive
 from .bench import register as register_bench
 from .config import PRESETS
 from .flops import ARCHS, compress_runs, estimate, resolve_arch
@@ -40,7 +41,7 @@ def _add_method_args(p, default_preset=None):
 
 def _add_mini_args(p):
     p.add_argument("--model", default=None, metavar="DIR", help="a mini checkpoint folder (default: the shipped one)")
-    p.add_argument("--threads", type=count, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive, default=2, help="torch CPU threads (default 2)")
 
 
 def _method(args):
@@ -112,18 +113,19 @@ def cmd_run(args) -> int:
     import torch
     from PIL import Image
 
-    from .runtime import pruned
+    from .runtime import apply
 
     try:
         config = _method(args)
         model, processor = load_checkpoint(args.model, args.dtype)
         image = Image.open(args.image).convert("RGB")
-    except (ValueError, OSError) as exc:
+        handle = apply(model, config)  # validates the config against this model before anything runs
+    except (ValueError, TypeError, OSError) as exc:
         print(f"transprune run: error: {exc}", file=sys.stderr)
         return 2
     inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
     inputs = {k: (v.to(model.dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
-    with pruned(model, config) as handle, torch.no_grad():
+    with handle, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     stats = handle.last_stats[0]
@@ -152,6 +154,8 @@ def cmd_train_mini(args) -> int:
 
     cfg = train_config(args)
     try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: an existing file; the checkpoint is a folder")
         check_config(cfg)
     except ValueError as exc:
         print(f"transprune train-mini: error: {exc}", file=sys.stderr)
@@ -162,10 +166,24 @@ def cmd_train_mini(args) -> int:
     return 0
 
 
+def _check_fits(model, names) -> None:
+    """Raise for the first suite method that cannot be applied to ``model`` (before any question runs)."""
+    from .mini.evaluate import SUITE
+    from .runtime import apply
+
+    for name in names:
+        config = SUITE[name][1]()
+        if config is not None:
+            try:
+                apply(model, config).remove()
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"method {name!r} does not fit this model: {exc}") from None
+
+
 def _load_mini(path):
     from .mini.model import load_mini
 
-    return load_mini(path)
+    return load_mini(path)  # raises ValueError for a checkpoint that is not a mini model
 
 
 def cmd_eval(args) -> int:
@@ -178,7 +196,8 @@ def cmd_eval(args) -> int:
         if args.n < 1 or args.batch_size < 1:
             raise ValueError(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
         model, processor = _load_mini(args.model)
-    except (ValueError, OSError) as exc:
+        _check_fits(model, names)
+    except (ValueError, TypeError, OSError) as exc:
         print(f"transprune eval: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
@@ -273,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="IMG", help="image file")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the question (wrapped in the chat template)")
     _add_method_args(p)
-    p.add_argument("--max-new-tokens", type=count, default=64)
+    p.add_argument("--max-new-tokens", type=positive, default=64)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)

@@ -100,8 +100,20 @@ def _size(value: str):
     raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 672x672, got {value!r}")
 
 
+def _check_backend(device: str | None, attn: str) -> None:
+    """Raise ValueError for a device or attention backend this torch cannot use (before any model is built)."""
+    import importlib.util
+
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn flash_attention_2 needs the flash-attn package, which is not installed; "
+                         "use sdpa or eager")
+
+
 def cmd_bench(args) -> int:
     try:
+        _check_backend(args.device, args.attn)
         report = run_bench(args.arch, args.methods, batch=args.batch, dtype=args.dtype, device=args.device,
                            attn_implementation=args.attn, random_weights=args.random_weights,
                            repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,

@@ -104,6 +104,8 @@ def build(methods: str = "transprune", preset_name: str | None = None, params: d
     for i, cfg in enumerate(configs):
         names = {f.name for f in fields(cfg)}
         mine = {k: _parse_value(v) for k, v in params.items() if k in names}
+        # a single value for a sequence field (--set keep_ratios=0.5 on a one-stage schedule)
+        mine = {k: (v,) if isinstance(getattr(cfg, k), tuple) and not isinstance(v, tuple) else v for k, v in mine.items()}
         used |= mine.keys()
         if mine:
             configs[i] = type(cfg)(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **mine})

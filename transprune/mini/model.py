@@ -90,6 +90,22 @@ def checkpoint_path() -> Path:
     return Path(str(resources.files("transprune.mini") / "checkpoint"))
 
 
+def _check_is_mini(path: Path) -> None:
+    """Raise ValueError unless the folder's config.json has the mini model's shape (read before any weights)."""
+    import json
+
+    saved, mini = json.loads((path / "config.json").read_text()), mini_config().to_dict()
+    facts = [("model_type",), ("vision_config", "image_size"), ("vision_config", "patch_size"),
+             ("text_config", "num_hidden_layers"), ("text_config", "hidden_size"), ("text_config", "vocab_size")]
+    for keys in facts:
+        have, want = saved, mini
+        for key in keys:
+            have, want = (have or {}).get(key), want.get(key)
+        if have != want:
+            raise ValueError(f"{path} is not a mini checkpoint: its {'.'.join(keys)} is {have!r}, the mini model's is "
+                             f"{want!r}")
+
+
 def load_mini(path: str | Path | None = None, attn_implementation: str = "sdpa"):
     """(model, processor) from a trained checkpoint folder (default: the shipped one), in eval mode."""
     import torch
@@ -98,6 +114,7 @@ def load_mini(path: str | Path | None = None, attn_implementation: str = "sdpa")
     path = Path(path) if path is not None else checkpoint_path()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no mini checkpoint at {path} (train one with `transprune train-mini --out DIR`)")
+    _check_is_mini(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True,
                                                           attn_implementation=attn_implementation).eval()
     return model, AutoProcessor.from_pretrained(path, local_files_only=True)

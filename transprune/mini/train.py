@@ -367,6 +367,14 @@ def check_config(cfg: TrainConfig) -> None:
     """Raise ValueError naming the field and its allowed values for a config `train` cannot run; nothing else
     is touched (the CLI calls it to exit 2 before any work)."""
     _device(cfg.device)
+    for name in ("lr", "vision_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: a learning rate must be > 0")
+    for name in ("weight_decay", "aux_weight", "deep_weight", "attn_weight"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: a weight must be >= 0")
+    if cfg.init is not None and not (Path(cfg.init) / "config.json").is_file():
+        raise ValueError(f"init={cfg.init!r}: no checkpoint there (a folder written by `transprune train-mini`)")
     if not (isinstance(cfg.cycles, int) and cfg.cycles >= 1):
         raise ValueError(f"cycles={cfg.cycles!r}: a whole number of stage-2 cycles, 1 or more")
     unknown = sorted(set(cfg.aux_labels) - set(AUX_CLASSES))
