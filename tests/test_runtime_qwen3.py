@@ -66,14 +66,9 @@ def test_keep_all_equals_unpruned(qwen3):
     assert torch.equal(tokens, ref_tokens)
     assert torch.allclose(got_logits[valid], ref_logits[valid], atol=1e-5, rtol=1e-5)
     # DeepStack matters here: the same loop without the injection gives other logits.
-    from transprune.adapters.qwen3_vl import Qwen3VLAdapter
-    original = Qwen3VLAdapter.after_layer
-    Qwen3VLAdapter.after_layer = lambda self, i, h, layout, extras: h
-    try:
-        with transprune.pruned(model, KEEP_ALL):
-            without = logits(model, inputs)
-    finally:
-        Qwen3VLAdapter.after_layer = original
+    with transprune.pruned(model, KEEP_ALL) as handle:
+        handle.adapter.after_layer = lambda i, h, layout, extras: h  # this handle's adapter instance only
+        without = logits(model, inputs)
     assert not torch.allclose(without[valid], ref_logits[valid], atol=1e-3)
 
 
