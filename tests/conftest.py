@@ -83,3 +83,14 @@ def llava():
 @pytest.fixture(scope="module")
 def llava_eager():
     return tiny_llava(seed=0, attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def random_mini(tmp_path_factory):
+    """An untrained mini model saved like the shipped one: for mechanics (not accuracy)."""
+    from transprune.mini.model import build_mini, mini_processor
+
+    folder = tmp_path_factory.mktemp("mini")
+    build_mini(seed=3).save_pretrained(folder)
+    mini_processor().save_pretrained(folder)
+    return folder

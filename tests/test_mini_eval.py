@@ -14,16 +14,7 @@ from transprune.flops import estimate, arch_from_config
 from transprune.mini import data
 from transprune.mini.card import FIRST
 from transprune.mini.evaluate import SUITE, evaluate, questions, resolve
-from transprune.mini.model import PATCH_SIZE, build_mini, checkpoint_path, load_mini, mini_processor, prompt
-
-
-@pytest.fixture(scope="module")
-def random_mini(tmp_path_factory):
-    """An untrained mini model saved like the shipped one: for mechanics (not accuracy)."""
-    folder = tmp_path_factory.mktemp("mini")
-    build_mini(seed=3).save_pretrained(folder)
-    mini_processor().save_pretrained(folder)
-    return folder
+from transprune.mini.model import PATCH_SIZE, checkpoint_path, load_mini, prompt
 
 
 @pytest.fixture(scope="module")

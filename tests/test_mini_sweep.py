@@ -10,20 +10,11 @@ import torch
 
 from transprune import FastVConfig, RandomConfig, TransPruneConfig, pruned
 from transprune.mini.evaluate import evaluate, questions
-from transprune.mini.model import IMAGE_TOKENS, PATCH_SIZE, build_mini, load_mini, mini_processor, prompt
+from transprune.mini.model import IMAGE_TOKENS, PATCH_SIZE, load_mini, prompt
 from transprune.mini.sweep import RULES, main, rule_config, run_sweep
 
 LAYERS = (2, 11)  # an early layer and the last one IGA allows in the 12-layer decoder
 KEEPS = (0.5, 0.125)
-
-
-@pytest.fixture(scope="module")
-def random_mini(tmp_path_factory):
-    """An untrained mini model saved like a trained checkpoint: for mechanics (not accuracy)."""
-    folder = tmp_path_factory.mktemp("mini")
-    build_mini(seed=3).save_pretrained(folder)
-    mini_processor().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

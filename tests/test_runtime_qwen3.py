@@ -15,30 +15,13 @@ from transprune.adapters import adapter_for, family_for
 from transprune.testing import (QWEN3_DEEPSTACK_LAYERS, qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_llava,
                                 tiny_qwen3_vl, tiny_qwen3_vl_config, tiny_qwen_processor)
 
-SIZES = [(64, 64), (128, 96), (96, 128)]  # 16, 48 and 48 visual tokens
-SCHEDULE = dict(accumulation_layers=(2, 3, 4, 5), pruning_layers=(2, 3, 5), reference_depth=None)
-KEEP_ALL = TransPruneConfig(**SCHEDULE, keep_ratios=(1.0, 1.0, 1.0))
-TINY = TransPruneConfig(**SCHEDULE, keep_ratios=(0.875, 0.5, 0.25))
+# the same sizes (16, 48 and 48 visual tokens), schedules and helpers as the Qwen2/2.5-VL tests
+from test_runtime_qwen import KEEP_ALL, SCHEDULE, SIZES, TINY, greedy, logits, n_visual  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def qwen3():
     return tiny_qwen3_vl(seed=0), tiny_qwen_processor("qwen3_vl")
-
-
-def greedy(model, inputs, n=20):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def n_visual(inputs) -> list[int]:
-    return (inputs["mm_token_type_ids"] > 0).sum(1).tolist()
 
 
 # -- the family, its position rule, its hooks -------------------------------------------------------------

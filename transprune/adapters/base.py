@@ -10,6 +10,8 @@ without knowing their shape, and the family's position rule says what they are i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
@@ -43,8 +45,9 @@ class ModelAdapter:
         """The module whose forward sees `input_ids` and hands `inputs_embeds` to the decoder."""
         return self.model.model
 
-    @property
+    @functools.cached_property
     def decoder(self):
+        """The text decoder (looked up once: the runtime reads it on every decode step)."""
         return self.model.get_decoder()
 
     @property
