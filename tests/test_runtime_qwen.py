@@ -211,10 +211,12 @@ def test_manual_decode_loop_uses_the_unpruned_positions(qwen25):
 
 
 # -- 8. sliding-window layers, prompts without images ------------------------------------------------------
+SLIDING = dict(use_sliding_window=True, sliding_window=24, max_window_layers=4)
+
+
 def test_sliding_window_layers_keep_all_equals_unpruned():
-    """Layers of type sliding_attention get their own mask (prefill). Decoding is not compared: transformers'
-    own generate() fails on this config under sdpa (its sliding cache layers and masks disagree)."""
-    model = tiny_qwen2_5_vl(seed=0, use_sliding_window=True, sliding_window=24, max_window_layers=4)
+    """Layers of type sliding_attention get their own mask."""
+    model = tiny_qwen2_5_vl(seed=0, **SLIDING)
     assert model.config.text_config.layer_types[4:] == ["sliding_attention"] * 4
     inputs = qwen_sample_inputs(tiny_qwen_processor("qwen2_5_vl"), 2, seed=10, sizes=SIZES[1:])
     with torch.no_grad():
@@ -226,6 +228,37 @@ def test_sliding_window_layers_keep_all_equals_unpruned():
     with torch.no_grad():  # the sliding mask matters: all-full masks give other logits
         full = tiny_qwen2_5_vl(seed=0)(**inputs, use_cache=False).logits
     assert not torch.allclose(full[valid], ref[valid], atol=1e-3)
+
+
+def greedy_without_cache(model, inputs, n):
+    """Greedy tokens from full forwards over the growing sequence, no KV cache: the decode reference."""
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            step = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False, **vision)
+        token = step.logits[:, -1].argmax(-1, keepdim=True)
+        out.append(token)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        types = torch.cat([types, torch.zeros_like(types[:, :1])], 1)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("config", [KEEP_ALL, RandomConfig(pruning_layers=(2, 3, 5), keep_ratios=(0.875, 0.5, 0.25))],
+                         ids=["keep-all", "random"])
+def test_sliding_window_decode_matches_full_forwards(config):
+    """Decoding with the sliding layers' short caches (they keep only their last window - 1 keys) == full
+    forwards without a cache. Random pruning draws the same tokens whatever text follows the image, so the
+    no-cache forwards prune exactly what the cached prefill pruned; each sliding window counts the tokens
+    present in its layer."""
+    model = tiny_qwen2_5_vl(seed=0, **SLIDING)
+    inputs = qwen_sample_inputs(tiny_qwen_processor("qwen2_5_vl"), 2, seed=10, sizes=SIZES[1:])
+    with transprune.pruned(model, config):
+        expected = greedy_without_cache(model, inputs, 20)
+        assert torch.equal(greedy(model, inputs, n=20), expected)
+    if config is KEEP_ALL:
+        assert torch.equal(greedy(model, inputs, n=20), expected)  # and == the unpruned model's own decode
 
 
 def test_prompt_without_image(qwen25):

@@ -116,8 +116,11 @@ class Qwen2VLAdapter(ModelAdapter):
             return full
         config = self.decoder.config
         kv_len = key_valid.shape[1]
+        # A sliding layer's cache (`DynamicSlidingWindowLayer`) holds only its last ``window - 1`` keys, so after
+        # the first call of a stage its layers see those plus the new ones: the mask covers exactly them.
+        keys = q_len + min(kv_len - q_len, config.sliding_window - 1)
         sliding = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-            batch_size=h.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
+            batch_size=h.shape[0], q_length=q_len, kv_length=keys, q_offset=kv_len - q_len, kv_offset=kv_len - keys,
             mask_function=sliding_window_causal_mask_function(config.sliding_window), attention_mask=key_valid,
             allow_is_causal_skip=True, local_size=config.sliding_window, dtype=h.dtype, config=config,
             use_vmap=False, device=h.device,
