@@ -116,6 +116,30 @@ def test_batch_matches_one_by_one_qwen2_vl():
             assert torch.equal(greedy(model, inputs, n=12)[0], tokens[b])
 
 
+def farthest_point_reference(rows: int, cols: int, k: int) -> list[int]:
+    """The uniform baseline's rule on a rows x cols grid (row-major tokens): the token nearest the centre,
+    then repeatedly the one farthest from all chosen (ties to the earlier token)."""
+    coords = [(i // cols, i % cols) for i in range(rows * cols)]
+    cy, cx = (rows - 1) / 2, (cols - 1) / 2
+    chosen = [min(range(len(coords)), key=lambda i: ((coords[i][0] - cy) ** 2 + (coords[i][1] - cx) ** 2, i))]
+    while len(chosen) < k:
+        dist = [min((coords[i][0] - coords[j][0]) ** 2 + (coords[i][1] - coords[j][1]) ** 2 for j in chosen)
+                if i not in chosen else -1 for i in range(len(coords))]
+        chosen.append(max(range(len(coords)), key=lambda i: (dist[i], -i)))
+    return sorted(chosen)
+
+
+def test_uniform_spreads_over_each_images_merged_grid(qwen):
+    """Each sample's grid is its own image's (h, w) merged grid (from its mRoPE positions), not sequence order."""
+    model, processor = qwen
+    sizes = [(128, 96), (96, 128)]  # (width, height): 6 x 8 and 8 x 6 merged grids
+    inputs = qwen_sample_inputs(processor, 2, seed=21, sizes=sizes)
+    with transprune.pruned(model, UniformConfig(pruning_layers=(2,), keep_ratios=(0.25,))) as handle:
+        greedy(model, inputs, n=1)
+    for (width, height), stats in zip(sizes, handle.last_stats):
+        assert stats.kept_indices[0] == farthest_point_reference(height // 16, width // 16, 12)
+
+
 # -- 4. FastV ranks by layer k's attention: reference from HF's own eager attention weights (mRoPE, GQA) ------
 def test_fastv_keeps_the_tokens_the_last_token_attends_to_most(qwen):
     model, processor = qwen

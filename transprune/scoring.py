@@ -93,7 +93,7 @@ def select_top(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def even_spread_priority(coords: torch.Tensor) -> torch.Tensor:
     """A score whose top-k is a spatially even subset for every k: farthest-point order on ``coords``
-    (n, 2), starting from the token nearest the centre (ties go to the earlier token)."""
+    (n, c), starting from the token nearest the centre (ties go to the earlier token)."""
     n = coords.shape[0]
     coords = coords.float()
     centre = coords.mean(0, keepdim=True)

@@ -76,9 +76,10 @@ class ModelAdapter:
         """(B, L) bool: the visual tokens of this call (None when the call has no way to tell)."""
         raise NotImplementedError
 
-    def token_coords(self, ranks: torch.Tensor) -> torch.Tensor:
-        """(n, 2) float coordinates of image tokens by their index among the sample's image tokens (the
-        uniform baseline); default: position along the sequence."""
+    def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, c) float coordinates of one sample's image tokens for the uniform baseline, from their indices
+        among the sample's image tokens (``ranks``, (n,)) or their positions (``positions``, any layout with
+        the token axis last); default: index along the sequence."""
         ranks = ranks.float()
         return torch.stack([ranks, torch.zeros_like(ranks)], dim=1)
 

@@ -35,10 +35,10 @@ class LlavaAdapter(ModelAdapter):
     def is_anyres(self) -> bool:
         return isinstance(self.model, LlavaNextForConditionalGeneration)
 
-    def token_coords(self, ranks: torch.Tensor) -> torch.Tensor:
+    def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(row, col) on LLaVA-1.5's square patch grid; position along the sequence for anyres packing."""
         if self.is_anyres:
-            return super().token_coords(ranks)
+            return super().token_coords(ranks, positions)
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         ranks = ranks.float()

@@ -63,6 +63,11 @@ class Qwen2VLAdapter(ModelAdapter):
             mask = hit if mask is None else mask | hit
         return mask
 
+    def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, 3): each token's own (t, h, w) mRoPE position, i.e. its cell of the merged grid of its image or
+        video (offset per image by the text before it, so several images in one prompt stay apart)."""
+        return positions[-3:].T.float()
+
     # -- the position rule (mRoPE) -----------------------------------------------------------------
     @staticmethod
     def _rows(position_ids, batch: int) -> torch.Tensor:

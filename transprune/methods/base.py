@@ -146,8 +146,8 @@ class StageView:
     # attention(which, h, query_idx) -> (R, S): mean attention of the query rows to every token, computed
     # from q and k with the pruning layer's ("this") or the following layer's ("next") weights.
     attention: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
-    # token_coords(ranks (n,)) -> (n, 2) grid coordinates of image tokens (the adapter's geometry)
-    token_coords: Callable[[torch.Tensor], torch.Tensor]
+    # token_coords(r) -> (n, c) coordinates of row r's image tokens on their grid (the family's geometry)
+    token_coords: Callable[[int], torch.Tensor]
 
     @property
     def length(self) -> int:

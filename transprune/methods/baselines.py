@@ -48,7 +48,7 @@ class UniformConfig(_Baseline):
     method = "uniform"
 
     def rank(self, view: StageView):
-        return torch.stack([scoring.even_spread_priority(view.token_coords(ranks)) for ranks in view.image_rank]), {}
+        return torch.stack([scoring.even_spread_priority(view.token_coords(r)) for r in range(view.image_rank.shape[0])]), {}
 
 
 register_method("random", RandomConfig)

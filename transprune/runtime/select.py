@@ -61,9 +61,15 @@ def _view(adapter, state, layer, next_layer, stage, rows, cols, image_at, rope, 
         q, k, scale = adapter.scoring_qk(weights[which], source, rope[0], rope[1], query_idx)
         return scoring.instruction_attention(q, k, query_idx, scale)
 
-    return StageView(h=h, h_in=h_in, image_at=image_at, image_rank=layout.image_rank[rows][:, cols][:, image_at],
+    image_rank = layout.image_rank[rows][:, cols][:, image_at]
+    positions = layout.positions[..., rows, :][..., cols][..., image_at]  # any layout, token axis last
+
+    def token_coords(r):
+        return adapter.token_coords(image_rank[r], positions[..., r, :])
+
+    return StageView(h=h, h_in=h_in, image_at=image_at, image_rank=image_rank,
                      ttv=state.ttv[rows][:, cols][:, image_at], stage=stage, last_image=last_image,
-                     attention=attention, token_coords=adapter.token_coords)
+                     attention=attention, token_coords=token_coords)
 
 
 def _scored(method, view: StageView, state, samples) -> torch.Tensor:
