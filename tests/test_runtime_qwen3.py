@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import transprune
-from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig
+from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, VisionZipConfig
 from transprune.adapters import adapter_for, family_for
 from transprune.testing import (QWEN3_DEEPSTACK_LAYERS, qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_llava,
                                 tiny_qwen3_vl, tiny_qwen3_vl_config, tiny_qwen_processor)
@@ -141,6 +141,60 @@ def test_fastv_inside_the_deepstack_layers_matches_the_reference(qwen3, k):
     # The reference tells the rows apart: the first 12 rows (not each kept token's own) give other logits.
     wrong = reference_last_logits(model, inputs, k, kept, deepstack_rows=list(range(len(kept))))
     assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+# -- videos: each frame its own vision block (Qwen3-VL's prompt layout), pruned like images --------------------------
+def qwen3_video_inputs(processor, seed: int, grid=(2, 8, 8), words="describe this video please ?"):
+    """A prompt with one hand-built video (Qwen's video processor needs torchvision): ``grid`` (t, h, w) patches,
+    each of the t frames its own <|vision_start|> ... <|vision_end|> block of h * w / 4 tokens of type 2, as
+    Qwen3-VL's processor lays frames out (without the timestamp text between them)."""
+    t, h, w = grid
+    frames = "".join(f"<|vision_start|>{'<|video_pad|>' * (h * w // 4)}<|vision_end|>" for _ in range(t))
+    inputs = processor.tokenizer([f"USER: {frames} {words} ASSISTANT:"], return_tensors="pt")
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    gen = torch.Generator().manual_seed(seed)
+    return {**inputs, "mm_token_type_ids": 2 * (inputs["input_ids"] == video_id).long(),
+            "pixel_values_videos": torch.randn(t * h * w, 3 * 2 * 8 * 8, generator=gen),
+            "video_grid_thw": torch.tensor([list(grid)])}
+
+
+def test_video_prompt(qwen3):
+    model, processor = qwen3
+    inputs = qwen3_video_inputs(processor, seed=11)
+    assert n_visual(inputs) == [32]
+    ref = greedy(model, inputs, n=10)
+    with transprune.pruned(model, KEEP_ALL):
+        assert torch.equal(greedy(model, inputs, n=10), ref)
+    with transprune.pruned(model, TINY) as handle:
+        assert greedy(model, inputs, n=10).shape == (1, 10)
+    assert [len(k) for k in handle.last_stats[0].kept_indices] == [28, 16, 8]
+
+
+@pytest.mark.parametrize("config", [TINY, VisionZipConfig(dominant=4, contextual=2)], ids=["transprune", "visionzip"])
+def test_image_and_video_in_one_batch_match_one_by_one(qwen3, config):
+    model, processor = qwen3
+    image = qwen_sample_inputs_unbatched(processor, 1, seed=13, sizes=[(128, 96)])[0]
+    video = qwen3_video_inputs(processor, seed=14, words="what is there ?")
+    length = max(image["input_ids"].shape[1], video["input_ids"].shape[1])
+
+    def pad(x, value=0):
+        return torch.cat([torch.full((1, length - x.shape[1]), value, dtype=x.dtype), x], dim=1)
+
+    batch = {"input_ids": torch.cat([pad(image["input_ids"], 3), pad(video["input_ids"], 3)]),
+             "attention_mask": torch.cat([pad(image["attention_mask"]), pad(video["attention_mask"])]),
+             "mm_token_type_ids": torch.cat([pad(image["mm_token_type_ids"].long()), pad(video["mm_token_type_ids"])]),
+             **{k: image[k] for k in ("pixel_values", "image_grid_thw")},
+             **{k: video[k] for k in ("pixel_values_videos", "video_grid_thw")}}
+    with transprune.pruned(model, config) as handle:
+        tokens = greedy(model, batch, n=8)
+        kept = [s.kept_indices for s in handle.last_stats]
+        assert [s.n_image_tokens for s in handle.last_stats] == [48, 32]
+        for b, inputs in enumerate((image, video)):
+            assert torch.equal(greedy(model, inputs, n=8)[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == kept[b]
+    if isinstance(config, VisionZipConfig):  # per image, per video frame: 6 tokens each
+        assert [len(k[0]) for k in kept] == [6, 12]
+        assert sum(i < 16 for i in kept[1][0]) == 6
 
 
 # -- 5. backends, prompts without images, facts for tools ------------------------------------------------------------

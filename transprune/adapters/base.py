@@ -76,6 +76,11 @@ class ModelAdapter:
         """(B, L) bool: the visual tokens of this call (None when the call has no way to tell)."""
         raise NotImplementedError
 
+    def visual_token_masks(self, input_ids, inputs_embeds) -> dict[str, torch.Tensor]:
+        """Per modality ("image", "video"), the (B, L) bool mask of its tokens (a pre-LLM method chooses
+        among each modality's tokens apart: one encoder call per modality)."""
+        return {"image": self.image_token_mask(input_ids, inputs_embeds)}
+
     def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(n, c) float coordinates of one sample's image tokens for the uniform baseline, from their indices
         among the sample's image tokens (``ranks``, (n,)) or their positions (``positions``, any layout with

@@ -95,6 +95,8 @@ class LlavaAdapter(ModelAdapter):
 class ClipVisionHooks:
     """What VisionZip reads from a LLaVA vision tower (CLIP, CLS at row 0) and its projector."""
 
+    encoders = {"image": "get_image_features"}  # modality -> the multimodal model's encoder method
+
     def __init__(self, adapter: LlavaAdapter):
         self.adapter = adapter
         self.model = adapter.model
@@ -123,8 +125,9 @@ class ClipVisionHooks:
         return layers[index - 1].self_attn
 
     @staticmethod
-    def cls_attention(attn, hidden):
+    def capture(attn, args, kwargs):
         """CLS-row attention (mean over heads) and keys of a CLIP attention layer, from its q and k."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         b, t, _ = hidden.shape
         heads, head_dim = attn.num_heads, attn.head_dim
         q = attn.q_proj(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).float()
@@ -133,16 +136,46 @@ class ClipVisionHooks:
         return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
 
     @staticmethod
-    def geometry(args, kwargs):
+    def geometry(modality, args, kwargs):
         """The image sizes of a `get_image_features(pixel_values, image_sizes, ...)` call (NeXT's tiling)."""
         return kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
 
-    def feature_patches(self, image_outputs) -> torch.Tensor:
-        """(tiles, patches, d) feature-layer states, CLS dropped."""
-        return image_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
+    def units(self, image_outputs, captured, geometry):
+        """One unit per vision tile (the image for LLaVA-1.5; base image and anyres tiles for NeXT): its
+        patches' CLS attention and unit-normalised keys, CLS dropped."""
+        cls_attention, keys = captured
+        keys = torch.nn.functional.normalize(keys[:, 1:], dim=-1)
+        return list(zip(cls_attention[:, 1:], keys))
 
-    def project(self, features):
-        return self.adapter.multimodal_model.multi_modal_projector(features)
+    def merge(self, image_outputs, plans, geometry) -> torch.Tensor:
+        """Write each contextual target as the mean of its group in vision space (the feature layer's patches),
+        projected like any patch; returns the kept rows of every image's packed features (NeXT's newline rows
+        are dropped)."""
+        patches = image_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # (tiles, patches, d)
+        tiles, per_tile = patches.shape[:2]
+        keep = torch.stack([p.keep for p in plans]).flatten()
+        merged_ids, merged = [], []
+        for t, plan in enumerate(plans):
+            if plan.targets.numel():
+                merged.append(plan.mean_into_targets(patches[t]))
+                merged_ids.append(t * per_tile + plan.targets)
+        slot = torch.full((tiles * per_tile,), -1, dtype=torch.long, device=patches.device)
+        if merged:
+            merged_ids = torch.cat(merged_ids)
+            slot[merged_ids] = torch.arange(merged_ids.numel(), device=slot.device)
+            merged = self.adapter.multimodal_model.multi_modal_projector(torch.cat(merged).to(patches.dtype))
+        features, keeps = [], []
+        for feats, ids in zip(image_outputs.pooler_output, self.packed_patch_ids(tiles, per_tile, geometry)):
+            real = ids >= 0  # -1 marks rows that are no patch (NeXT's newline tokens)
+            ids = ids.clamp_min(0)
+            rows = real & (slot[ids] >= 0)
+            if rows.any():
+                feats = feats.clone()
+                feats[rows] = merged[slot[ids[rows]]].to(feats.dtype)
+            features.append(feats)
+            keeps.append(real & keep[ids])
+        image_outputs.pooler_output = features
+        return torch.cat(keeps)
 
     def packed_patch_ids(self, tiles, per_tile, image_sizes):
         """For each image, the (tile * per_tile + patch) id of every feature row, -1 for newline rows.

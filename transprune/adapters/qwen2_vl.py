@@ -21,6 +21,8 @@ Layers of type "sliding_attention" (``use_sliding_window``) get a sliding-window
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sliding_window_causal_mask_function
@@ -49,19 +51,25 @@ class Qwen2VLAdapter(ModelAdapter):
         config = self.model.config
         return config.image_token_id, config.video_token_id
 
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        image_id, video_id = self._visual_ids()
+    def visual_token_masks(self, input_ids, inputs_embeds) -> dict[str, torch.Tensor] | None:
+        ids = dict(zip(("image", "video"), self._visual_ids()))
         if input_ids is not None:
-            return (input_ids == image_id) | (input_ids == video_id)
+            return {modality: input_ids == token for modality, token in ids.items()}
         if inputs_embeds is None:
             return None
         table = self.multimodal_model.get_input_embeddings()
-        mask = None
-        for token in (image_id, video_id):
+        masks = {}
+        for modality, token in ids.items():  # embeddings passed directly: placeholders still carry their embedding
             marker = table(torch.tensor(token, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-            hit = (inputs_embeds == marker).all(-1)
-            mask = hit if mask is None else mask | hit
-        return mask
+            masks[modality] = (inputs_embeds == marker).all(-1)
+        return masks
+
+    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
+        masks = self.visual_token_masks(input_ids, inputs_embeds)
+        return None if masks is None else masks["image"] | masks["video"]
+
+    def vision_hooks(self) -> "QwenVisionHooks":
+        return QwenVisionHooks(self)
 
     def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(n, 3): each token's own (t, h, w) mRoPE position, i.e. its cell of the merged grid of its image or
@@ -184,3 +192,99 @@ class Qwen2VLAdapter(ModelAdapter):
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
                         head_dim, NOMINAL_GRID ** 2)
+
+
+class QwenVisionHooks:
+    """What VisionZip reads from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower.
+
+    The tower has no CLS token, so a token's dominance is the attention it *receives*: the mean over the
+    queries of its image (or video frame) and over heads, in the tower's last full-attention block (the
+    last block; on Qwen2.5-VL the last of ``fullatt_block_indexes``): the rule VisionZip's own Qwen2.5-VL
+    code uses. It is computed here from the block's q and k, whatever attention backend the tower runs.
+    Scores and keys are averaged over each merge unit (the ``merge**2`` patches that become one visual
+    token), and Qwen2.5-VL's window order is undone, so a unit is one visual token in the LLM's order.
+
+    Units are images and video frames. A merged contextual token is the mean of its group's visual tokens
+    after the merger (in the LLM's embedding space: the merger is nonlinear over each 2 x 2 unit, so there
+    is no vision-space patch to average and then project, as on CLIP); Qwen3-VL's DeepStack features of the
+    group are averaged the same way. An image or frame of fewer tokens than ``dominant + contextual`` keeps
+    them all.
+    """
+
+    encoders = {"image": "get_image_features", "video": "get_video_features"}
+    _grids = {"image": "image_grid_thw", "video": "video_grid_thw"}
+
+    def __init__(self, adapter: Qwen2VLAdapter):
+        self.adapter = adapter
+        self.visual = adapter.multimodal_model.visual
+        self.merge_unit = self.visual.spatial_merge_size ** 2
+
+    def check(self) -> None:
+        self.attention_layer()
+
+    def patches_per_tile(self):
+        return None  # dynamic resolution: the count is each image's own
+
+    def attention_layer(self):
+        full = getattr(self.visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: the others attend in windows
+        return self.visual.blocks[max(full) if full else len(self.visual.blocks) - 1].attn
+
+    @staticmethod
+    def capture(attn, args, kwargs):
+        """(received attention per row, keys per row) of one vision attention call, from its q and k: each row's
+        mean attention from the rows of its own segment (``cu_seqlens``: an image or a frame), over heads."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        rows = hidden.shape[0]
+        q, k, _ = attn.qkv(hidden).reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, rows, head_dim)
+        received = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        bounds = kwargs["cu_seqlens"].tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            total = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
+            for head in range(q.shape[0]):  # one (n, n) map at a time: big images stay within memory
+                scores = q[head, start:end] @ k[head, start:end].T * attn.scaling
+                total += torch.softmax(scores, dim=-1).mean(0)
+            received[start:end] = total / q.shape[0]
+        return received, k.transpose(0, 1).reshape(rows, -1)
+
+    def geometry(self, modality, args, kwargs):
+        """The (t, h, w) patch grid of each image or video of the encoder call."""
+        return kwargs.get(self._grids[modality], args[1] if len(args) > 1 else None)
+
+    def _token_order(self, grid) -> torch.Tensor:
+        """For each visual token in the LLM's order, its merge unit's index among the block's rows."""
+        total = int((grid.prod(-1) // self.merge_unit).sum())
+        if not isinstance(self.adapter.model, Qwen2_5_VLForConditionalGeneration):
+            return torch.arange(total)
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(grid.cpu(), self.visual.spatial_merge_size, self.visual.window_size,
+                                                  self.visual.patch_size)
+        return torch.argsort(window_index)  # as the tower's own `merged[argsort(window_index)]`
+
+    def units(self, image_outputs, captured, grid):
+        received, keys = captured
+        order = self._token_order(grid).to(received.device)
+        score = received.view(-1, self.merge_unit).mean(1)[order]
+        keys = torch.nn.functional.normalize(keys.view(-1, self.merge_unit, keys.shape[-1]).mean(1)[order], dim=-1)
+        frames = [h * w // self.merge_unit for t, h, w in grid.tolist() for _ in range(t)]
+        return list(zip(score.split(frames), keys.split(frames)))
+
+    def merge(self, image_outputs, plans, grid) -> torch.Tensor:
+        per_item = [len(x) for x in image_outputs.pooler_output]
+        deepstack = getattr(image_outputs, "deepstack_features", None) or []
+        sources = [torch.cat(image_outputs.pooler_output)] + [torch.cat(f) for f in deepstack]
+        written = [x.clone() for x in sources]
+        offset = 0
+        for plan in plans:
+            n = plan.keep.numel()
+            if plan.targets.numel():
+                for source, out in zip(sources, written):
+                    out[offset + plan.targets] = plan.mean_into_targets(source[offset:offset + n]).to(out.dtype)
+            offset += n
+        image_outputs.pooler_output = written[0].split(per_item)
+        if deepstack:
+            image_outputs.deepstack_features = [x.split(per_item) for x in written[1:]]
+        return torch.cat([plan.keep for plan in plans])

@@ -1,9 +1,10 @@
-"""VisionZip (arXiv 2412.04467), before the LLM: per image (per vision tile) keep the patches the CLS token
-attends to most and merge the rest into a few contextual tokens.
+"""VisionZip (arXiv 2412.04467), before the LLM: per image (per vision tile, per video frame) keep the
+tokens the vision tower attends to most and merge the rest into a few contextual tokens.
 
-The method owns its rule and its wiring; the family adapter only supplies the vision hooks (which layer's
-attention to read, CLS attention and keys from its q and k, the feature-layer patches, the projector and
-the order in which a tile's patches reach the LLM)."""
+The method owns its rule (`VisionZipConfig.plan`) and its wiring; the family's vision hooks supply what
+differs between towers: which encoders to wrap, which attention layer to read and the dominance score
+from its q and k (CLS attention on CLIP; on Qwen's CLS-free towers, the attention each token receives),
+how the encoded images split into units, and how merged tokens are written into the features."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from ..patching import patch
 from ..scoring import select_top
 from .base import register_method
 
-# (CLS attention, keys) of the vision feature layer, captured while this call encodes images.
+# What the hooks capture at the scored attention layer (dominance scores, keys) while this call encodes.
 _CAPTURE: ContextVar[list | None] = ContextVar("transprune_visionzip_capture", default=None)
 
 
 @dataclass(frozen=True)
 class VisionZipConfig:
-    """VisionZip, before the LLM: per image keep the ``dominant`` patches with the most CLS attention in
-    the vision feature layer and merge the rest into ``contextual`` tokens (by key similarity)."""
+    """VisionZip, before the LLM: per image (tile, video frame) keep the ``dominant`` tokens the vision
+    tower attends to most (CLS attention on CLIP towers; on Qwen's, the attention each token receives) and
+    merge the rest into ``contextual`` tokens (by key similarity)."""
 
     dominant: int = 54
     contextual: int = 10
@@ -56,88 +58,91 @@ class VisionZipConfig:
         if hooks is None:
             raise ValueError(f"VisionZip needs vision-tower hooks that the {adapter.family} adapter does not have")
         hooks.check()
-        n = hooks.patches_per_tile()
-        if self.tokens > n:
+        n = hooks.patches_per_tile()  # None: the count varies per image (dynamic resolution)
+        if n is not None and self.tokens > n:
             raise ValueError(f"VisionZipConfig keeps dominant + contextual = {self.tokens} tokens per image (per anyres "
                              f"tile), more than the model's {n} patches per tile")
 
     def install(self, adapter, hand_over) -> tuple[list, list]:
-        """Wrap this model instance's image encoder; ``hand_over(outputs, run)`` times ``run()`` (the
-        selection, a bool over every image token of the call) and passes the result to the prefill.
-        Returns what `PruneHandle.remove` undoes: ([(module, attribute, previous instance value)], [hooks])."""
+        """Wrap this model instance's encoders (images; videos too where the family has them);
+        ``hand_over(modality, outputs, run)`` times ``run()`` (the selection, a bool over every token of that
+        modality in the call) and passes the result to the prefill. Returns what `PruneHandle.remove`
+        undoes: ([(module, attribute, previous instance value)], [hooks])."""
         hooks = adapter.vision_hooks()
         mm = adapter.multimodal_model
-        features = mm.get_image_features
-
-        @functools.wraps(features)
-        def image_features(*args, **kwargs):
-            kwargs["return_dict"] = True
-            token = _CAPTURE.set([])
-            try:
-                out = features(*args, **kwargs)
-                captured = _CAPTURE.get()
-            finally:
-                _CAPTURE.reset(token)
-            geometry = hooks.geometry(args, kwargs)
-            hand_over(out, lambda: self.select(hooks, out, captured[-1], geometry))
-            return out
+        saved = []
+        for modality, name in hooks.encoders.items():
+            saved.append(patch(mm, name, self._wrap(getattr(mm, name), modality, hooks, hand_over)))
 
         def capture(module, args, kwargs):
-            """Pre-hook on the feature layer's attention: the CLS row and keys, from q and k."""
+            """Pre-hook on the scored attention layer: what the dominance rule needs, from its q and k."""
             found = _CAPTURE.get()
             if found is not None:
-                found.append(hooks.cls_attention(module, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]))
+                found.append(hooks.capture(module, args, kwargs))
 
-        saved = [patch(mm, "get_image_features", image_features)]
         hook = hooks.attention_layer().register_forward_pre_hook(capture, with_kwargs=True)
         return saved, [hook]
 
-    def select(self, hooks, image_outputs, captured, geometry) -> torch.Tensor:
-        """Replace contextual slots of each image's features by merged tokens; return which slots stay.
+    def _wrap(self, encoder, modality, hooks, hand_over):
+        @functools.wraps(encoder)
+        def encode(*args, **kwargs):
+            if _CAPTURE.get() is not None:  # an encoder called by another (Qwen3-VL's videos go through images)
+                return encoder(*args, **kwargs)
+            kwargs["return_dict"] = True
+            token = _CAPTURE.set([])
+            try:
+                out = encoder(*args, **kwargs)
+                captured = _CAPTURE.get()
+            finally:
+                _CAPTURE.reset(token)
+            geometry = hooks.geometry(modality, args, kwargs)
+            hand_over(modality, out, lambda: self.select(hooks, out, captured[-1], geometry))
+            return out
 
-        Per vision tile (the whole image for LLaVA-1.5; the base image and every anyres tile for NeXT):
-        the ``dominant`` patches with the most CLS attention stay as they are; of the rest, ``contextual``
-        evenly spaced targets absorb every other remaining patch by key similarity and become the mean of
-        their group in vision space, projected like any patch. Everything else (NeXT's newline tokens
-        included) is dropped before the LLM. Returns a bool over all image tokens of the call, in order.
-        """
-        cls_attention, keys = captured
-        patches = hooks.feature_patches(image_outputs)  # (tiles, patches, d), CLS dropped
-        cls_attention, keys = cls_attention[:, 1:], torch.nn.functional.normalize(keys[:, 1:], dim=-1)
-        tiles, per_tile = patches.shape[:2]
-        keep = torch.zeros(tiles, per_tile, dtype=torch.bool, device=patches.device)
-        merged_ids, merged = [], []
-        for t in range(tiles):
-            keep[t, select_top(cls_attention[t], self.dominant)] = True
-            rest = (~keep[t]).nonzero().squeeze(1)
-            c = min(self.contextual, rest.numel())
-            if c:
-                targets = rest[torch.arange(c, device=rest.device) * rest.numel() // c]
-                others = rest[~torch.isin(rest, targets)]
-                group = (keys[t, others] @ keys[t, targets].T).argmax(1)
-                total = patches[t, targets].float().index_add(0, group, patches[t, others].float())
-                sizes = torch.ones(c, device=total.device).index_add(0, group, torch.ones_like(group, dtype=torch.float))
-                merged.append(total / sizes[:, None])
-                merged_ids.append(t * per_tile + targets)
-                keep[t, targets] = True
-        keep = keep.flatten()
-        slot = torch.full((tiles * per_tile,), -1, dtype=torch.long, device=patches.device)
-        if merged:
-            merged_ids = torch.cat(merged_ids)
-            slot[merged_ids] = torch.arange(merged_ids.numel(), device=slot.device)
-            merged = hooks.project(torch.cat(merged).to(patches.dtype))
-        features, keeps = [], []
-        for feats, ids in zip(image_outputs.pooler_output, hooks.packed_patch_ids(tiles, per_tile, geometry)):
-            real = ids >= 0  # -1 marks rows that are no patch (NeXT's newline tokens)
-            ids = ids.clamp_min(0)
-            rows = real & (slot[ids] >= 0)
-            if rows.any():
-                feats = feats.clone()
-                feats[rows] = merged[slot[ids[rows]]].to(feats.dtype)
-            features.append(feats)
-            keeps.append(real & keep[ids])
-        image_outputs.pooler_output = features
-        return torch.cat(keeps)
+        return encode
+
+    def plan(self, score: torch.Tensor, keys: torch.Tensor) -> "ZipPlan":
+        """One unit's choice (a vision tile, an image or a video frame; n tokens): the ``dominant`` tokens with
+        the highest ``score`` stay; of the rest, ``contextual`` evenly spaced targets absorb every other
+        remaining token, each joining the target its key is most similar to (``keys`` are unit-normalised).
+        A unit of fewer than ``dominant + contextual`` tokens keeps them all."""
+        n = score.numel()
+        keep = torch.zeros(n, dtype=torch.bool, device=score.device)
+        keep[select_top(score, min(self.dominant, n))] = True
+        rest = (~keep).nonzero().squeeze(1)
+        c = min(self.contextual, rest.numel())
+        if not c:
+            empty = rest[:0]
+            return ZipPlan(keep, empty, empty, empty)
+        targets = rest[torch.arange(c, device=rest.device) * rest.numel() // c]
+        members = rest[~torch.isin(rest, targets)]
+        group = (keys[members] @ keys[targets].T).argmax(1)
+        keep[targets] = True
+        return ZipPlan(keep, targets, members, group)
+
+    def select(self, hooks, image_outputs, captured, geometry) -> torch.Tensor:
+        """Plan every unit the family's hooks cut the encoded images into, let the hooks write the merged
+        contextual tokens into the features, and return which tokens stay (a bool over all tokens of the
+        call, in order; the family may drop rows that are no patch, as NeXT's newline tokens)."""
+        plans = [self.plan(score, keys) for score, keys in hooks.units(image_outputs, captured, geometry)]
+        return hooks.merge(image_outputs, plans, geometry)
+
+
+@dataclass(frozen=True)
+class ZipPlan:
+    """VisionZip's choice in one unit of n tokens (indices local to the unit)."""
+
+    keep: torch.Tensor  # (n,) bool: dominant tokens and contextual targets
+    targets: torch.Tensor  # (c,) the contextual targets; each becomes the mean of its group
+    members: torch.Tensor  # (m,) the tokens merged into a target (and dropped)
+    group: torch.Tensor  # (m,) which target (0..c-1) each member joins
+
+    def mean_into_targets(self, rows: torch.Tensor) -> torch.Tensor:
+        """(c, d) fp32: each target's group mean of ``rows`` (n, d), the target itself included."""
+        total = rows[self.targets].float().index_add(0, self.group, rows[self.members].float())
+        sizes = torch.ones(self.targets.numel(), device=total.device).index_add(
+            0, self.group, torch.ones_like(self.group, dtype=torch.float))
+        return total / sizes[:, None]
 
 
 register_method("visionzip", VisionZipConfig)

@@ -14,7 +14,7 @@ import functools
 import threading
 import weakref
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -45,7 +45,9 @@ class PreLLMChoice:
 class _Call:
     handle: "PruneHandle"
     image_mask: torch.Tensor | None
-    pre: PreLLMChoice | None = None
+    # With a pre-LLM method: each modality's (B, L) token mask and the method's choice over those tokens.
+    modality_masks: dict | None = None
+    pre: dict = field(default_factory=dict)
 
 
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
@@ -95,9 +97,13 @@ class PruneHandle:
         def multimodal_forward(*args, **kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             call = _Call(self, self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds")))
-            if self.pre is not None:  # generate() encodes images before the forward and passes them in
-                encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-                call.pre = getattr(encoded, _PRE_LLM, None)
+            if self.pre is not None:
+                call.modality_masks = self.adapter.visual_token_masks(input_ids, kwargs.get("inputs_embeds"))
+                # generate() encodes images and videos before the forward and passes them in
+                for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
+                    choice = getattr(encoded, _PRE_LLM, None)
+                    if choice is not None:
+                        call.pre[modality] = choice
             token = _CURRENT_CALL.set(call)
             try:
                 return mm_forward(*args, **kwargs)
@@ -116,16 +122,17 @@ class PruneHandle:
         self._active = True
         APPLIED[self.model] = weakref.ref(self)
 
-    def _hand_over(self, encoded, choose) -> None:
-        """Run a pre-LLM method's ``choose()`` (timed when profiling) and pass its choice to the prefill: on
-        the encoded images (generate() encodes before the forward) and on the call in flight."""
+    def _hand_over(self, modality, encoded, choose) -> None:
+        """Run a pre-LLM method's ``choose()`` over one modality's encoded tokens (timed when profiling) and
+        pass its choice to the prefill: on the encoded outputs (generate() encodes before the forward) and
+        on the call in flight."""
         profiler = Profiler(encoded.pooler_output[0].device) if self.profile else NO_PROFILE
         with profiler.span("pre_llm_s"):
             choice = PreLLMChoice(choose(), profiler if self.profile else None)
         object.__setattr__(encoded, _PRE_LLM, choice)
         call = _CURRENT_CALL.get()
         if call is not None and call.handle is self:
-            call.pre = choice
+            call.pre[modality] = choice
 
     def remove(self) -> None:
         """Restore the model exactly as it was before `apply`."""
@@ -216,14 +223,21 @@ class PruneHandle:
     def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None):
         pre_keep = None
         if self.pre is not None:
-            if call.pre is None:
-                raise RuntimeError(f"{type(self.pre).__name__} found no selection for these images: they were encoded "
-                                   "without transprune (pass pixel_values, not precomputed features)")
             pre_keep = torch.zeros_like(image_mask)
-            pre_keep[image_mask] = _rows_of(call.pre.keep.to(image_mask.device), image_mask)
+            for modality, mask in call.modality_masks.items():
+                if not bool(mask.any()):
+                    continue
+                if modality not in call.pre:
+                    raise RuntimeError(f"{type(self.pre).__name__} found no selection for this call's {modality} tokens: "
+                                       "they were encoded without transprune (pass pixel values, not precomputed "
+                                       "features)")
+                pre_keep[mask] = _rows_of(call.pre[modality].keep.to(mask.device), mask)
         profiler = NO_PROFILE
         if self.profile:
-            profiler = call.pre.profiler if pre_keep is not None and call.pre.profiler else Profiler(embeds.device)
+            timed = [c.profiler for c in call.pre.values() if c.profiler] if pre_keep is not None else []
+            profiler = timed[0] if timed else Profiler(embeds.device)
+            for other in timed[1:]:  # images and videos: one prefill, one profile
+                profiler.spans += other.spans
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
                                               hidden, pre_keep, profiler, aligned=self.batched_selection,
                                               extras=extras)
