@@ -1,7 +1,10 @@
-"""Behaviour pinned bit for bit: kept indices, stats, logits and 20 greedy tokens of every method on both
-LLaVA families, hashed and compared with the hashes recorded before the seams redesign (issue 13).
+"""Behaviour pinned bit for bit: kept indices, stats, logits and 20 greedy tokens of every method, hashed and
+compared with recorded hashes: the two LLaVA families' were recorded before the seams redesign (issue 13),
+the Qwen families' when they were complete (issue 14).
 
-    python tests/test_bit_identity.py --record   # rewrite tests/data/bit_identity.json (only on purpose)
+    python tests/test_bit_identity.py --record   # add the families the file lacks (never rewrites one)
+
+Stats fields added after a family was recorded (`NEWER_FIELDS`) are left out of its hashes.
 
 Presets pass ``reference_depth=32`` explicitly: the layer numbers then map to the tiny 8-layer decoder as the
 presets did before layer numbers became absolute. Hashes of floats depend on the torch build and the CPU's
@@ -17,14 +20,17 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 import transprune
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig, VisionZipConfig
-from transprune.testing import sample_inputs, tiny_model, tiny_processor
+from transprune.testing import QWEN_KINDS, qwen_sample_inputs, sample_inputs, tiny_model, tiny_processor
 
 RECORD = Path(__file__).parent / "data" / "bit_identity.json"
 DEPTH = dict(reference_depth=32)
+KINDS = ("llava", "llava_next") + QWEN_KINDS
+NEWER_FIELDS = {"llava": {"positions"}, "llava_next": {"positions"}}
 
 
 def methods() -> dict:
@@ -62,18 +68,29 @@ def fingerprints(kind: str) -> dict:
     results (kept indices + tokens) and of everything (stats, logits, tokens)."""
     torch.manual_seed(0)
     model, processor = tiny_model(kind, seed=0), tiny_processor(kind)
-    batch = dict(sample_inputs(processor, n=3, seed=0, sizes=[(64, 64), (128, 64), (64, 128)]))
-    single = {k: v[-1:] for k, v in batch.items()}  # the longest prompt: no padding (the aligned path)
+    make = qwen_sample_inputs if kind in QWEN_KINDS else sample_inputs
+    batch = dict(make(processor, n=3, seed=0, sizes=[(64, 64), (128, 64), (64, 128)]))
+    newer = NEWER_FIELDS.get(kind, set())
+    single = _last_sample(batch)  # the longest prompt: no padding (the aligned path)
     out = {}
     for name, config in methods().items():
         for label, inputs in (("batch", batch), ("single", single)):
             with transprune.pruned(model, config) as handle, torch.no_grad():
                 logits = model(**inputs).logits
-                stats = [s.to_dict() for s in handle.last_stats]
+                stats = [{k: v for k, v in s.to_dict().items() if k not in newer} for s in handle.last_stats]
                 tokens = model.generate(**inputs, max_new_tokens=20, do_sample=False)
                 kept = [s.kept_indices for s in handle.last_stats]
             out[f"{name}/{label}"] = {"discrete": _digest(kept, tokens), "all": _digest(stats, logits, tokens)}
     return out
+
+
+def _last_sample(batch: dict) -> dict:
+    """The batch's last sample alone (Qwen's pixel rows are those of its image, per `image_grid_thw`)."""
+    if "image_grid_thw" not in batch:
+        return {k: v[-1:] for k, v in batch.items()}
+    rows = int(batch["image_grid_thw"][-1].prod())
+    out = {k: v[-1:] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    return {**out, "pixel_values": batch["pixel_values"][-rows:], "image_grid_thw": batch["image_grid_thw"][-1:]}
 
 
 def _check(kind: str):
@@ -95,8 +112,19 @@ def test_llava_next_bit_identical_to_the_record():
     _check("llava_next")
 
 
+@pytest.mark.parametrize("kind", QWEN_KINDS)
+def test_qwen_bit_identical_to_the_record(kind):
+    _check(kind)
+
+
 if __name__ == "__main__" and "--record" in sys.argv:
     torch.set_num_threads(1)
-    RECORD.write_text(json.dumps({"torch": torch.__version__, "llava": fingerprints("llava"),
-                                  "llava_next": fingerprints("llava_next")}, indent=1) + "\n")
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {"torch": torch.__version__}
+    if record["torch"] != torch.__version__:
+        sys.exit(f"{RECORD} was recorded on torch {record['torch']}; add families with that build")
+    for kind in KINDS:
+        if kind not in record:
+            record[kind] = fingerprints(kind)
+            print("recorded", kind)
+    RECORD.write_text(json.dumps(record, indent=1) + "\n")
     print(RECORD)

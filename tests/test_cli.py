@@ -118,3 +118,33 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("method", [["--preset", "high"], ["--method", "visionzip", "--set", "dominant=10",
+                                                           "--set", "contextual=2"]], ids=["transprune", "visionzip"])
+def test_run_on_a_qwen_checkpoint_uses_its_processor_and_chat_template(tmp_path, capsys, method):
+    folder = save_tiny_checkpoint(tmp_path / "qwen", kind="qwen2_5_vl", num_hidden_layers=28)
+    image = tmp_path / "i.png"
+    random_image(0, size=(128, 96)).save(image)  # 8 x 6 merged tokens
+    assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is the colour ?",
+                 *method, "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_image_tokens"] == 48 and out["positions"] == "original"
+    if method[0] == "--preset":  # layers 7, 9, 12 as written, of 48 tokens
+        assert [len(k) for k in out["kept_indices"]] == [42, 30, 6]
+    else:
+        assert [len(k) for k in out["kept_indices"]] == [12] and out["kept_after_layer"] == [0]
+
+
+def test_flops_reports_the_position_rule_the_family_runs(capsys):
+    """The rule shown is the one `apply` would use: Qwen's own for a defaulted rule; an explicit rule the
+    family cannot honour is the same error as `apply`'s."""
+    assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["positions"] == "original" and round(100 * out["ratio_token_linear"], 1) == 45.1
+    assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high"]) == 0
+    assert "positions=original" in capsys.readouterr().out
+    assert main(["flops", "--arch", "llava-1.5-7b", "--preset", "high", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["positions"] == "compact"
+    assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high", "--set", "positions=compact"]) == 2
+    assert "not supported on the qwen2-vl family" in capsys.readouterr().err

@@ -86,7 +86,7 @@ TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_
 
 def test_arch_from_llava_config(tmp_path):
     transformers.LlavaConfig(vision_config=tiny_vision(), text_config=TINY_TEXT).save_pretrained(tmp_path)
-    expected = ArchSpec(tmp_path.name, 64, 128, 4, 4, 2, 16, 64)
+    expected = ArchSpec(tmp_path.name, 64, 128, 4, 4, 2, 16, 64, model_type="llava")
     assert arch_from_config(tmp_path) == expected
     assert arch_from_config(tmp_path / "config.json") == expected
     assert resolve_arch(str(tmp_path / "config.json")) == expected

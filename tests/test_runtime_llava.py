@@ -284,6 +284,7 @@ def test_decode_with_cache_matches_reference(llava, positions):
     with transprune.pruned(llava, cfg) as handle:
         generated = greedy(llava, ids, torch.ones_like(ids), pix, n=6)
         kept = handle.last_stats[0].kept_indices
+        assert handle.last_stats[0].positions == positions
     full = torch.cat([ids, generated[:, :-1]], dim=1)
     _, hidden, cols = reference_run(llava, full, pix, cfg, forced=kept)
     with torch.no_grad():

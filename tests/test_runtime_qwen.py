@@ -54,6 +54,11 @@ def test_adapter_and_position_rule(qwen):
     with transprune.pruned(model, TINY) as handle:
         assert handle.adapter.family == "qwen2-vl"
         assert handle.llm.positions == "original" and handle.config.to_dict()["positions"] == "original"
+        greedy(model, qwen_sample_inputs(tiny_qwen_processor(model.config.model_type), 1, seed=0), n=1)
+        assert handle.last_stats[0].positions == "original"  # what was used, in every call's stats
+    with transprune.pruned(model, transprune.VisionZipConfig(8, 2)) as handle:
+        greedy(model, qwen_sample_inputs(tiny_qwen_processor(model.config.model_type), 1, seed=0), n=1)
+        assert handle.last_stats[0].positions == "original"
     with pytest.raises(ValueError, match=r"positions='compact' is not supported on the qwen2-vl family: its positions "
                                          r"are 3-D multimodal RoPE"):
         transprune.apply(model, TransPruneConfig(**SCHEDULE, keep_ratios=(0.5, 0.5, 0.5), positions="compact"))

@@ -172,5 +172,20 @@ def test_every_registered_family_has_a_tiny_model_and_processor(tmp_path):
         model = tiny_model(model_type, seed=0)
         assert type(model) is family_for(model_type).model_class_for(model_type)
         assert adapter_for(model).family == family_for(model_type).family
-    with pytest.raises(ValueError, match="image-only"):
-        save_tiny_checkpoint(tmp_path / "q", kind="qwen2_5_vl")
+
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_checkpoint_round_trip(tmp_path, kind):
+    """A saved tiny Qwen checkpoint loads back through the tools' loader (its processor without the video
+    processor, which needs torchvision) and gives the same inputs and logits."""
+    from transprune.loading import load_checkpoint
+    from transprune.testing import qwen_sample_inputs, save_tiny_checkpoint, tiny_model, tiny_qwen_processor
+
+    model, processor = load_checkpoint(str(save_tiny_checkpoint(tmp_path / kind, kind=kind)))
+    assert type(processor).__name__ == type(tiny_qwen_processor(kind)).__name__
+    loaded = qwen_sample_inputs(processor, 2, seed=3, sizes=[(128, 96), (64, 64)])
+    built = qwen_sample_inputs(tiny_qwen_processor(kind), 2, seed=3, sizes=[(128, 96), (64, 64)])
+    assert all(torch.equal(loaded[k], built[k]) for k in built) and set(loaded) == set(built)
+    with torch.no_grad():
+        assert torch.equal(model(**loaded).logits, tiny_model(kind, seed=0)(**built).logits)

@@ -19,6 +19,7 @@ class ArchSpec:
     head_dim: int
     image_tokens: int
     crops: int = 1  # vision crops per image (LLaVA-NeXT: base + 2x2 grid = 5); VisionZip keeps D + C per crop
+    model_type: str | None = None  # the HF model_type (its family's rules, e.g. positions, apply); None: unknown
 
     @property
     def kv_dim(self) -> int:

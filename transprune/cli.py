@@ -16,7 +16,7 @@ from .adapters import supported_model_types
 from .argtypes import count, positive
 from .bench import register as register_bench
 from .config import PRESETS
-from .flops import ARCHS, compress_runs, estimate, resolve_arch
+from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch
 from .loading import DTYPES, build_prompt, load_checkpoint
 from .methods import COMPOSITIONS, METHODS, build
 from .mini.options import add_train_args, train_config
@@ -78,6 +78,7 @@ def cmd_flops(args) -> int:
         return 2
     try:
         report = estimate(config, args.arch, text_tokens=args.text_tokens)
+        config = resolved_for_arch(config, args.arch)  # as described: positions as the family runs them
     except (ValueError, TypeError, OSError) as exc:  # a schedule that does not fit the arch, an unreadable config
         print(f"transprune flops: error: {exc}", file=sys.stderr)
         return 2

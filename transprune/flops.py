@@ -23,10 +23,10 @@ from .schedule import Schedule
 ARCHS: dict[str, ArchSpec] = {
     a.name: a
     for a in (
-        ArchSpec("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 576),
-        ArchSpec("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 576),
+        ArchSpec("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 576, model_type="llava"),
+        ArchSpec("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 576, model_type="llava"),
         # 2880 = 5 x 576: base image + 2x2 anyres grid, newline tokens not counted (paper number).
-        ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880, crops=5),
+        ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880, crops=5, model_type="llava_next"),
         # Qwen decoders: the text dimensions of the public config.json of Qwen/Qwen2-VL-7B-Instruct and
         # Qwen/Qwen2.5-VL-7B-Instruct (the Qwen2-7B decoder: d 3584, m 18944, 28 layers, 28 heads / 4 KV heads,
         # head_dim 128) and of Qwen/Qwen3-VL-8B-Instruct (the Qwen3-8B decoder: d 4096, m 12288, 36 layers,
@@ -35,9 +35,9 @@ ARCHS: dict[str, ArchSpec] = {
         # N = 256 is nominal (a 16 x 16 merged grid: a 448 x 448 image with 14-pixel patches merged 2 x 2 on
         # Qwen2/2.5-VL, 512 x 512 with Qwen3-VL's 16-pixel patches); the paper states no count for
         # Qwen2.5-VL, and its ratios (`ratio_token_linear`) do not depend on N.
-        ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256),
-        ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256),
-        ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256),
+        ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl"),
+        ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl"),
+        ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl"),
     )
 }
 
@@ -136,9 +136,22 @@ class FlopsReport:
     tflops_scoring: float  # the scoring part of tflops_full
     text_tokens: int
     query_tokens: int
+    # The in-LLM method's position rule on this arch's family (as `apply` resolves it); None: no in-LLM
+    # method, or an arch whose family is unknown. It does not change the FLOPs.
+    positions: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "positions": None if self.positions is None else str(self.positions)}
+
+
+def resolved_for_arch(config, arch):
+    """``config`` as `apply` would run it on ``arch``'s family (its position rule; see
+    `methods.resolve_positions`); unchanged for an arch of unknown family."""
+    from .adapters import family_for
+    from .methods import resolve_positions
+
+    arch = resolve_arch(arch)
+    return config if arch.model_type is None else resolve_positions(config, family_for(arch.model_type))
 
 
 def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = None) -> FlopsReport:
@@ -153,6 +166,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     from .methods import split_methods
 
     arch = resolve_arch(arch)
+    config = resolved_for_arch(config, arch)
     query_tokens = text_tokens if query_tokens is None else query_tokens
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
         raise ValueError(f"text_tokens must be an int >= 0, got {text_tokens!r}")
@@ -192,6 +206,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
         tflops_scoring=scoring,
         text_tokens=text_tokens,
         query_tokens=query_tokens,
+        positions=llm.positions if llm is not None else None,
     )
 
 

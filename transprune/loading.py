@@ -41,12 +41,11 @@ def load_config(folder: str, option: str = "--model"):
 
 def load_checkpoint(folder: str, dtype: str = "fp32"):
     """A local checkpoint folder of a supported family and its processor (never downloads)."""
-    import transformers
+    from .adapters import family_for
 
-    cls = model_class(load_config(folder))
-    model = cls.from_pretrained(Path(folder), dtype=torch_dtype(dtype), local_files_only=True).eval()
-    processor = transformers.AutoProcessor.from_pretrained(Path(folder), local_files_only=True)
-    return model, processor
+    config = load_config(folder)
+    model = model_class(config).from_pretrained(Path(folder), dtype=torch_dtype(dtype), local_files_only=True).eval()
+    return model, family_for(config.model_type).load_processor(Path(folder), config.model_type)
 
 
 def build_prompt(processor, question: str) -> str:

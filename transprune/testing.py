@@ -228,9 +228,6 @@ def tiny_processor(kind: str = "llava"):
 
 def save_tiny_checkpoint(path: str | os.PathLike, kind: str = "llava", seed: int = 0, **text_overrides) -> Path:
     """Write a tiny model + processor with ``save_pretrained``; load them back with ``from_pretrained(path)``."""
-    if kind in QWEN_KINDS:  # its processor is built without a video processor (that needs torchvision)
-        raise ValueError(f"save_tiny_checkpoint supports {', '.join(('llava', 'llava_next'))}: the tiny {kind} "
-                         "processor is image-only and does not load back through AutoProcessor")
     path = Path(path)
     tiny_model(kind, seed=seed, **text_overrides).save_pretrained(path)
     tiny_processor(kind).save_pretrained(path)
@@ -441,21 +438,17 @@ def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch
 def tiny_qwen_processor(kind: str = "qwen2_5_vl"):
     """Processor for the tiny Qwen models (PIL image processor; images resized to multiples of 16 pixels,
     between 32x32 and 128x128 worth of pixels). ``kind``: "qwen2_5_vl", "qwen2_vl" or "qwen3_vl"."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen3VLProcessor
+    from transformers import Qwen2VLImageProcessorPil
 
-    bases = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen2_vl": Qwen2VLProcessor, "qwen3_vl": Qwen3VLProcessor}
-    if kind not in bases:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, bases))}, not {kind!r}")
+    from .adapters.qwen2_vl import image_only_processor
+
+    if kind not in QWEN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, QWEN_KINDS))}, not {kind!r}")
     image_processor = Qwen2VLImageProcessorPil(patch_size=QWEN_PATCH_SIZE, temporal_patch_size=2,
                                                merge_size=QWEN_MERGE_SIZE, min_pixels=32 * 32,
                                                max_pixels=128 * 128)
-    base = bases[kind]
     # Images only: Qwen's video processor needs torchvision, so the processor is built without one.
-    cls = type(f"TinyImageOnly{base.__name__}", (base,),
-               {"get_attributes": classmethod(lambda cls: ["image_processor", "tokenizer"])})
-    processor = cls(image_processor, tiny_qwen_tokenizer(), None, chat_template=QWEN_CHAT_TEMPLATE)
-    processor.video_processor = None
-    return processor
+    return image_only_processor(kind, image_processor, tiny_qwen_tokenizer(), QWEN_CHAT_TEMPLATE)
 
 
 def qwen_sample_prompts(n: int, seed: int = 0) -> list[str]:

@@ -120,17 +120,18 @@ class ModelAdapter:
         """What a layer's `position_ids` argument receives."""
         return positions
 
-    def resolve_position_rule(self, requested: str, defaulted: bool) -> str:
+    @classmethod
+    def resolve_position_rule(cls, requested: str, defaulted: bool) -> str:
         """The position rule a method runs with on this family: ``requested`` when the family honours it; a
         rule the method left at its default (``defaulted``) becomes the family's default rule (its first);
         an explicit rule the family cannot honour raises, saying why."""
-        if requested in self.position_rules:
+        if requested in cls.position_rules:
             return requested
         if defaulted:
-            return self.position_rules[0]
-        reason = self.position_rule_reasons.get(requested)
-        raise ValueError(f"positions={requested!r} is not supported on the {self.family} family"
-                         f"{': ' + reason if reason else ''}; it supports {', '.join(map(repr, self.position_rules))}")
+            return cls.position_rules[0]
+        reason = cls.position_rule_reasons.get(requested)
+        raise ValueError(f"positions={requested!r} is not supported on the {cls.family} family"
+                         f"{': ' + reason if reason else ''}; it supports {', '.join(map(repr, cls.position_rules))}")
 
     # -- per stage: RoPE and masks ---------------------------------------------------------------
     def rope(self, h, positions):
@@ -187,6 +188,13 @@ class ModelAdapter:
     def model_class_for(cls, model_type: str) -> type:
         """The transformers class that builds a model of this ``model_type``."""
         return dict(zip(cls.model_types, cls.model_classes))[model_type]
+
+    @classmethod
+    def load_processor(cls, folder, model_type: str):
+        """The processor of a local checkpoint folder of this family (never downloads)."""
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
 
     def default_image_size(self) -> tuple[int, int]:
         """(height, width) of the synthetic images the bench feeds this family by default."""

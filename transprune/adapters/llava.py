@@ -89,7 +89,7 @@ class LlavaAdapter(ModelAdapter):
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, crops * per_crop, crops=crops)
+                        head_dim, crops * per_crop, crops=crops, model_type=cfg.model_type)
 
 
 class ClipVisionHooks:

@@ -286,7 +286,9 @@ def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: in
             handle.remove()
     return MethodResult(
         name=name,
-        config=[] if config is None else [c.to_dict() for c in (config if isinstance(config, list) else [config])],
+        # as the model ran it: the handle's config (positions resolved for the family)
+        config=[] if handle is None else [c.to_dict() for c in (handle.config if isinstance(handle.config, list)
+                                                                 else [handle.config])],
         inputs_sha256=sha,
         prefill_s=summarize(prefill),
         scoring_s=summarize(scoring) if handle is not None else None,

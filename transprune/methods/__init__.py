@@ -52,6 +52,24 @@ COMPOSITIONS = {
 }
 
 
+def resolve_positions(config, family):
+    """``config`` with its in-LLM method's position rule as it runs on ``family`` (an adapter class or
+    instance): a rule left at the method's default becomes the family's own; an explicit rule the family
+    cannot honour raises, saying why. `apply` does this; the FLOPs tool and the bench report the result."""
+    import dataclasses
+
+    from .base import is_default_rule
+
+    _, llm = split_methods(config)
+    if llm is None:
+        return config
+    rule = family.resolve_position_rule(llm.positions, is_default_rule(llm.positions))
+    if rule == llm.positions:  # kept as given (a defaulted rule stays marked as such)
+        return config
+    resolved = dataclasses.replace(llm, positions=rule)
+    return [resolved if c is llm else c for c in config] if isinstance(config, (list, tuple)) else resolved
+
+
 def preset(name: str):
     """A named method setting: TransPrune's high/low/off, or a composition (returns a list)."""
     if name in COMPOSITIONS:

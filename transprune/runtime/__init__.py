@@ -8,11 +8,9 @@ per-stage caches, `stats.py` what a call reports.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 from ..adapters import adapter_for
-from ..methods import split_methods
-from ..methods.base import is_default_rule
+from ..methods import resolve_positions, split_methods
 from ..schedule import Schedule
 from .handle import APPLIED, PruneHandle
 from .stats import SampleStats
@@ -53,13 +51,8 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
                          "transprune.remove(model); transprune.handle_of(model) returns the handle) before applying again")
     adapter.check_decoder()
     schedule = llm.layers_for_depth(adapter.depth) if llm is not None else Schedule.none(adapter.depth)
-    if llm is not None:
-        # A rule left at the method's default becomes the family's own; an explicit one it cannot honour raises.
-        rule = adapter.resolve_position_rule(llm.positions, is_default_rule(llm.positions))
-        if rule != llm.positions:
-            resolved = dataclasses.replace(llm, positions=rule)
-            config = [resolved if c is llm else c for c in config] if isinstance(config, (list, tuple)) else resolved
-            llm = resolved
+    config = resolve_positions(config, adapter)  # the family's rule for a defaulted one; raises for one it lacks
+    pre, llm = split_methods(config)
     if pre is not None:
         pre.check(adapter)
     handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)

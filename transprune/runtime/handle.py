@@ -158,6 +158,15 @@ class PruneHandle:
         return getattr(self._local, "profile", None)
 
     @property
+    def position_rule(self) -> str:
+        """The rule kept tokens' positions follow on this model: the in-LLM method's (resolved for the family at
+        `apply`), else a pre-LLM drop's (closed up where the family's positions can be, as the official
+        VisionZip; kept as they are under mRoPE)."""
+        if self.llm is not None:
+            return self.llm.positions
+        return "compact" if "compact" in self.adapter.position_rules else "original"
+
+    @property
     def active(self) -> bool:
         return self._active
 
@@ -252,7 +261,8 @@ class PruneHandle:
 
     # -- statistics -------------------------------------------------------------------------------
     def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
-        stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm)
+        stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm,
+                             self.position_rule)
         self._local.stats = stats
 
     def _record_unpruned(self, image_mask, attention_mask, tokens):

@@ -25,6 +25,9 @@ class SampleStats:
     tflops_unpruned: float
     pruning_layers: tuple[int, ...]  # 1-indexed layers actually used for this model's depth
     accumulation_layers: tuple[int, ...]
+    # The position rule the kept tokens ran with on this model: "compact" (closed up after each drop) or
+    # "original" (each keeps its own position); a method left at its default gets its family's rule.
+    positions: str
     # With apply(..., record_scores=True): per stage, the scored image tokens (`image_index`, numbered
     # like kept_indices) and their L1-normalised `ttv`, `iga` and combined `score`, as fp32 CPU tensors.
     scores: list[dict] | None = None
@@ -37,7 +40,7 @@ class SampleStats:
 
 
 def sample_stats(schedule: Schedule, decoder_config, n_original, n_llm, kept_ranks, scores=None,
-                 pre_llm: bool = False) -> list[SampleStats]:
+                 pre_llm: bool = False, positions: str = "original") -> list[SampleStats]:
     """One `SampleStats` per sample from what the prefill kept (``kept_ranks``: per sample, per stage, the
     kept image tokens' indices; a pre-LLM stage first when ``pre_llm``)."""
     d, m = decoder_config.hidden_size, decoder_config.intermediate_size
@@ -55,6 +58,7 @@ def sample_stats(schedule: Schedule, decoder_config, n_original, n_llm, kept_ran
             tflops_unpruned=paper_tflops_of([n] * schedule.depth, d, m),
             pruning_layers=schedule.pruning_layers,
             accumulation_layers=schedule.accumulation_layers,
+            positions=positions,
             scores=scores[b] if scores is not None else None,
         ))
     return stats
