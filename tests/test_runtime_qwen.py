@@ -382,3 +382,21 @@ def test_arch_spec_and_bench_inputs(qwen25):
     with transprune.pruned(model, TINY) as handle, torch.no_grad():
         model(**inputs.tensors)
     assert [s.n_image_tokens for s in handle.last_stats] == [24, 24]
+
+
+def test_sampling_with_cache(qwen25):
+    """Sampled generation: keep-all == unpruned draw for draw (same seed), and a pruned draw repeats."""
+    model, processor = qwen25
+    inputs = qwen_sample_inputs(processor, 2, seed=16, sizes=SIZES[1:])
+
+    def sample():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=12, do_sample=True, top_k=20)
+
+    ref = sample()
+    with transprune.pruned(model, KEEP_ALL):
+        assert torch.equal(sample(), ref)
+    with transprune.pruned(model, TINY):
+        first, second = sample(), sample()
+    assert torch.equal(first, second) and first.shape == ref.shape
