@@ -148,3 +148,16 @@ def test_flops_reports_the_position_rule_the_family_runs(capsys):
     assert json.loads(capsys.readouterr().out)["positions"] == "compact"
     assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high", "--set", "positions=compact"]) == 2
     assert "not supported on the qwen2-vl family" in capsys.readouterr().err
+
+
+def test_flops_image_size_sets_the_token_count_on_qwen(capsys):
+    assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high", "--image-size", "896x448", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_tokens"] == 32 * 16 and out["image_size"] == [896, 448]
+    assert out["visual_tokens_per_layer"][:7] == [512] * 7 and out["visual_tokens_per_layer"][-1] == 64
+    assert main(["flops", "--arch", "qwen3-vl-8b", "--image-size", "512x256", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_tokens"] == 16 * 8  # 32-pixel tokens on Qwen3-VL
+    assert main(["flops", "--arch", "qwen2.5-vl-7b", "--image-size", "900x448"]) == 2
+    assert "multiple of 28 pixels" in capsys.readouterr().err
+    assert main(["flops", "--arch", "llava-1.5-7b", "--image-size", "448x448"]) == 2
+    assert "fixed 576 image tokens" in capsys.readouterr().err

@@ -20,6 +20,10 @@ class ArchSpec:
     image_tokens: int
     crops: int = 1  # vision crops per image (LLaVA-NeXT: base + 2x2 grid = 5); VisionZip keeps D + C per crop
     model_type: str | None = None  # the HF model_type (its family's rules, e.g. positions, apply); None: unknown
+    # Pixels per side of one visual token for a dynamic-resolution family (Qwen: patch x merge); None: the
+    # count is fixed by the vision tower (LLaVA) and ``image_tokens`` is it.
+    pixels_per_token: int | None = None
+    nominal_image_size: tuple[int, int] | None = None  # the (h, w) that gives ``image_tokens``, when dynamic
 
     @property
     def kv_dim(self) -> int:

@@ -22,3 +22,14 @@ def at_least(low: int):
 
 count = at_least(0)
 positive = at_least(1)
+
+
+def image_size(value: str) -> tuple[int, int]:
+    """An argparse type: ``HEIGHTxWIDTH`` in pixels, both > 0."""
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+        if h > 0 and w > 0:
+            return (h, w)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 672x672, got {value!r}")

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from .adapters import supported_model_types
-from .argtypes import count, positive
+from .argtypes import count, image_size, positive
 from .bench import register as register_bench
 from .config import PRESETS
-from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch
+from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
 from .methods import COMPOSITIONS, METHODS, build
 from .mini.options import add_train_args, train_config
@@ -77,6 +77,8 @@ def cmd_flops(args) -> int:
         print(f"transprune flops: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.image_size is not None:
+            args.arch = with_image_size(args.arch, args.image_size)
         report = estimate(config, args.arch, text_tokens=args.text_tokens)
         config = resolved_for_arch(config, args.arch)  # as described: positions as the family runs them
     except (ValueError, TypeError, OSError) as exc:  # a schedule that does not fit the arch, an unreadable config
@@ -93,7 +95,9 @@ def cmd_flops(args) -> int:
                                             if r.accumulation_layers else "")
     )
     rows = [
-        ("arch", f"{a.name} ({a.num_layers} layers, d={a.hidden_size}, m={a.intermediate_size}, N={a.image_tokens})"),
+        ("arch", f"{a.name} ({a.num_layers} layers, d={a.hidden_size}, m={a.intermediate_size}, N={a.image_tokens}"
+                 + (f" for a {a.nominal_image_size[0]}x{a.nominal_image_size[1]} image" if a.nominal_image_size else "")
+                 + ")"),
         ("method", _describe(config)),
         ("schedule", schedule),
         ("visual tokens/layer", compress_runs(r.visual_tokens_per_layer)),
@@ -283,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(supported_model_types())})")
     _add_method_args(p)
     p.add_argument("--text-tokens", type=count, default=64, help="non-image prompt tokens for the full count (default 64)")
+    p.add_argument("--image-size", type=image_size, default=None, metavar="HxW",
+                   help="dynamic-resolution archs (Qwen): the image whose visual tokens N counts (default 448x448 on "
+                        "Qwen2/2.5-VL, 512x512 on Qwen3-VL: 256 tokens; the paper states no size, and its ratios "
+                        "do not depend on N)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
 

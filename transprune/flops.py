@@ -35,9 +35,9 @@ ARCHS: dict[str, ArchSpec] = {
         # N = 256 is nominal (a 16 x 16 merged grid: a 448 x 448 image with 14-pixel patches merged 2 x 2 on
         # Qwen2/2.5-VL, 512 x 512 with Qwen3-VL's 16-pixel patches); the paper states no count for
         # Qwen2.5-VL, and its ratios (`ratio_token_linear`) do not depend on N.
-        ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl"),
-        ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl"),
-        ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl"),
+        ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
+        ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
+        ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl", pixels_per_token=32, nominal_image_size=(512, 512)),
     )
 }
 
@@ -59,6 +59,24 @@ def arch_from_hf_config(cfg, name: str, where: str | None = None) -> ArchSpec:
     from .adapters import family_for
 
     return family_for(cfg.model_type, where or name).arch_spec(cfg, name)
+
+
+def with_image_size(arch: ArchSpec, image_size) -> ArchSpec:
+    """``arch`` with the visual-token count of one image of ``image_size`` (h, w) pixels, for a dynamic-resolution
+    family (each side a multiple of ``arch.pixels_per_token``, as the image processor resizes to)."""
+    import dataclasses
+
+    arch = resolve_arch(arch)
+    if arch.pixels_per_token is None:
+        raise ValueError(f"--image-size does not apply to {arch.name}: its vision tower gives a fixed "
+                         f"{arch.image_tokens} image tokens (N) whatever the image size")
+    factor = arch.pixels_per_token
+    height, width = image_size
+    if height % factor or width % factor:
+        raise ValueError(f"--image-size {height}x{width}: on {arch.name} each side must be a multiple of {factor} "
+                         f"pixels (one visual token per {factor}x{factor}), e.g. "
+                         f"{max(factor, round(height / factor) * factor)}x{max(factor, round(width / factor) * factor)}")
+    return dataclasses.replace(arch, image_tokens=(height // factor) * (width // factor), nominal_image_size=(height, width))
 
 
 def resolve_arch(name_or_path) -> ArchSpec:
@@ -139,6 +157,7 @@ class FlopsReport:
     # The in-LLM method's position rule on this arch's family (as `apply` resolves it); None: no in-LLM
     # method, or an arch whose family is unknown. It does not change the FLOPs.
     positions: str | None = None
+    image_size: tuple[int, int] | None = None  # (h, w) the count N is for, on dynamic-resolution archs
 
     def to_dict(self) -> dict:
         return {**asdict(self), "positions": None if self.positions is None else str(self.positions)}
@@ -207,6 +226,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
         text_tokens=text_tokens,
         query_tokens=query_tokens,
         positions=llm.positions if llm is not None else None,
+        image_size=arch.nominal_image_size,
     )
 
 

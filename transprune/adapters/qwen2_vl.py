@@ -207,11 +207,13 @@ class Qwen2VLAdapter(ModelAdapter):
         """N is nominal: one 448 x 448 image (``NOMINAL_GRID**2`` = 256 tokens with the 7B's 14-pixel patches
         merged 2 x 2); a real image's count depends on its size."""
         text = getattr(cfg, "text_config", None) or cfg
+        factor = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, NOMINAL_GRID ** 2, model_type=cfg.model_type)
+                        head_dim, NOMINAL_GRID ** 2, model_type=cfg.model_type, pixels_per_token=factor,
+                        nominal_image_size=(NOMINAL_GRID * factor,) * 2)
 
 
 def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):

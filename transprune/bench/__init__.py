@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import supported_model_types
-from ..argtypes import count, positive
+from ..argtypes import count, image_size, positive
 from ..methods import COMPOSITIONS, METHODS, build
 from .archs import CONFIGS, arch_config, arch_spec, build_random_model, fill_random
 from .inputs import BenchInputs, checkpoint_inputs, inputs_sha256, synthetic_inputs
@@ -90,16 +90,6 @@ def _arch_arg(value: str) -> str:
                                      f"checkpoint folder (or its config.json)")
 
 
-def _size(value: str):
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-        if h > 0 and w > 0:
-            return (h, w)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 672x672, got {value!r}")
-
-
 def _check_backend(device: str | None, attn: str) -> None:
     """Raise ValueError for a device or attention backend this torch cannot use (before any model is built)."""
     import importlib.util
@@ -153,7 +143,7 @@ def register(subparsers) -> None:
     p.add_argument("--new-tokens", type=positive, default=64, help="greedy tokens to decode (default 64)")
     p.add_argument("--text-tokens", type=positive, default=64,
                    help="non-image tokens per sample (default 64; a checkpoint's template may need more)")
-    p.add_argument("--image-size", type=_size, default=None, metavar="HxW",
+    p.add_argument("--image-size", type=image_size, default=None, metavar="HxW",
                    help="synthetic image size (default: the vision tower's; 2x that for LLaVA-NeXT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
