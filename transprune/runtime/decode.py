@@ -39,6 +39,11 @@ def continue_generation(adapter, generation: Generation, embeds, new_valid, posi
     for i, layer in enumerate(adapter.layers):
         if i in starts:
             stage = starts[i]
+            if cache.get_seq_length(i) != stage.key_valid.shape[1]:  # host ints: no sync
+                raise RuntimeError(f"layer {i}'s KV cache holds {cache.get_seq_length(i)} tokens where the pruned "
+                                   f"prefill and decode steps left {stage.key_valid.shape[1]}: the cache was cropped "
+                                   "or edited outside transprune (e.g. assisted generation), which pruning does not "
+                                   "support")
             stage.key_valid = torch.cat([stage.key_valid, new_valid], dim=1)
             stage.all_valid = stage.all_valid and new_all
             positions = adapter.shift_positions(position_ids, stage.shift)

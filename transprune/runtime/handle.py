@@ -51,6 +51,25 @@ class _Call:
 
 
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
+# Inside this model's generate(): how many rows each input sample becomes (beams, num_return_sequences).
+_ROWS_PER_SAMPLE: ContextVar[int] = ContextVar("transprune_rows_per_sample", default=1)
+
+
+def _generate_rows(model, kwargs) -> int:
+    """Refuse what pruning cannot run, and return the rows per input sample of a ``generate(**kwargs)`` call
+    (generate repeats each sample max(num_beams, num_return_sequences) times before the prefill)."""
+    config = kwargs.get("generation_config") or model.generation_config
+
+    def setting(name):
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+                if setting(name) is not None]
+    if assisted:
+        raise ValueError(f"assisted generation ({', '.join(assisted)}) is not supported while transprune prunes: it "
+                         "rolls the KV cache back (cache.crop), and each pruned layer caches only the tokens it kept; "
+                         "generate without it, or remove() the pruning first")
+    return max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
 
 
 def _rows_of(keep: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
@@ -113,8 +132,18 @@ class PruneHandle:
         def decoder_forward(*args, **kwargs):
             return self._decoder_forward(dec_forward, *args, **kwargs)
 
+        generate = self.model.generate
+
+        def pruned_generate(*args, **kwargs):
+            token = _ROWS_PER_SAMPLE.set(_generate_rows(self.model, kwargs))
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                _ROWS_PER_SAMPLE.reset(token)
+
         self._saved = [patch(mm, "forward", functools.wraps(mm_forward)(multimodal_forward)),
-                       patch(dec, "forward", functools.wraps(dec_forward)(decoder_forward))]
+                       patch(dec, "forward", functools.wraps(dec_forward)(decoder_forward)),
+                       patch(self.model, "generate", functools.wraps(generate)(pruned_generate))]
         if self.pre is not None:
             saved, hooks = self.pre.install(self.adapter, self._hand_over)
             self._saved += saved
@@ -148,8 +177,9 @@ class PruneHandle:
 
     @property
     def last_stats(self) -> list[SampleStats] | None:
-        """One `SampleStats` per sample of this thread's last prefill (a call that starts a new cache), set
-        by every such call, with images or without (then each sample reports 0 image tokens)."""
+        """One `SampleStats` per input sample of this thread's last prefill (a call that starts a new cache),
+        set by every such call, with images or without (then each sample reports 0 image tokens). Inside
+        `generate()` the copies of a sample (beams, `num_return_sequences`) share its one entry."""
         return getattr(self._local, "stats", None)
 
     @property
@@ -261,6 +291,10 @@ class PruneHandle:
 
     # -- statistics -------------------------------------------------------------------------------
     def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
+        copies = _ROWS_PER_SAMPLE.get()
+        if copies > 1 and len(n_original) % copies == 0:  # one entry per input sample, not per beam
+            n_original, n_llm, kept_ranks = n_original[::copies], n_llm[::copies], kept_ranks[::copies]
+            scores = scores[::copies] if scores is not None else None
         stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm,
                              self.position_rule)
         self._local.stats = stats
