@@ -61,3 +61,62 @@ def test_a_cache_cropped_behind_the_pruning_is_an_error(llava):
         out.cache.crop(-2)
         with pytest.raises(RuntimeError, match="the cache was cropped or edited outside transprune"):
             model(input_ids=inputs["input_ids"][:, -1:], cache=out.cache, use_cache=True)
+
+
+# -- every field of every registered method refuses bad values on construction, naming the field ---------------
+def _bad_values(default, field_name):
+    if field_name == "name":
+        return [None, 5]
+    if field_name == "reference_depth":
+        return [0, 1, -3, 1.5, "32", True]
+    if isinstance(default, str):
+        return [None, 5, "nope"]
+    if isinstance(default, int):
+        return [None, "2", 1.5, True, -1]
+    if isinstance(default, float):
+        return [None, "0.5", True, -0.5, 1.5, float("nan")]
+    if isinstance(default, tuple):
+        return [None, "2,3", 5, ("a",), (-1,), (1.5,)]
+    raise AssertionError(f"no bad values for {field_name}={default!r}: add them here")
+
+
+def _fields():
+    import dataclasses
+
+    from transprune.methods import METHODS
+
+    for method, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            if f.init:
+                yield method, cls, f.name, getattr(cls(), f.name)
+
+
+@pytest.mark.parametrize("method, cls, field_name, default", list(_fields()),
+                         ids=[f"{m}.{n}" for m, _, n, _ in _fields()])
+def test_every_config_field_refuses_bad_values_naming_the_field(method, cls, field_name, default):
+    for bad in _bad_values(default, field_name):
+        with pytest.raises((ValueError, TypeError), match=field_name):
+            cls(**{field_name: bad})
+
+
+SET_FIELDS = [f for f in _fields() if f[2] != "name"]  # name is a label, not a --set field
+
+
+@pytest.mark.parametrize("method, cls, field_name, default", SET_FIELDS, ids=[f"{m}.{n}" for m, _, n, _ in SET_FIELDS])
+def test_every_config_field_on_the_command_line_exits_2_with_one_line(method, cls, field_name, default, capsys):
+    from transprune.cli import main
+
+    bad = "nope" if not isinstance(default, str) else "5"
+    assert main(["flops", "--arch", "llava-1.5-7b", "--method", method, "--set", f"{field_name}={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and field_name in err
+
+
+def test_keep_ratios_that_keep_no_token_are_refused_at_apply(llava):
+    model, _ = llava  # 64 image tokens
+    for config in (TransPruneConfig(accumulation_layers=(2, 3), pruning_layers=(2, 3), keep_ratios=(0.5, 0.01)),
+                   FastVConfig(k=2, r=0.99)):
+        with pytest.raises(ValueError, match=r"0 of this model's 64 image tokens"):
+            transprune.apply(model, config)
+        assert "forward" not in vars(model.model)
+    transprune.apply(model, FastVConfig(k=2, r=63 / 64)).remove()  # one token left: fine

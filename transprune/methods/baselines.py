@@ -34,6 +34,11 @@ class RandomConfig(_Baseline):
     seed: int = 0
     method = "random"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
     def rank(self, view: StageView):
         # Seeded per stage, not per batch position: a sample gets the same draw alone or batched.
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + view.stage)

@@ -51,6 +51,8 @@ class TransPruneConfig(InLLMMethod):
     presets = PRESETS  # named settings (`preset(name)`); a bare "transprune" means the first
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a str (a preset's name, or 'custom'), got {self.name!r}")
         check_reference_depth(self.reference_depth)
         object.__setattr__(self, "accumulation_layers",
                            check_layers("accumulation_layers", self.accumulation_layers, self.reference_depth,

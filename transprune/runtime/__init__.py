@@ -55,9 +55,25 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
     pre, llm = split_methods(config)
     if pre is not None:
         pre.check(adapter)
+    if llm is not None:
+        _check_every_stage_keeps_a_token(llm, pre, schedule, adapter)
     handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)
     handle._install()
     return handle
+
+
+def _check_every_stage_keeps_a_token(llm, pre, schedule, adapter) -> None:
+    """Raise when a keep ratio would keep no image token of this model's (nominal) image: almost surely a
+    mistake (a ratio meant as a percentage, or one ratio too many zeros). Dynamic-resolution families count
+    their nominal image (`arch_spec`); smaller images there may still keep 0 at run time."""
+    arch = adapter.arch_spec(adapter.model.config, "model")
+    n = arch.image_tokens if pre is None else pre.llm_tokens(arch)
+    for layer, ratio in zip(schedule.pruning_layers, schedule.keep_ratios):
+        if int(n * ratio) == 0:
+            raise ValueError(f"{type(llm).__name__} keeps {ratio:g} of the image tokens after layer {layer}: 0 of this "
+                             f"model's {n} image tokens{' (its nominal image)' if arch.nominal_image_size else ''}"
+                             f"{' after ' + type(pre).__name__ if pre is not None else ''}; keep ratios are fractions "
+                             f"of the original count (>= {1 / n:.4g} keeps one token)")
 
 
 @contextlib.contextmanager
