@@ -54,7 +54,7 @@ def test_run_rejects_unknown_preset(checkpoint):
 def test_run_with_a_composition(checkpoint, capsys):
     folder, image = checkpoint
     assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what ?", "--method",
-                 "visionzip,fastv", "--set", "dominant=20", "--set", "contextual=4", "--set", "k=3",
+                 "visionzip+fastv", "--set", "dominant=20", "--set", "contextual=4", "--set", "k=3",
                  "--max-new-tokens", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [m["method"] for m in out["method"]] == ["visionzip", "fastv"]

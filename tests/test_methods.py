@@ -81,7 +81,9 @@ def test_flops_reference_sum_for_pdrop_on_next():
     (lambda: UniformConfig(positions="x"), "positions='x' is not allowed"),
     (lambda: VisionZipConfig(dominant=-1), "dominant must be an int >= 0"),
     (lambda: split_methods([VisionZipConfig(), VisionZipConfig()]), "at most one pre-LLM"),
-    (lambda: build("fastv,nope"), "unknown method"),
+    (lambda: build("fastv+nope"), "unknown method 'nope'"),
+    (lambda: build("fastv,pdrop"), "compose methods with '\\+', e.g. 'fastv\\+pdrop'"),
+    (lambda: build("transprune-high", "low"), "names preset 'high' but --preset says 'low'"),
     (lambda: build("fastv", params={"dominant": "3"}), r"unknown parameter\(s\) \['dominant'\]"),
 ])
 def test_bad_method_configs_name_the_field(make, match):
@@ -90,7 +92,7 @@ def test_bad_method_configs_name_the_field(make, match):
 
 
 def test_build_applies_parameters_to_the_method_that_has_them():
-    vz, tp = build("visionzip,transprune", "low", {"dominant": "100", "contextual": "20", "alpha": "0.4"})
+    vz, tp = build("visionzip+transprune", "low", {"dominant": "100", "contextual": "20", "alpha": "0.4"})
     assert (vz.dominant, vz.contextual) == (100, 20)
     assert tp.keep_ratios == (0.625, 0.1875, 0.0625) and tp.alpha == 0.4
     assert build("pdrop", params={"layers": "4,8"}).layers == (4, 8)
@@ -329,3 +331,25 @@ def test_iga_without_text_after_the_image_reads_the_last_tokens_row(llava):
         kept[name] = handle.last_stats[0].kept_indices
         assert len(kept[name][0]) == 32
     assert kept["iga"] == kept["pdrop"]
+
+
+def test_one_method_grammar_for_the_api_and_every_subcommand(capsys):
+    """run/flops/demo's --method, bench's and eval's --methods entries and `build` read the same specs."""
+    from transprune.bench import method_config
+    from transprune.cli import main
+    from transprune.mini.evaluate import resolve, suite_entry
+
+    assert build("transprune-low") == TransPruneConfig.preset("low")
+    assert build("transprune") == TransPruneConfig.preset("high")
+    assert [c.method for c in build("visionzip+fastv")] == ["visionzip", "fastv"]
+    for spec in ("transprune-low", "visionzip+fastv", "pdrop", "visionzip192+transprune"):
+        assert method_config(spec) == build(spec)
+        assert main(["flops", "--arch", "llava-1.5-7b", "--method", spec, "--json"]) == 0
+    capsys.readouterr()
+    assert resolve("none,visionzip+fastv,transprune-low") == ["none", "visionzip+fastv", "transprune-low"]
+    assert suite_entry("visionzip+fastv")[1][1].reference_depth == 32  # mapped to the mini model like the suite
+    # the other spelling gets the right one in its error
+    assert main(["flops", "--arch", "llava-1.5-7b", "--method", "visionzip,fastv"]) == 2
+    assert "compose methods with '+', e.g. 'visionzip+fastv'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="compose methods with"):
+        method_config("visionzip,fastv")

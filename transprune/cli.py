@@ -18,7 +18,7 @@ from .bench import register as register_bench
 from .config import PRESETS
 from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
-from .methods import COMPOSITIONS, METHODS, build
+from .methods import COMPOSITIONS, METHODS, build, spelling
 from .mini.options import add_train_args, train_config
 
 
@@ -31,8 +31,8 @@ def _arch(value: str):
 
 
 def _add_method_args(p, default_preset=None):
-    p.add_argument("--method", default="transprune", metavar="|".join(METHODS),
-                   help="pruning method; comma-separated to compose a pre-LLM and an in-LLM one, e.g. visionzip,transprune")
+    p.add_argument("--method", default="transprune", metavar="METHOD",
+                   help=f"the pruning method (the grammar of bench's and eval's --methods entries): {spelling()}")
     p.add_argument("--preset", choices=[*PRESETS, *COMPOSITIONS], default=default_preset,
                    help="TransPrune's high/low/off (default high), or a named composition")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="params",
@@ -173,11 +173,11 @@ def cmd_train_mini(args) -> int:
 
 def _check_fits(model, names) -> None:
     """Raise for the first suite method that cannot be applied to ``model`` (before any question runs)."""
-    from .mini.evaluate import SUITE
+    from .mini.evaluate import suite_entry
     from .runtime import apply
 
     for name in names:
-        config = SUITE[name][1]()
+        config = suite_entry(name)[1]
         if config is not None:
             try:
                 apply(model, config).remove()

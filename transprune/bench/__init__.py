@@ -22,7 +22,7 @@ import torch
 
 from ..adapters import supported_model_types
 from ..argtypes import count, image_size, positive
-from ..methods import COMPOSITIONS, METHODS, build
+from ..methods import COMPOSITIONS, METHODS, build, spelling
 from .archs import CONFIGS, arch_config, arch_spec, build_random_model, fill_random
 from .inputs import BenchInputs, checkpoint_inputs, inputs_sha256, synthetic_inputs
 from .measure import MethodResult, add_ratios, kv_cache_bytes, measure_method, run_bench, summarize
@@ -48,31 +48,27 @@ def method_names() -> list[str]:
 
 
 def method_config(name: str):
-    """The config (or composition list) a bench method name stands for; None for ``none``.
-
-    Besides the names in `method_names()`, ``A+B`` composes a pre-LLM and an in-LLM method
-    (e.g. ``visionzip+fastv``; TransPrune-High for ``transprune``)."""
-    named = _named()
-    if name in named:
-        if named[name] is None:
-            return None
-        methods, preset = named[name]
-        return build(methods or "transprune", preset)
-    parts = name.split("+")
-    if len(parts) == 2 and all(p in METHODS for p in parts):
-        return build(",".join(parts))
-    raise ValueError(f"unknown method {name!r}; allowed: {', '.join(method_names())}, "
-                     f"or A+B with A, B in {', '.join(METHODS)} (e.g. visionzip+fastv)")
+    """The config (or composition list) a bench method spec stands for (the grammar of `methods.parse_spec`,
+    as ``--method`` of run/flops: ``transprune-high``, ``fastv``, ``visionzip+fastv``...); None for ``none``."""
+    if name == "none":
+        return None
+    return build(name)
 
 
 def parse_methods(text: str) -> list[tuple[str, object]]:
     """``"none,transprune-high"`` -> [(name, config), ...]; raises ValueError naming the allowed values."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--methods is empty; allowed: {', '.join(method_names())}")
+        raise ValueError(f"--methods is empty; give none and/or {spelling()}")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods names a method twice: {names}")
-    return [(n, method_config(n)) for n in names]
+    parsed = []
+    for name in names:
+        try:
+            parsed.append((name, method_config(name)))
+        except ValueError as exc:
+            raise ValueError(f"--methods: {exc}; or none (the unpruned model)") from None
+    return parsed
 
 
 def _methods_arg(value: str):
@@ -127,8 +123,8 @@ def register(subparsers) -> None:
                    help=f"{', '.join(CONFIGS)} (random weights built in code) or a local checkpoint folder "
                         "(or its config.json)")
     p.add_argument("--methods", type=_methods_arg, default=parse_methods("none,transprune-high"),
-                   metavar="M1,M2,...", help=f"comma-separated, from: {', '.join(method_names())} "
-                   "(or A+B compositions); default none,transprune-high")
+                   metavar="M1,M2,...", help=f"comma-separated entries, each none or a method as run/flops take it: {spelling()}; "
+                        "default none,transprune-high")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,  # loading.DTYPES
                    help="default bf16 on GPU, fp32 on CPU")

@@ -99,25 +99,56 @@ def _parse_value(text: str):
     return text
 
 
+def spelling() -> str:
+    """The method grammar every tool shares, for help texts and errors."""
+    with_presets = [f"{n}-{p}" for n in METHODS for p in getattr(METHODS[n], "presets", ())]
+    return (f"METHOD or METHOD-PRESET ({', '.join(with_presets)}), composed with '+' "
+            f"(e.g. visionzip+transprune), or a named composition ({', '.join(COMPOSITIONS)}); "
+            f"methods: {', '.join(METHODS)}")
+
+
+def parse_spec(spec: str) -> list[tuple[str, str | None]]:
+    """``"visionzip+transprune-low"`` -> [("visionzip", None), ("transprune", "low")]: the one method grammar of
+    the Python API and every subcommand (``,`` only separates the entries of a list, as in ``--methods``)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method is a non-empty string: {spelling()}")
+    if "," in spec:
+        raise ValueError(f"{spec!r}: compose methods with '+', e.g. {'+'.join(s.strip() for s in spec.split(','))!r} "
+                         "(',' separates the entries of a list, as in --methods)")
+    items = []
+    for text in (t.strip() for t in spec.split("+")):
+        name, _, suffix = text.rpartition("-")
+        if text in METHODS:
+            items.append((text, None))
+        elif name in METHODS and suffix in getattr(METHODS[name], "presets", ()):
+            items.append((name, suffix))
+        else:
+            raise ValueError(f"unknown method {text!r} in {spec!r}; use {spelling()}")
+    return items
+
+
 def build(methods: str = "transprune", preset_name: str | None = None, params: dict[str, str] | None = None):
-    """A config (or composition list) from a method list such as ``"visionzip,transprune"``, an optional
-    preset (TransPrune's high/low/off, or a composition name) and ``field=value`` overrides, each applied
-    to the method that has that field. Raises ValueError naming the allowed values."""
+    """A config (or composition list) from a method spec such as ``"visionzip+transprune"`` or
+    ``"transprune-low"`` (see `parse_spec`), an optional preset (TransPrune's high/low/off for the method
+    with presets, or a composition name) and ``field=value`` overrides, each applied to the method that has
+    that field. Raises ValueError naming the allowed values."""
     params = dict(params or {})
-    if preset_name in COMPOSITIONS:
-        configs = preset(preset_name)
+    if methods in COMPOSITIONS or preset_name in COMPOSITIONS:
+        if methods in COMPOSITIONS and preset_name is not None:
+            raise ValueError(f"{methods!r} is a named composition: it takes no --preset (got {preset_name!r})")
+        configs = preset(methods if methods in COMPOSITIONS else preset_name)
     else:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        unknown = [n for n in names if n not in METHODS]
-        if unknown or not names:
-            raise ValueError(f"unknown method {unknown or methods!r}; choose from {', '.join(METHODS)} "
-                             f"(comma-separated to compose, e.g. visionzip,transprune)")
-        with_presets = [n for n in names if default_preset(n) is not None]
+        items = parse_spec(methods)
+        with_presets = [n for n, _ in items if default_preset(n) is not None]
         if preset_name is not None and not with_presets:
             raise ValueError(f"--preset {preset_name!r} applies to a method with presets "
-                             f"({', '.join(n for n in METHODS if default_preset(n))}); the methods are {names}")
-        configs = [METHODS[n].preset(preset_name or default_preset(n)) if n in with_presets else METHODS[n]()
-                   for n in names]
+                             f"({', '.join(n for n in METHODS if default_preset(n))}); the methods are "
+                             f"{[n for n, _ in items]}")
+        for name, own in items:
+            if own is not None and preset_name is not None and own != preset_name:
+                raise ValueError(f"{name}-{own} names preset {own!r} but --preset says {preset_name!r}: give one")
+        configs = [METHODS[n].preset(own or preset_name or default_preset(n)) if default_preset(n) is not None
+                   else METHODS[n]() for n, own in items]
     used = set()
     for i, cfg in enumerate(configs):
         names = {f.name for f in fields(cfg)}

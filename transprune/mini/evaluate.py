@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import TransPruneConfig
-from ..methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig
+from ..methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig, build, spelling
 from . import data
 from .model import IMAGE_TOKENS, PATCH_SIZE, prompt
 
@@ -66,15 +66,31 @@ SUITE = {
 
 
 def resolve(names: str | list[str] | None) -> list[str]:
-    """Method names from a comma-separated string (None: the whole suite); unknown names raise."""
+    """Entries from a comma-separated string (None: the whole suite): suite names, or any method in the
+    grammar of run/flops/bench (`methods.parse_spec`, e.g. ``fastv``, ``visionzip+fastv``), whose papers'
+    32-layer settings are then mapped to this model as the suite's are. Unknown entries raise."""
     if names is None:
         return list(SUITE)
     items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    unknown = [n for n in items if n not in SUITE]
+    unknown = []
+    for name in items:
+        if name not in SUITE:
+            try:
+                build(name)
+            except ValueError:
+                unknown.append(name)
     if unknown or not items:
-        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
-                         f"choose from {', '.join(SUITE)}")
+        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose suite entries "
+                         f"({', '.join(SUITE)}) or methods ({spelling()})")
     return items
+
+
+def suite_entry(name: str) -> tuple[str, object]:
+    """(description, config) of a suite name or a method spec (mapped to this model's depth)."""
+    if name in SUITE:
+        description, make = SUITE[name]
+        return description, make()
+    return f"{name} (defaults, mapped from 32 layers)", mapped_to_mini(build(name))
 
 
 @dataclass
@@ -112,10 +128,7 @@ def _batches(processor, samples, batch_size):
 def evaluate(model, processor, names=None, n: int = 500, batch_size: int = 50, progress: bool = True,
              samples: list[data.Sample] | None = None) -> list[MethodResult]:
     """Run each named method of `SUITE` on the same ``n`` held-out questions."""
-    methods = {}
-    for name in resolve(names):
-        description, factory = SUITE[name]
-        methods[name] = (description, factory())
+    methods = {name: suite_entry(name) for name in resolve(names)}
     return evaluate_configs(model, processor, methods, n=n, batch_size=batch_size, progress=progress, samples=samples)
 
 
