@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from transprune import TransPruneConfig
+from transprune import FastVConfig, TransPruneConfig
 from transprune.bench import arch_config, arch_spec, method_names, summarize
 from transprune.cli import main
 from transprune.flops import estimate
@@ -205,3 +205,34 @@ def test_qwen_reduced_bench_runs_on_cpu():
     assert none["visual_tokens_per_layer"][0] == [256] * 28
     assert high["visual_tokens_per_layer"][0] == [256] * 7 + [224] * 2 + [160] * 3 + [32] * 16
     assert high["kv_tokens_per_layer"] == [320] * 7 + [288] * 2 + [224] * 3 + [96] * 16
+
+
+def test_methods_run_interleaved_in_rotating_order_with_per_round_ratios(monkeypatch):
+    """Every round runs each method once, the order rotating by one per round; the per-round ratios to none
+    are computed within each round."""
+    from transprune.bench import add_ratios, measure_methods, synthetic_inputs
+    from transprune.bench import measure as measure_module
+    from transprune.testing import tiny_llava
+
+    model = tiny_llava(seed=0)
+    inputs = synthetic_inputs(model, 1, text_tokens=8)
+    order, original = [], measure_module._MethodRun.once
+
+    def recording(run, timed, measure_memory=False):
+        order.append((run.name, timed, measure_memory))
+        return original(run, timed, measure_memory)
+
+    monkeypatch.setattr(measure_module._MethodRun, "once", recording)
+    cfg = TransPruneConfig(accumulation_layers=(2, 3), pruning_layers=(2, 3), keep_ratios=(0.5, 0.25))
+    methods = [("none", None), ("tp", cfg), ("fastv", FastVConfig(k=2, r=0.5))]
+    results = measure_methods(model, inputs, methods, repeats=3, warmup=1, new_tokens=2)
+    assert [name for name, _, _ in order] == ["none", "tp", "fastv", "tp", "fastv", "none",
+                                              "fastv", "none", "tp", "none", "tp", "fastv"]
+    assert [t for _, t, _ in order] == [False] * 3 + [True] * 9
+    assert [name for name, _, m in order if m] == ["tp", "fastv", "none"]  # memory in the first timed round
+    add_ratios(results)
+    none, tp, _ = results
+    assert len(tp.rounds["prefill_s"]) == 3 and tp.prefill_s["n"] == 3
+    per_round = [a / b for a, b in zip(tp.rounds["prefill_s"], none.rounds["prefill_s"])]
+    assert tp.round_ratios["prefill_s"]["min"] == min(per_round) and tp.round_ratios["prefill_s"]["max"] == max(per_round)
+    assert none.round_ratios["prefill_s"]["median"] == 1.0

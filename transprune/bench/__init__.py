@@ -25,12 +25,12 @@ from ..argtypes import count, image_size, positive
 from ..methods import COMPOSITIONS, METHODS, build, spelling
 from .archs import CONFIGS, arch_config, arch_spec, build_random_model, fill_random
 from .inputs import BenchInputs, checkpoint_inputs, inputs_sha256, synthetic_inputs
-from .measure import MethodResult, add_ratios, kv_cache_bytes, measure_method, run_bench, summarize
+from .measure import MethodResult, add_ratios, kv_cache_bytes, measure_method, measure_methods, run_bench, summarize
 from .report import format_report
 
 __all__ = ["BenchInputs", "MethodResult", "add_ratios", "arch_config", "arch_spec", "build_random_model",
            "checkpoint_inputs", "cmd_bench", "fill_random", "format_report", "inputs_sha256", "kv_cache_bytes",
-           "measure_method", "method_config", "method_names", "parse_methods", "register", "run_bench",
+           "measure_method", "measure_methods", "method_config", "method_names", "parse_methods", "register", "run_bench",
            "summarize", "synthetic_inputs"]
 
 def _named() -> dict:
@@ -104,7 +104,7 @@ def cmd_bench(args) -> int:
                            attn_implementation=args.attn, random_weights=args.random_weights,
                            repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
                            text_tokens=args.text_tokens, image_size=args.image_size, seed=args.seed,
-                           progress=None if args.json else lambda m: print(m, file=sys.stderr))
+                           progress=True)
     except (ValueError, OSError) as exc:
         print(f"transprune bench: error: {exc}", file=sys.stderr)
         return 2

@@ -214,7 +214,10 @@ class MethodResult:
     visual_tokens_per_layer: list[list[int]]  # per sample, from handle.last_stats
     tflops: float  # paper convention, mean per sample
     tflops_unpruned: float
-    ratios: dict = field(default_factory=dict)  # vs none, filled by run_bench
+    rounds: dict = field(default_factory=dict)  # per timed round: prefill_s, ttft_s, decode_tokens_per_s
+    ratios: dict = field(default_factory=dict)  # vs none (of the medians), filled by add_ratios
+    # vs none within each round (same round, back to back): median, min, max, IQR over the rounds
+    round_ratios: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,85 +228,116 @@ def _paper_tflops_unpruned(model, image_tokens: list[int]) -> list[float]:
     return [paper_tflops(spec, [n] * spec.num_layers) for n in image_tokens]
 
 
-def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: int = 5, warmup: int = 2,
-                   new_tokens: int = 64) -> MethodResult:
-    """Measure one method (``config`` None: no pruning attached) on ``inputs``; see the module docstring."""
-    from ..adapters import adapter_for
-    from ..runtime import apply
+class _MethodRun:
+    """One method's measurements, one round at a time (`once`): the pruning is applied for the round and
+    removed after it, so the methods of a round run on the same model one after another."""
 
-    device = model.device
-    clock, memory = _Clock(device), _PeakMemory(device)
-    tensors = {k: v.to(device) for k, v in inputs.tensors.items()}
-    if "pixel_values" in tensors:
-        tensors["pixel_values"] = tensors["pixel_values"].to(model.dtype)
-    sha = inputs_sha256(tensors)
-    batch = tensors["input_ids"].shape[0]
-    adapter = adapter_for(model)
-    handle = apply(model, config, profile=True) if config is not None else None
-    try:
-        prefill, scoring, detail, cache = [], [], None, None
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                cache = adapter.new_cache()
-                timed = []
-                with clock.time(timed):
+    def __init__(self, model, inputs: BenchInputs, name: str, config, new_tokens: int):
+        from ..adapters import adapter_for
+
+        self.model, self.inputs, self.name, self.config, self.new_tokens = model, inputs, name, config, new_tokens
+        self.adapter = adapter_for(model)
+        self.clock, self.memory = _Clock(model.device), _PeakMemory(model.device)
+        self.tensors = {k: v.to(model.device) for k, v in inputs.tensors.items()}
+        if "pixel_values" in self.tensors:
+            self.tensors["pixel_values"] = self.tensors["pixel_values"].to(model.dtype)
+        self.prefill, self.scoring, self.ttft, self.decode, self.counts = [], [], [], [], []
+        self.detail, self.mem, self.kv, self.stats, self.ran_config = None, {}, (0, []), None, None
+
+    def once(self, timed: bool, measure_memory: bool = False) -> None:
+        from ..runtime import apply
+
+        model, tensors = self.model, self.tensors
+        handle = apply(model, self.config, profile=True) if self.config is not None else None
+        try:
+            with torch.no_grad():
+                cache, seconds = self.adapter.new_cache(), []
+                with self.clock.time(seconds):
                     model(**tensors, cache=cache, use_cache=True, logits_to_keep=1)
-                if i >= warmup:
-                    prefill.append(timed[0])
+                self.kv = kv_cache_bytes(cache)
+                del cache
+                if handle is not None:
+                    self.stats, self.ran_config = handle.last_stats, handle.config
+                if timed:
+                    self.prefill.append(seconds[0])
                     if handle is not None and handle.last_profile is not None:
-                        scoring.append(handle.last_profile["scoring_s"])
-                        detail = handle.last_profile
-            kv_bytes, kv_lengths = kv_cache_bytes(cache)
-            del cache
-            if handle is not None:
-                stats = handle.last_stats
-                visual = [s.visual_tokens_per_layer for s in stats]
-                tflops = [s.tflops for s in stats]
-                tflops_unpruned = [s.tflops_unpruned for s in stats]
-            else:
-                depth = model.config.get_text_config().num_hidden_layers
-                visual = [[n] * depth for n in inputs.image_tokens]
-                tflops = tflops_unpruned = _paper_tflops_unpruned(model, inputs.image_tokens)
-
-            ttft, decode, counts, mem = [], [], [], {}
-            pad = model.config.get_text_config().pad_token_id
-            for i in range(warmup + repeats):
+                        self.scoring.append(handle.last_profile["scoring_s"])
+                        self.detail = handle.last_profile
                 streamer = _StepStreamer()
-                with (memory.measure(mem) if i == warmup else contextlib.nullcontext()):
-                    clock.sync()
+                pad = model.config.get_text_config().pad_token_id
+                with (self.memory.measure(self.mem) if measure_memory else contextlib.nullcontext()):
+                    self.clock.sync()
                     start = time.perf_counter()
-                    out = model.generate(**tensors, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    out = model.generate(**tensors, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
                                          do_sample=False, streamer=streamer, pad_token_id=pad)
-                if i < warmup:
-                    continue
+            if timed:
                 steps = streamer.stamps[1:]  # stamps[0]: the prompt
-                counts.append(int(out.shape[1] - tensors["input_ids"].shape[1]))
-                ttft.append(steps[0] - start)
-                if len(steps) > 1:
-                    decode.append(batch * (len(steps) - 1) / (steps[-1] - steps[0]))
+                self.counts.append(int(out.shape[1] - tensors["input_ids"].shape[1]))
+                self.ttft.append(steps[0] - start)
+                batch = tensors["input_ids"].shape[0]
+                self.decode.append(batch * (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else None)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def result(self) -> "MethodResult":
+        if self.stats is not None:
+            visual = [s.visual_tokens_per_layer for s in self.stats]
+            tflops, tflops_unpruned = [s.tflops for s in self.stats], [s.tflops_unpruned for s in self.stats]
+        else:
+            depth = self.model.config.get_text_config().num_hidden_layers
+            visual = [[n] * depth for n in self.inputs.image_tokens]
+            tflops = tflops_unpruned = _paper_tflops_unpruned(self.model, self.inputs.image_tokens)
+        decode = [d for d in self.decode if d is not None]
+        configs = [] if self.ran_config is None else (self.ran_config if isinstance(self.ran_config, list)
+                                                       else [self.ran_config])
+        return MethodResult(
+            name=self.name,
+            config=[c.to_dict() for c in configs],  # as the model ran it (positions resolved for the family)
+            inputs_sha256=inputs_sha256(self.tensors),
+            prefill_s=summarize(self.prefill),
+            scoring_s=summarize(self.scoring) if self.config is not None else None,
+            scoring_detail=self.detail,
+            ttft_s=summarize(self.ttft),
+            decode_tokens_per_s=summarize(decode) if decode else None,
+            new_tokens=self.counts,
+            peak_memory_bytes=self.mem.get("peak_bytes", 0),
+            peak_memory_growth_bytes=self.mem.get("peak_growth_bytes", 0),
+            kv_cache_bytes=self.kv[0],
+            kv_tokens_per_layer=self.kv[1],
+            visual_tokens_per_layer=visual,
+            tflops=statistics.fmean(tflops),
+            tflops_unpruned=statistics.fmean(tflops_unpruned),
+            rounds={"prefill_s": list(self.prefill), "ttft_s": list(self.ttft), "decode_tokens_per_s": list(self.decode)},
+        )
+
+
+def measure_methods(model, inputs: BenchInputs, methods: list[tuple[str, object]], *, repeats: int = 5,
+                    warmup: int = 2, new_tokens: int = 64, progress: bool = False) -> list["MethodResult"]:
+    """Measure every ``(name, config)`` (config None: no pruning attached) on ``inputs`` in interleaved
+    rounds: each of ``warmup`` untimed rounds and ``repeats`` timed rounds runs every method once, in an
+    order that rotates by one method per round, so a method is never timed only while the machine is
+    busier (or quieter) than for the others. Peak memory is read in the first timed round."""
+    from tqdm import tqdm
+
+    runs = [_MethodRun(model, inputs, name, config, new_tokens) for name, config in methods]
+    bar = tqdm(total=(warmup + repeats) * len(runs), desc="bench", unit="run", disable=not progress, leave=False)
+    try:
+        for round_index in range(warmup + repeats):
+            shift = round_index % len(runs)
+            for run in runs[shift:] + runs[:shift]:
+                bar.set_postfix_str(f"round {round_index + 1}/{warmup + repeats}: {run.name}")
+                run.once(timed=round_index >= warmup, measure_memory=round_index == warmup)
+                bar.update()
     finally:
-        if handle is not None:
-            handle.remove()
-    return MethodResult(
-        name=name,
-        # as the model ran it: the handle's config (positions resolved for the family)
-        config=[] if handle is None else [c.to_dict() for c in (handle.config if isinstance(handle.config, list)
-                                                                 else [handle.config])],
-        inputs_sha256=sha,
-        prefill_s=summarize(prefill),
-        scoring_s=summarize(scoring) if handle is not None else None,
-        scoring_detail=detail,
-        ttft_s=summarize(ttft),
-        decode_tokens_per_s=summarize(decode) if decode else None,
-        new_tokens=counts,
-        peak_memory_bytes=mem.get("peak_bytes", 0),
-        peak_memory_growth_bytes=mem.get("peak_growth_bytes", 0),
-        kv_cache_bytes=kv_bytes,
-        kv_tokens_per_layer=kv_lengths,
-        visual_tokens_per_layer=visual,
-        tflops=statistics.fmean(tflops),
-        tflops_unpruned=statistics.fmean(tflops_unpruned),
-    )
+        bar.close()
+    return [run.result() for run in runs]
+
+
+def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: int = 5, warmup: int = 2,
+                   new_tokens: int = 64) -> "MethodResult":
+    """Measure one method (``config`` None: no pruning attached) on ``inputs``; see the module docstring."""
+    return measure_methods(model, inputs, [(name, config)], repeats=repeats, warmup=warmup, new_tokens=new_tokens)[0]
 
 
 def _ratio(a, b):
@@ -327,6 +361,11 @@ def add_ratios(results: list[MethodResult]) -> None:
             peak_memory_growth=_ratio(r.peak_memory_growth_bytes, base.peak_memory_growth_bytes),
             tflops=_ratio(r.tflops, base.tflops),
         )
+        r.round_ratios = {
+            key: summarize([_ratio(a, b) for a, b in zip(r.rounds.get(key, []), base.rounds.get(key, []))
+                            if _ratio(a, b) is not None])
+            for key in ("prefill_s", "ttft_s", "decode_tokens_per_s")
+        }
 
 
 
@@ -352,7 +391,7 @@ def _folder(arch: str) -> str:
 def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, dtype: str = "fp32",
               device: str | None = None, attn_implementation: str = "sdpa", random_weights: bool = False,
               repeats: int = 5, warmup: int = 2, new_tokens: int = 64, text_tokens: int = 64,
-              image_size=None, seed: int = 0, progress=None) -> dict:
+              image_size=None, seed: int = 0, progress: bool = False) -> dict:
     """Build (or load) the model and inputs once, measure every method, return the JSON-able report.
 
     ``arch``: a name in `CONFIGS`, or a checkpoint folder (or its config.json): its weights, or with
@@ -379,12 +418,8 @@ def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, d
         build_s = time.perf_counter() - t0
         inputs = checkpoint_inputs(processor, model, batch, text_tokens, image_size, seed)
         weights = f"checkpoint {arch}"
-    results = []
-    for name, config in methods:
-        if progress:
-            progress(f"measuring {name} ...")
-        results.append(measure_method(model, inputs, name, config, repeats=repeats, warmup=warmup,
-                                      new_tokens=new_tokens))
+    results = measure_methods(model, inputs, methods, repeats=repeats, warmup=warmup, new_tokens=new_tokens,
+                              progress=progress)
     add_ratios(results)
     text = model.config.get_text_config()
     return {
@@ -403,6 +438,7 @@ def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, d
         "new_tokens": new_tokens,
         "repeats": repeats,
         "warmup": warmup,
+        "order": "interleaved: every round runs each method once, the order rotating by one method per round",
         "decoder": {"layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
                     "intermediate_size": text.intermediate_size, "heads": text.num_attention_heads,
                     "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,

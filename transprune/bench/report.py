@@ -9,8 +9,13 @@ def _ms(d):
     return "-" if not d or d["median"] is None else f"{1e3 * d['median']:.1f} [{1e3 * d['min']:.1f}-{1e3 * d['max']:.1f}]"
 
 
-def _x(v):
-    return "-" if v is None else f"{v:.2f}x"
+def _x(v, spread=None):
+    """A ratio, with the min-max of the per-round ratios when there are several rounds."""
+    if v is None:
+        return "-"
+    if spread and spread.get("n", 0) > 1:
+        return f"{v:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
+    return f"{v:.2f}x"
 
 
 def format_report(report: dict) -> str:
@@ -23,19 +28,21 @@ def format_report(report: dict) -> str:
         f"{report['new_tokens']} new tokens; {report['repeats']} timed repeats after {report['warmup']} warm-up; "
         f"inputs sha256 {report['inputs_sha256'][:12]}",
         f"timer: {report['timer']}; memory: {report['memory_measure']}",
-        "times: median [min-max] ms; ratios: method / none (decode: tokens/s ratio, > 1 is faster)",
+        "times: median [min-max] ms; ratios: method / none of the medians [min-max of the per-round ratios] "
+        "(decode: tokens/s ratio, > 1 is faster); methods interleaved, the order rotating every round",
     ]
     cols = ["method", "prefill ms", "x", "scoring ms (% prefill)", "TTFT ms", "x", "decode tok/s", "x",
             "peak MiB", "KV MiB", "x", "TFLOPs", "x"]
     rows = []
     for r in report["methods"]:
-        q = r["ratios"]
+        q, spread = r["ratios"], r.get("round_ratios") or {}
         scoring = "-" if not r["scoring_s"] or r["scoring_s"]["median"] is None else (
             f"{1e3 * r['scoring_s']['median']:.1f} ({100 * q['scoring_fraction_of_prefill']:.1f}%)")
         dec = r["decode_tokens_per_s"]
         rows.append([
-            r["name"], _ms(r["prefill_s"]), _x(q.get("prefill")), scoring, _ms(r["ttft_s"]), _x(q.get("ttft")),
-            "-" if not dec else f"{dec['median']:.1f}", _x(q.get("decode_tokens_per_s")),
+            r["name"], _ms(r["prefill_s"]), _x(q.get("prefill"), spread.get("prefill_s")), scoring, _ms(r["ttft_s"]),
+            _x(q.get("ttft"), spread.get("ttft_s")), "-" if not dec else f"{dec['median']:.1f}",
+            _x(q.get("decode_tokens_per_s"), spread.get("decode_tokens_per_s")),
             f"{r['peak_memory_growth_bytes'] / 2**20:.1f}", f"{r['kv_cache_bytes'] / 2**20:.2f}", _x(q.get("kv_cache")),
             f"{r['tflops']:.4g}", _x(q.get("tflops")),
         ])
