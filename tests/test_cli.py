@@ -161,3 +161,36 @@ def test_flops_image_size_sets_the_token_count_on_qwen(capsys):
     assert "multiple of 28 pixels" in capsys.readouterr().err
     assert main(["flops", "--arch", "llava-1.5-7b", "--image-size", "448x448"]) == 2
     assert "fixed 576 image tokens" in capsys.readouterr().err
+
+
+def test_every_typed_cli_option_refuses_a_bad_value_with_usage_exit_2(capsys):
+    """Walk the parser: every option that takes a typed value or a choice, on every subcommand, given a value
+    that is neither, exits 2 at parsing with an error naming the option (nothing is loaded first)."""
+    import argparse
+
+    from transprune.cli import build_parser
+
+    required = {"flops": ["--arch", "llava-1.5-7b"], "run": ["--model", "m", "--image", "i", "--prompt", "p"],
+                "eval": ["--suite", "mini"], "train-mini": ["--out", "o"], "bench": ["--arch", "llava-1.5-reduced"],
+                "demo": []}
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(required)
+    walked = 0
+    for command, parser in subparsers.choices.items():
+        for action in parser._actions:
+            if not action.option_strings or (action.type is None and action.choices is None) or action.nargs == 0:
+                continue
+            option = action.option_strings[0]
+            with pytest.raises(SystemExit) as exc:
+                main([command, *required[command], option, "nope?"])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {option}" in err and "Traceback" not in err, (command, option, err)
+            walked += 1
+    assert walked >= 30
+
+
+def test_bench_device_that_is_no_device_is_one_line(capsys):
+    assert main(["bench", "--arch", "llava-1.5-reduced", "--device", "nope", "--methods", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "transprune bench: error: --device 'nope' is not a torch device (e.g. cpu, cuda, cuda:1)"

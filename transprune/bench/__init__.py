@@ -90,7 +90,11 @@ def _check_backend(device: str | None, attn: str) -> None:
     """Raise ValueError for a device or attention backend this torch cannot use (before any model is built)."""
     import importlib.util
 
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type if device is not None else None
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA device (torch.cuda.is_available() is False)")
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ValueError("--attn flash_attention_2 needs the flash-attn package, which is not installed; "
