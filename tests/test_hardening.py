@@ -120,3 +120,50 @@ def test_keep_ratios_that_keep_no_token_are_refused_at_apply(llava):
             transprune.apply(model, config)
         assert "forward" not in vars(model.model)
     transprune.apply(model, FastVConfig(k=2, r=63 / 64)).remove()  # one token left: fine
+
+
+def test_rows_per_sample_follow_generates_own_config_resolution(llava):
+    """Beams set on the model's default config, or on a GenerationConfig passed positionally: still one entry
+    per input sample."""
+    from transformers import GenerationConfig
+
+    model, processor = llava
+    inputs = sample_inputs(processor, n=2, seed=5)
+    with transprune.pruned(model, CONFIG) as handle, torch.no_grad():
+        model.generation_config.num_beams = 2
+        try:
+            model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=2))
+            assert len(handle.last_stats) == 2
+        finally:
+            model.generation_config.num_beams = 1
+        model.generate(inputs["input_ids"], GenerationConfig(num_beams=2, max_new_tokens=2),
+                       attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"])
+        assert len(handle.last_stats) == 2
+
+
+def test_visionzip_leaves_no_hook_on_the_tower_nor_in_a_copy(llava):
+    import copy
+
+    from transprune import VisionZipConfig
+
+    model, processor = llava
+    from transprune.adapters import adapter_for
+
+    layer = adapter_for(model).vision_hooks().attention_layer()
+    before = len(layer._forward_pre_hooks)
+    with transprune.pruned(model, VisionZipConfig(dominant=20, contextual=4)) as handle, torch.no_grad():
+        model(**sample_inputs(processor, n=1, seed=6))
+        assert len(layer._forward_pre_hooks) == before and len(handle.last_stats[0].kept_indices[0]) == 24
+        twin = copy.deepcopy(model)
+    twin_layer = adapter_for(twin).vision_hooks().attention_layer()
+    assert len(twin_layer._forward_pre_hooks) == before
+    # the copy's encoder is its class's own, bound to the copy (patching.py): no VisionZip there
+    assert twin.model.get_image_features.__func__ is type(twin.model).get_image_features
+
+
+def test_a_method_with_a_composition_preset_is_an_error():
+    from transprune.methods import build
+
+    with pytest.raises(ValueError, match="is a named composition of its own methods; it cannot apply to 'random'"):
+        build("random", "visionzip288+transprune")
+    assert [c.method for c in build(None, "visionzip288+transprune")] == ["visionzip", "transprune"]

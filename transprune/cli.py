@@ -31,7 +31,7 @@ def _arch(value: str):
 
 
 def _add_method_args(p, default_preset=None):
-    p.add_argument("--method", default="transprune", metavar="METHOD",
+    p.add_argument("--method", default=None, metavar="METHOD",
                    help=f"the pruning method (the grammar of bench's and eval's --methods entries): {spelling()}")
     p.add_argument("--preset", choices=[*PRESETS, *COMPOSITIONS], default=default_preset,
                    help="TransPrune's high/low/off (default high), or a named composition")
@@ -218,19 +218,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _default_preset(methods: str) -> str | None:
-    """The preset a bare method list implies (its first method with presets), as `methods.build` applies it."""
-    from .methods import default_preset
+def _default_preset(methods: str | None) -> str | None:
+    """The preset a method spec implies (its first method with presets: its own, else the default), as
+    `methods.build` applies it; None for a named composition or methods without presets."""
+    from .methods import default_preset, parse_spec
 
-    names = [m.strip() for m in methods.split(",") if m.strip() in METHODS]
-    return next((default_preset(n) for n in names if default_preset(n) is not None), None)
+    if methods in COMPOSITIONS:
+        return None
+    items = parse_spec(methods or "transprune")
+    return next((own or default_preset(n) for n, own in items if default_preset(n) is not None), None)
 
 
 def _label(args) -> str:
     """A short name for the method chosen on the command line."""
     preset = args.preset or _default_preset(args.method)
     extra = " " + " ".join(args.params) if args.params else ""
-    return f"{args.method}{' ' + preset if preset else ''}{extra}"
+    return f"{args.method or 'transprune'}{' ' + preset if preset else ''}{extra}"
 
 
 def cmd_demo(args) -> int:

@@ -166,6 +166,7 @@ class ClipVisionHooks:
             merged = self.adapter.multimodal_model.multi_modal_projector(torch.cat(merged).to(patches.dtype))
         features, keeps = [], []
         for feats, ids in zip(image_outputs.pooler_output, self.packed_patch_ids(tiles, per_tile, geometry)):
+            ids = ids.to(patches.device)
             real = ids >= 0  # -1 marks rows that are no patch (NeXT's newline tokens)
             ids = ids.clamp_min(0)
             rows = real & (slot[ids] >= 0)

@@ -127,14 +127,18 @@ def parse_spec(spec: str) -> list[tuple[str, str | None]]:
     return items
 
 
-def build(methods: str = "transprune", preset_name: str | None = None, params: dict[str, str] | None = None):
+def build(methods: str | None = None, preset_name: str | None = None, params: dict[str, str] | None = None):
     """A config (or composition list) from a method spec such as ``"visionzip+transprune"`` or
     ``"transprune-low"`` (see `parse_spec`), an optional preset (TransPrune's high/low/off for the method
     with presets, or a composition name) and ``field=value`` overrides, each applied to the method that has
     that field. Raises ValueError naming the allowed values."""
     params = dict(params or {})
+    if preset_name in COMPOSITIONS and methods not in (None, preset_name):
+        raise ValueError(f"--preset {preset_name!r} is a named composition of its own methods; it cannot apply to "
+                         f"{methods!r} (give one of them)")
+    methods = "transprune" if methods is None else methods
     if methods in COMPOSITIONS or preset_name in COMPOSITIONS:
-        if methods in COMPOSITIONS and preset_name is not None:
+        if methods in COMPOSITIONS and preset_name not in (None, methods):
             raise ValueError(f"{methods!r} is a named composition: it takes no --preset (got {preset_name!r})")
         configs = preset(methods if methods in COMPOSITIONS else preset_name)
     else:

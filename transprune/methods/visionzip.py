@@ -70,31 +70,35 @@ class VisionZipConfig:
         undoes: ([(module, attribute, previous instance value)], [hooks])."""
         hooks = adapter.vision_hooks()
         mm = adapter.multimodal_model
-        saved = []
-        for modality, name in hooks.encoders.items():
-            saved.append(patch(mm, name, self._wrap(getattr(mm, name), modality, hooks, hand_over)))
-
-        def capture(module, args, kwargs):
-            """Pre-hook on the scored attention layer: what the dominance rule needs, from its q and k."""
-            found = _CAPTURE.get()
-            if found is not None:
-                found.append(hooks.capture(module, args, kwargs))
-
-        hook = hooks.attention_layer().register_forward_pre_hook(capture, with_kwargs=True)
-        return saved, [hook]
+        saved = [patch(mm, name, self._wrap(getattr(mm, name), modality, hooks, hand_over))
+                 for modality, name in hooks.encoders.items()]
+        return saved, []
 
     def _wrap(self, encoder, modality, hooks, hand_over):
+        layer = hooks.attention_layer()
+
         @functools.wraps(encoder)
         def encode(*args, **kwargs):
             if _CAPTURE.get() is not None:  # an encoder called by another (Qwen3-VL's videos go through images)
                 return encoder(*args, **kwargs)
             kwargs["return_dict"] = True
-            token = _CAPTURE.set([])
+            found: list = []
+
+            def capture(module, hook_args, hook_kwargs):
+                """Pre-hook on the scored attention layer, for this call only: the dominance rule's inputs from
+                its q and k. Concurrent calls each register one; each fills only its own list."""
+                if _CAPTURE.get() is found:
+                    found.append(hooks.capture(module, hook_args, hook_kwargs))
+
+            # Registered around this call only: nothing stays on the tower between calls (nor in a deep copy).
+            hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+            token = _CAPTURE.set(found)
             try:
                 out = encoder(*args, **kwargs)
-                captured = _CAPTURE.get()
+                captured = found
             finally:
                 _CAPTURE.reset(token)
+                hook.remove()
             geometry = hooks.geometry(modality, args, kwargs)
             hand_over(modality, out, lambda: self.select(hooks, out, captured[-1], geometry))
             return out

@@ -73,7 +73,8 @@ def _check_every_stage_keeps_a_token(llm, pre, schedule, adapter) -> None:
             raise ValueError(f"{type(llm).__name__} keeps {ratio:g} of the image tokens after layer {layer}: 0 of this "
                              f"model's {n} image tokens{' (its nominal image)' if arch.nominal_image_size else ''}"
                              f"{' after ' + type(pre).__name__ if pre is not None else ''}; keep ratios are fractions "
-                             f"of the original count (>= {1 / n:.4g} keeps one token)")
+                             f"of the {'tokens that reach the LLM' if pre is not None else 'original count'} "
+                             f"(>= {1 / n:.4g} keeps one token)")
 
 
 @contextlib.contextmanager

@@ -51,17 +51,23 @@ class _Call:
 
 
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
-# Inside this model's generate(): how many rows each input sample becomes (beams, num_return_sequences).
-_ROWS_PER_SAMPLE: ContextVar[int] = ContextVar("transprune_rows_per_sample", default=1)
+# Inside a pruned model's generate(): (its handle, how many rows each input sample becomes: beams,
+# num_return_sequences). Tied to the handle, so another pruned model called meanwhile keeps its own rows.
+_ROWS_PER_SAMPLE: ContextVar[tuple | None] = ContextVar("transprune_rows_per_sample", default=None)
 
 
-def _generate_rows(model, kwargs) -> int:
-    """Refuse what pruning cannot run, and return the rows per input sample of a ``generate(**kwargs)`` call
-    (generate repeats each sample max(num_beams, num_return_sequences) times before the prefill)."""
-    config = kwargs.get("generation_config") or model.generation_config
+def _generate_rows(model, args, kwargs) -> int:
+    """Refuse what pruning cannot run, and return the rows per input sample of a ``generate(*args, **kwargs)``
+    call (generate repeats each sample max(num_beams, num_return_sequences) times before the prefill). A
+    setting is read as generate resolves it: the keyword argument, else the caller's generation config
+    (keyword or second positional argument) where it sets it, else the model's."""
+    given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
 
     def setting(name):
-        return kwargs[name] if name in kwargs else getattr(config, name, None)
+        if name in kwargs:
+            return kwargs[name]
+        value = getattr(given, name, None) if given is not None else None
+        return value if value is not None else getattr(model.generation_config, name, None)
 
     assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
                 if setting(name) is not None]
@@ -135,7 +141,7 @@ class PruneHandle:
         generate = self.model.generate
 
         def pruned_generate(*args, **kwargs):
-            token = _ROWS_PER_SAMPLE.set(_generate_rows(self.model, kwargs))
+            token = _ROWS_PER_SAMPLE.set((self, _generate_rows(self.model, args, kwargs)))
             try:
                 return generate(*args, **kwargs)
             finally:
@@ -291,7 +297,8 @@ class PruneHandle:
 
     # -- statistics -------------------------------------------------------------------------------
     def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
-        copies = _ROWS_PER_SAMPLE.get()
+        inside = _ROWS_PER_SAMPLE.get()
+        copies = inside[1] if inside is not None and inside[0] is self else 1
         if copies > 1 and len(n_original) % copies == 0:  # one entry per input sample, not per beam
             n_original, n_llm, kept_ranks = n_original[::copies], n_llm[::copies], kept_ranks[::copies]
             scores = scores[::copies] if scores is not None else None

@@ -1,0 +1,90 @@
+"""The lmms-eval plugin, through lmms-eval's own CLI: entry point, the `transprune_mini` task, batching, the
+per-sample log, model_args errors, loglikelihood. Needs lmms-eval (installed as the README says; CI does)."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (see the README's lmms-eval section)")
+
+from transprune.integrations.lmms_eval import TASKS_DIR  # noqa: E402
+from transprune.mini.evaluate import evaluate, questions  # noqa: E402
+from transprune.mini.model import checkpoint_path, load_mini  # noqa: E402
+
+CHECKPOINT = checkpoint_path()
+
+
+def lmms_eval_cli(tmp_path, model_args: str, limit: int, batch_size: int = 2):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "transprune", "--model_args", model_args,
+           "--tasks", "transprune_mini", "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
+           "--limit", str(limit), "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
+    return results["results"]["transprune_mini"], done
+
+
+def test_the_entry_point_resolves_to_our_model():
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_model_class("transprune").__module__ == "transprune.integrations.lmms_eval.model"
+
+
+def test_lmms_eval_cli_accuracy_equals_transprune_eval(tmp_path):
+    """lmms-eval's own CLI, batch size 2, on the shipped mini checkpoint: the same accuracy as `transprune eval
+    --suite mini` on the same first questions, and one log line per sample with its kept tokens and TFLOPs."""
+    n = 12
+    log = tmp_path / "samples.jsonl"
+    got, _ = lmms_eval_cli(tmp_path, f"pretrained={CHECKPOINT},method=transprune-high,reference_depth=32,"
+                                     f"log_path={log}", limit=n)
+    model, processor = load_mini()
+    expected = evaluate(model, processor, ["transprune-high"], n=n, batch_size=5, progress=False)[0]
+    assert got["accuracy,none"] == pytest.approx(expected.accuracy)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    samples, summary = lines[:-1], lines[-1]
+    assert sorted(s["doc_id"] for s in samples) == list(range(n))
+    assert all(s["kept_tokens"] == [224, 160, 32] and s["kept_after_layer"] == [3, 4, 5] for s in samples)
+    assert summary["summary"] and summary["tflops_ratio"] == pytest.approx(expected.tflops_ratio)
+
+
+def test_unknown_model_args_name_the_allowed_ones():
+    from transprune.integrations.lmms_eval.model import TransPrune
+
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['rr'\].*transprune --model_args: .*pretrained"):
+        TransPrune(pretrained=str(CHECKPOINT), method="fastv", rr="0.5")
+    with pytest.raises(ValueError, match="compose methods with '\\+'"):
+        TransPrune(pretrained=str(CHECKPOINT), method="visionzip,fastv")
+
+
+def test_loglikelihood_prunes_the_prompt_then_scores_the_continuation():
+    """log p(answer | prompt): with method=none it equals the full forward's; pruned, the prompt's own prefill is
+    pruned (the continuation is not in it) and the score equals the pruned prompt's next-token distribution."""
+    from transprune.integrations.lmms_eval.model import TransPrune
+    from transprune.mini.model import prompt
+
+    sample = questions(1)[0]
+    doc = {"question": sample.question}
+    request = SimpleNamespace(args=(sample.question, sample.answer, lambda d: [sample.image], 0, "t", "test"))
+    for method in ("none", "transprune-high"):
+        lmm = TransPrune(pretrained=str(CHECKPOINT), method=method,
+                         **({} if method == "none" else {"reference_depth": 32}))
+        lmm.task_dict = {"t": {"test": [doc]}}
+        (logprob, greedy), = lmm.loglikelihood([request])
+        model, processor = lmm.model, lmm.processor
+        inputs = processor(images=[sample.image], text=[prompt(sample.question)], return_tensors="pt")
+        answer = processor.tokenizer.convert_tokens_to_ids(sample.answer)
+        with torch.no_grad():
+            last = model(**inputs).logits[0, -1].float().log_softmax(-1)
+        assert logprob == pytest.approx(float(last[answer]), abs=1e-5)
+        assert greedy == (int(last.argmax()) == answer)
+        if lmm.handle is not None:
+            lmm.handle.remove()

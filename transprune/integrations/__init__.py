@@ -1,0 +1,1 @@
+"""Integrations with evaluation harnesses (each imports its harness only when used)."""
