@@ -19,10 +19,15 @@ from transprune.mini.model import checkpoint_path, load_mini  # noqa: E402
 CHECKPOINT = checkpoint_path()
 
 
-def lmms_eval_cli(tmp_path, model_args: str, limit: int, batch_size: int = 2):
+def lmms_eval_cli(tmp_path, model_args: str, limit: int, batch_size: int = 2, processes: int = 1):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "transprune", "--model_args", model_args,
+    launch = [sys.executable, "-m", "lmms_eval"]
+    if processes > 1:  # accelerate's multi-process launch; on a CPU machine its processes talk over gloo
+        env["ACCELERATE_USE_CPU"] = "true"
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                  str(processes), "-m", "lmms_eval"]
+    cmd = [*launch, "--model", "transprune", "--model_args", model_args,
            "--tasks", "transprune_mini", "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
            "--limit", str(limit), "--output_path", str(tmp_path / "out")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -88,3 +93,18 @@ def test_loglikelihood_prunes_the_prompt_then_scores_the_continuation():
         assert greedy == (int(last.argmax()) == answer)
         if lmm.handle is not None:
             lmm.handle.remove()
+
+
+def test_accelerate_launch_two_processes_gives_the_same_accuracy(tmp_path):
+    """accelerate launch --num_processes 2 on the CPU: each process its own model and half the requests; the
+    gathered accuracy equals one process's."""
+    n = 12
+    log = tmp_path / "samples.jsonl"
+    args = f"pretrained={CHECKPOINT},method=transprune-high,reference_depth=32"
+    two, _ = lmms_eval_cli(tmp_path / "two", f"{args},log_path={log}", limit=n, processes=2)
+    one, _ = lmms_eval_cli(tmp_path / "one", args, limit=n)
+    assert two["accuracy,none"] == one["accuracy,none"]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    by_rank = {r: sorted(s["doc_id"] for s in lines if s["rank"] == r and "doc_id" in s) for r in (0, 1)}
+    assert by_rank[0] and by_rank[1] and sorted(by_rank[0] + by_rank[1]) == list(range(n))
+    assert sorted(s["rank"] for s in lines if s.get("summary")) == [0, 1]

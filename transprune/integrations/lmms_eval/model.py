@@ -72,16 +72,18 @@ class TransPrune(lmms):
 
     # -- processes (accelerate launch: one model per process, requests split by rank) --------------------
     def _init_processes(self, device):
-        import os
+        """Under ``accelerate launch`` each process holds its own model and answers its share of the requests
+        (lmms-eval splits them by rank and gathers the results)."""
+        from accelerate import Accelerator
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator()
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            device = device or str(self.accelerator.device)
-        self.model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        self.model.to(torch.device(device) if device else self.accelerator.device)
+
+    @property
+    def device(self):  # lmms-eval gathers results across processes on this device
+        return self.model.device
 
     @property
     def rank(self):
@@ -113,6 +115,7 @@ class TransPrune(lmms):
     def _log(self, records: list[dict]) -> None:
         stats = self.handle.last_stats if self.handle is not None else None
         for i, record in enumerate(records):
+            record["rank"] = self.rank
             if stats is not None:
                 s = stats[i]
                 record.update(n_image_tokens=s.n_image_tokens, kept_tokens=[len(k) for k in s.kept_indices],
