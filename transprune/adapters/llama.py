@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from ..devices import execution_device, to_device
+
 
 def run_layer(layer, h, *, mask, position_embeddings, position_ids, cache, use_cache, capture: bool):
     """One decoder layer. With ``capture`` also returns (attn_in, attn_out, mlp_in, mlp_out)."""
@@ -23,6 +25,9 @@ def run_layer(layer, h, *, mask, position_embeddings, position_ids, cache, use_c
             position_embeddings=position_embeddings,
         )
         return (out[0] if isinstance(out, tuple) else out), None
+    # The layer's parts are called one by one: move the inputs to where the layer runs (accelerate device maps).
+    device = execution_device(layer, h.device)
+    h, mask, position_embeddings = to_device((h, mask, position_embeddings), device)
     attn_in = layer.input_layernorm(h)
     attn_out, _ = layer.self_attn(
         hidden_states=attn_in,
@@ -51,6 +56,8 @@ def scoring_qk(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     """
     attn = layer.self_attn
     head_dim = attn.head_dim
+    device = execution_device(layer, h.device)  # accelerate device maps: the layer's parts run where it runs
+    h, cos, sin, query_idx = to_device((h, cos, sin, query_idx), device)
     x = layer.input_layernorm(h)
     lead = x.shape[:-2]
     k = attn.k_proj(x).view(*lead, x.shape[-2], -1, head_dim)

@@ -30,7 +30,9 @@ from .stats import NO_PROFILE, Profiler, SampleStats, sample_stats
 # model -> weak reference to its active handle. Both weak: the handle holds the model, so a strong value
 # would keep every pruned model alive; the model's patched forwards keep its handle alive instead.
 APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
-_PRE_LLM = "_transprune_pre_llm"  # attribute of encoded images that carries their `PreLLMChoice`
+# The key under which encoded images (a ModelOutput) carry their `PreLLMChoice`: an item, not an attribute, so it
+# survives accelerate's device hooks, which rebuild the output from its items (send_to_device).
+_PRE_LLM = "transprune_pre_llm"
 
 
 @dataclass
@@ -126,7 +128,7 @@ class PruneHandle:
                 call.modality_masks = self.adapter.visual_token_masks(input_ids, kwargs.get("inputs_embeds"))
                 # generate() encodes images and videos before the forward and passes them in
                 for modality, encoded in (kwargs.get("mm_encoder_outputs") or {}).items():
-                    choice = getattr(encoded, _PRE_LLM, None)
+                    choice = encoded.get(_PRE_LLM) if hasattr(encoded, "get") else None
                     if choice is not None:
                         call.pre[modality] = choice
             token = _CURRENT_CALL.set(call)
@@ -164,7 +166,7 @@ class PruneHandle:
         profiler = Profiler(encoded.pooler_output[0].device) if self.profile else NO_PROFILE
         with profiler.span("pre_llm_s"):
             choice = PreLLMChoice(choose(), profiler if self.profile else None)
-        object.__setattr__(encoded, _PRE_LLM, choice)
+        encoded[_PRE_LLM] = choice
         call = _CURRENT_CALL.get()
         if call is not None and call.handle is self:
             call.pre[modality] = choice

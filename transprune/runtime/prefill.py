@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import scoring
+from ..devices import to_device
 from ..surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
 from .decode import Generation, Stage
 from .select import select
@@ -59,6 +60,7 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
     last_prune = max(prune_at) if prune_at else -1
     needs_ttv = method is not None and method.needs_ttv
     accumulate = {a - 1 for a in sched.accumulation_layers if a - 1 <= last_prune} if needs_ttv else set()
+    home = embeds.device  # where the layout, scores and masks live, whatever device each layer runs on
     layout = Layout.initial(valid, image_mask, position_ids)
     n_original = layout.image.sum(1).tolist()
     state = PrefillState(layout, embeds, [[] for _ in n_original], bool(valid.all()),
@@ -91,7 +93,9 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
                                            position_embeddings=state.rope,
                                            position_ids=adapter.layer_position_ids(state.layout.positions),
                                            cache=cache, use_cache=cache is not None, capture=capture)
+        state.h = state.h.to(home)  # a layer on another device (accelerate device maps): back to the bookkeeping's
         if capture:
+            moved = to_device(moved, home)
             with profiler.span("ttv_s"):
                 state.ttv += scoring.module_ttv(moved[0], moved[1], state.layout.valid, method.direction)
                 state.ttv += scoring.module_ttv(moved[2], moved[3], state.layout.valid, method.direction)

@@ -59,7 +59,7 @@ def _view(adapter, state, layer, next_layer, stage, rows, cols, image_at, rope, 
 
     def attention(which, source, query_idx):
         q, k, scale = adapter.scoring_qk(weights[which], source, rope[0], rope[1], query_idx)
-        return scoring.instruction_attention(q, k, query_idx, scale)
+        return scoring.instruction_attention(q, k, query_idx.to(q.device), scale).to(source.device)
 
     image_rank = layout.image_rank[rows][:, cols][:, image_at]
     positions = layout.positions[..., rows, :][..., cols][..., image_at]  # any layout, token axis last
