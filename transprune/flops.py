@@ -158,6 +158,9 @@ class FlopsReport:
     # method, or an arch whose family is unknown. It does not change the FLOPs.
     positions: str | None = None
     image_size: tuple[int, int] | None = None  # (h, w) the count N is for, on dynamic-resolution archs
+    # The KV cache a prefill leaves, per sample, in bf16: 2 (k, v) x kv_dim x (text + visual tokens) per layer.
+    kv_cache_bytes: int = 0
+    kv_cache_bytes_unpruned: int = 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "positions": None if self.positions is None else str(self.positions)}
@@ -227,7 +230,14 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
         query_tokens=query_tokens,
         positions=llm.positions if llm is not None else None,
         image_size=arch.nominal_image_size,
+        kv_cache_bytes=kv_bytes(arch, visual, text_tokens),
+        kv_cache_bytes_unpruned=kv_bytes(arch, unpruned, text_tokens),
     )
+
+
+def kv_bytes(arch: ArchSpec, visual_per_layer, text_tokens: int, bytes_per_value: int = 2) -> int:
+    """Bytes of the KV cache one sample's prefill leaves: k and v of every token each layer keeps (bf16 by default)."""
+    return sum(2 * arch.kv_dim * (n + text_tokens) * bytes_per_value for n in visual_per_layer)
 
 
 def compress_runs(values) -> str:
