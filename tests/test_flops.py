@@ -6,6 +6,7 @@ import transformers
 
 from transprune.cli import main
 from transprune.config import TransPruneConfig
+from transprune.methods import FastVConfig
 from transprune.flops import ARCHS, ArchSpec, arch_from_config, compress_runs, estimate, paper_tflops, resolve_arch
 
 D, M = 4096, 11008  # LLaVA-1.5-7B / NeXT-7B decoder
@@ -181,3 +182,16 @@ def test_cli_prints_the_token_linear_ratio(capsys):
     assert main(["flops", "--arch", "qwen2.5-vl-7b", "--preset", "high"]) == 0
     out = capsys.readouterr().out
     assert "45.1% (visual tokens summed over the layers" in out and "45.0% of" in out
+
+
+def test_kv_cache_bytes_of_a_prefill_and_the_serving_table():
+    from transprune.bench.serving import table
+
+    report = estimate(TransPruneConfig.preset("high"), "llava-1.5-7b", text_tokens=64)
+    assert report.kv_cache_bytes_unpruned == 32 * (576 + 64) * 2 * 4096 * 2  # layers x tokens x (k, v) x d x bf16
+    kept = [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
+    assert report.kv_cache_bytes == sum((n + 64) * 2 * 4096 * 2 for n in kept)
+    qwen = estimate(FastVConfig(), "qwen2.5-vl-7b", text_tokens=64)  # GQA: 4 KV heads x 128
+    assert qwen.kv_cache_bytes == sum((n + 64) * 2 * 512 * 2 for n in [256] * 2 + [128] * 26)
+    text = table(["llava-1.5-7b"], [1, 32])
+    assert "| llava-1.5-7b | none | 3.817 (1.00) |" in text and "| 10,240 |" in text
