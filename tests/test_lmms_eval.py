@@ -108,3 +108,18 @@ def test_accelerate_launch_two_processes_gives_the_same_accuracy(tmp_path):
     by_rank = {r: sorted(s["doc_id"] for s in lines if s["rank"] == r and "doc_id" in s) for r in (0, 1)}
     assert by_rank[0] and by_rank[1] and sorted(by_rank[0] + by_rank[1]) == list(range(n))
     assert sorted(s["rank"] for s in lines if s.get("summary")) == [0, 1]
+
+
+def test_multi_image_requests_get_one_image_slot_per_image():
+    from transprune.integrations.lmms_eval.model import TransPrune
+
+    images = [s.image for s in questions(2)]
+    request = SimpleNamespace(args=("which is brighter ?", {"max_new_tokens": 2, "until": ["\n"]},
+                                    lambda doc: images, 0, "t", "test"))
+    lmm = TransPrune(pretrained=str(CHECKPOINT), method="transprune-high", reference_depth=32)
+    lmm.task_dict = {"t": {"test": [{}]}}
+    (answer,) = lmm.generate_until([request])
+    stats = lmm.handle.last_stats[0]
+    lmm.handle.remove()
+    assert isinstance(answer, str)
+    assert stats.n_image_tokens == 2 * 256 and [len(k) for k in stats.kept_indices] == [448, 320, 64]
