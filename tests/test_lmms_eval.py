@@ -29,7 +29,7 @@ def lmms_eval_cli(tmp_path, model_args: str, limit: int, batch_size: int = 2, pr
                   str(processes), "-m", "lmms_eval"]
     cmd = [*launch, "--model", "transprune", "--model_args", model_args,
            "--tasks", "transprune_mini", "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
-           "--limit", str(limit), "--output_path", str(tmp_path / "out")]
+           "--limit", str(limit), "--output_path", str(tmp_path / "out"), "--log_samples"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
@@ -59,6 +59,14 @@ def test_lmms_eval_cli_accuracy_equals_transprune_eval(tmp_path):
     assert sorted(s["doc_id"] for s in samples) == list(range(n))
     assert all(s["kept_tokens"] == [224, 160, 32] and s["kept_after_layer"] == [3, 4, 5] for s in samples)
     assert summary["summary"] and summary["tflops_ratio"] == pytest.approx(expected.tflops_ratio)
+    # and in lmms-eval's own per-sample output (--log_samples): the sample's token counts carry its pruning
+    logged = [json.loads(line) for line in next((tmp_path / "out").rglob("*_samples_transprune_mini.jsonl"))
+              .read_text().splitlines()]
+    assert len(logged) == n
+    for sample in logged:
+        counts = sample["token_counts"][0]
+        assert counts["image_tokens"] == 256 and counts["kept_tokens"] == [224, 160, 32]
+        assert counts["tflops"] < counts["tflops_unpruned"] and counts["output_tokens"] == 1
 
 
 def test_unknown_model_args_name_the_allowed_ones():
@@ -121,5 +129,5 @@ def test_multi_image_requests_get_one_image_slot_per_image():
     (answer,) = lmm.generate_until([request])
     stats = lmm.handle.last_stats[0]
     lmm.handle.remove()
-    assert isinstance(answer, str)
+    assert isinstance(answer.text, str) and answer.token_counts.image_tokens == 512
     assert stats.n_image_tokens == 2 * 256 and [len(k) for k in stats.kept_indices] == [448, 320, 64]

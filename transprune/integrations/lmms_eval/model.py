@@ -15,11 +15,11 @@ that names the allowed ones.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 from ...loading import DTYPES, load_checkpoint
@@ -27,6 +27,25 @@ from ...methods import METHODS, as_list, build, spelling
 from ...runtime import apply
 
 OWN_KEYS = ("pretrained", "method", "preset", "batch_size", "dtype", "device", "log_path")
+
+
+@dataclass
+class PrunedTokenCounts(TokenCounts):
+    """lmms-eval's per-sample token counts plus what pruning did to the sample: lmms-eval writes ``to_dict()``
+    into each sample of its ``--log_samples`` output (``token_counts``)."""
+
+    image_tokens: int | None = None
+    kept_tokens: list | None = None  # per pruning stage
+    kept_after_layer: list | None = None
+    tflops: float | None = None  # paper convention, this sample's prefill
+    tflops_unpruned: float | None = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update({k: v for k, v in (("image_tokens", self.image_tokens), ("kept_tokens", self.kept_tokens),
+                                      ("kept_after_layer", self.kept_after_layer), ("tflops", self.tflops),
+                                      ("tflops_unpruned", self.tflops_unpruned)) if v is not None})
+        return out
 
 
 def _method_fields(config) -> set[str]:
@@ -113,6 +132,7 @@ class TransPrune(lmms):
         return [v for v in (visual if isinstance(visual, (list, tuple)) else [visual]) if v is not None]
 
     def _log(self, records: list[dict]) -> None:
+        """Add each sample's pruning stats (the last prefill's) to its record and write the records to log_path."""
         stats = self.handle.last_stats if self.handle is not None else None
         for i, record in enumerate(records):
             record["rank"] = self.rank
@@ -127,10 +147,10 @@ class TransPrune(lmms):
                 for record in records:
                     f.write(json.dumps(record) + "\n")
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         from tqdm import tqdm
 
-        results: list[str | None] = [None] * len(requests)
+        results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):  # one generate() per batch of requests with the same settings
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
@@ -152,13 +172,20 @@ class TransPrune(lmms):
                 with torch.no_grad():
                     out = self.model.generate(**inputs, **generate,
                                               pad_token_id=self.processor.tokenizer.pad_token_id)
-                answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, answer in zip(chunk, answers):
+                prompt_len = inputs["input_ids"].shape[1]
+                answers = self.processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+                records = [{"task": requests[i].args[4], "doc_id": requests[i].args[3]} for i in chunk]
+                self._log(records)
+                for b, (i, answer, record) in enumerate(zip(chunk, answers, records)):
                     for stop in until:
                         answer = answer.split(stop)[0] if stop else answer
-                    results[i] = answer.strip()
-                self._log([{"task": requests[i].args[4], "doc_id": requests[i].args[3], "answer": results[i]}
-                           for i in chunk])
+                    counts = PrunedTokenCounts(input_tokens=int(inputs["attention_mask"][b].sum()),
+                                               output_tokens=int((out[b, prompt_len:] != self.processor.tokenizer.pad_token_id).sum()),
+                                               image_tokens=record.get("n_image_tokens"),
+                                               kept_tokens=record.get("kept_tokens"),
+                                               kept_after_layer=record.get("kept_after_layer"),
+                                               tflops=record.get("tflops"), tflops_unpruned=record.get("tflops_unpruned"))
+                    results[i] = GenerationResult(answer.strip(), counts)
                 bar.update(len(chunk))
         bar.close()
         self._report()
