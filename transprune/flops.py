@@ -35,6 +35,10 @@ ARCHS: dict[str, ArchSpec] = {
         # N = 256 is nominal (a 16 x 16 merged grid: a 448 x 448 image with 14-pixel patches merged 2 x 2 on
         # Qwen2/2.5-VL, 512 x 512 with Qwen3-VL's 16-pixel patches); the paper states no count for
         # Qwen2.5-VL, and its ratios (`ratio_token_linear`) do not depend on N.
+        # LLaVA-OneVision-7B: the Qwen2-7B decoder (as Qwen2-VL-7B's) and SigLIP-384/14 (27 x 27 patches per crop).
+        # N = 1485 is nominal: a 384 x 384 image, the base crop and one tile with a newline per row (729 + 27 x 28);
+        # larger images take larger grids, up to anyres_max_9's worth.
+        ArchSpec("llava-onevision-7b", 3584, 18944, 28, 28, 4, 128, 729 + 27 * 28, crops=2, model_type="llava_onevision"),
         ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl", pixels_per_token=32, nominal_image_size=(512, 512)),

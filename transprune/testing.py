@@ -198,6 +198,41 @@ def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtype: tor
                   attn_implementation, dtype)
 
 
+def tiny_onevision_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """`tiny_tokenizer` plus ``<video>`` (the id after the word list) for LLaVA-OneVision's video placeholders."""
+    tokenizer = tiny_tokenizer(padding_side)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return tokenizer
+
+
+def tiny_llava_onevision_config(**text_overrides):
+    """LLaVA-OneVision-shaped config: SigLIP tower (no CLS; all patches kept, strategy "full"), Qwen2 decoder
+    (GQA, q/k/v biases), the tiny any-resolution grid (``GRID_PINPOINTS``) and anyres_max_9 packing."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    tokenizer = tiny_onevision_tokenizer()
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                initializer_range=INIT_STD)
+    text.update(text_overrides)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**text), image_token_index=IMAGE_ID,
+                                video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                                vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                image_grid_pinpoints=[list(p) for p in GRID_PINPOINTS], tie_word_embeddings=False)
+
+
+def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                         **text_overrides):
+    """Random-init ``LlavaOnevisionForConditionalGeneration`` in eval mode."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return _build(tiny_llava_onevision_config(**text_overrides), LlavaOnevisionForConditionalGeneration, seed,
+                  attn_implementation, dtype)
+
+
 def tiny_model(kind: str = "llava", **kwargs):
     """The tiny model of a supported ``model_type`` (`TINY_MODELS`: one per registered family's model type)."""
     return TINY_MODELS[_check_kind(kind, TINY_MODELS)](**kwargs)
@@ -211,10 +246,26 @@ def _check_kind(kind: str, kinds=("llava", "llava_next")) -> str:
 
 # ---------------------------------------------------------------------------------------------- processors
 
+def tiny_onevision_processor():
+    """LLaVA-OneVision processor for the tiny model: PIL image processor, images only (its video processor needs
+    torchvision), each ``<image>`` expanded to the model's packed count."""
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    from .adapters.base import image_only_processor
+
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                      image_grid_pinpoints=[list(p) for p in GRID_PINPOINTS])
+    return image_only_processor(LlavaOnevisionProcessor, image_processor, tiny_onevision_tokenizer(),
+                                num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+                                vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
+
+
 def tiny_processor(kind: str = "llava"):
     """Processor matching the tiny configs; it expands each image placeholder in the text to the model's count."""
     if kind in QWEN_KINDS:
         return tiny_qwen_processor(kind)
+    if kind == "llava_onevision":
+        return tiny_onevision_processor()
     size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     common = dict(tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
                   image_token="<image>", num_additional_image_tokens=1,  # the CLIP CLS token
@@ -440,7 +491,10 @@ def tiny_qwen_processor(kind: str = "qwen2_5_vl"):
     between 32x32 and 128x128 worth of pixels). ``kind``: "qwen2_5_vl", "qwen2_vl" or "qwen3_vl"."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from .adapters.qwen2_vl import image_only_processor
+    import transformers
+
+    from .adapters import family_for
+    from .adapters.base import image_only_processor
 
     if kind not in QWEN_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, QWEN_KINDS))}, not {kind!r}")
@@ -448,7 +502,8 @@ def tiny_qwen_processor(kind: str = "qwen2_5_vl"):
                                                merge_size=QWEN_MERGE_SIZE, min_pixels=32 * 32,
                                                max_pixels=128 * 128)
     # Images only: Qwen's video processor needs torchvision, so the processor is built without one.
-    return image_only_processor(kind, image_processor, tiny_qwen_tokenizer(), QWEN_CHAT_TEMPLATE)
+    base = getattr(transformers, family_for(kind).processor_classes[kind])
+    return image_only_processor(base, image_processor, tiny_qwen_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def qwen_sample_prompts(n: int, seed: int = 0) -> list[str]:
@@ -473,6 +528,7 @@ def qwen_sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, sizes: li
 
 # model_type -> tiny model builder: what tests build for every registered family
 # (tests/test_testing.py checks that each model type of the adapter registry has one).
-TINY_MODELS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+TINY_MODELS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+               "qwen2_vl": tiny_qwen2_vl,
                "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -25,6 +25,35 @@ def close_up_1d(positions, valid, dropped) -> torch.Tensor:
     return positions - dropped.long().cumsum(1)
 
 
+def image_only_processor(base: type, image_processor, tokenizer, **kwargs):
+    """``base`` (a processor class with a video processor) built without one: images and text work. Named as its
+    base, so a saved folder names the family's own class and loads back through `ModelAdapter.load_processor`."""
+    cls = type(base.__name__, (base,), {"get_attributes": classmethod(lambda cls: ["image_processor", "tokenizer"])})
+    processor = cls(image_processor, tokenizer, None, **kwargs)
+    processor.video_processor = None
+    return processor
+
+
+def image_only_processor_from(folder, base: type):
+    """`image_only_processor` from a saved folder: its image processor, tokenizer, chat template and the
+    processor's own settings (``processor_config.json``)."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(folder)
+    settings = {}
+    if (folder / "processor_config.json").is_file():
+        settings = {k: v for k, v in json.loads((folder / "processor_config.json").read_text()).items()
+                    if k not in ("processor_class", "image_processor", "video_processor", "tokenizer", "auto_map")}
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        settings["chat_template"] = template.read_text()
+    return image_only_processor(base, transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True),
+                                transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True), **settings)
+
+
 class ModelAdapter:
     family: str = "?"
     model_classes: tuple[type, ...] = ()
@@ -87,6 +116,9 @@ class ModelAdapter:
         the token axis last); default: index along the sequence."""
         ranks = ranks.float()
         return torch.stack([ranks, torch.zeros_like(ranks)], dim=1)
+
+    # Why this family has no vision hooks (for the error a pre-LLM method gives); None: not written yet.
+    vision_hooks_missing: str | None = None
 
     def vision_hooks(self):
         """The vision-tower hooks a pre-LLM method needs (see `adapters.llava.ClipVisionHooks`); None: none."""
@@ -189,12 +221,25 @@ class ModelAdapter:
         """The transformers class that builds a model of this ``model_type``."""
         return dict(zip(cls.model_types, cls.model_classes))[model_type]
 
+    # model_type -> the name of its transformers processor class, for families whose processor has a video
+    # processor (which needs torchvision): without torchvision, `load_processor` builds it for images only.
+    processor_classes: dict[str, str] = {}
+
     @classmethod
     def load_processor(cls, folder, model_type: str):
-        """The processor of a local checkpoint folder of this family (never downloads)."""
+        """The processor of a local checkpoint folder of this family (never downloads); for a family with a video
+        processor that cannot be built here (it needs torchvision), the same processor for images only."""
         import transformers
 
-        return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+            if hasattr(processor, "image_processor") or model_type not in cls.processor_classes:
+                return processor
+        except (ImportError, OSError, ValueError) as error:
+            if model_type not in cls.processor_classes or not any(
+                    word in str(error).lower() for word in ("video", "torchvision")):
+                raise
+        return image_only_processor_from(folder, getattr(transformers, cls.processor_classes[model_type]))
 
     def default_image_size(self) -> tuple[int, int]:
         """(height, width) of the synthetic images the bench feeds this family by default."""

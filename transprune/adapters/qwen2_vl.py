@@ -22,7 +22,6 @@ Layers of type "sliding_attention" (``use_sliding_window``) get a sliding-window
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
@@ -40,6 +39,7 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2-vl"
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    processor_classes = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
     position_rules = ("original",)
     position_rule_reasons = {
         "compact": "its positions are 3-D multimodal RoPE (t, h, w) rows, where renumbering the kept tokens "
@@ -184,25 +184,6 @@ class Qwen2VLAdapter(ModelAdapter):
         return (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
 
     @classmethod
-    def load_processor(cls, folder, model_type: str):
-        """The checkpoint's processor; without its video processor where that cannot be built (Qwen's video
-        processor needs torchvision, which a CPU machine often lacks): images then work, videos do not."""
-        import transformers
-
-        try:
-            processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
-            if hasattr(processor, "image_processor"):
-                return processor
-        except (ImportError, OSError, ValueError) as error:
-            if "video" not in str(error).lower() and "torchvision" not in str(error).lower():
-                raise
-        chat_template = Path(folder) / "chat_template.jinja"
-        return image_only_processor(
-            model_type, transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True),
-            transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True),
-            chat_template.read_text() if chat_template.is_file() else None)
-
-    @classmethod
     def arch_spec(cls, cfg, name: str) -> ArchSpec:
         """N is nominal: one 448 x 448 image (``NOMINAL_GRID**2`` = 256 tokens with the 7B's 14-pixel patches
         merged 2 x 2); a real image's count depends on its size."""
@@ -214,21 +195,6 @@ class Qwen2VLAdapter(ModelAdapter):
         return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
                         head_dim, NOMINAL_GRID ** 2, model_type=cfg.model_type, pixels_per_token=factor,
                         nominal_image_size=(NOMINAL_GRID * factor,) * 2)
-
-
-def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):
-    """The family's processor class (by ``model_type``) built without a video processor: it handles images
-    and text, and its ``save_pretrained`` folder loads back through `Qwen2VLAdapter.load_processor`."""
-    import transformers
-
-    base = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-            "qwen3_vl": transformers.Qwen3VLProcessor}[model_type]
-    # Named as its base, so a saved folder names the family's own processor class.
-    cls = type(base.__name__, (base,),
-               {"get_attributes": classmethod(lambda cls: ["image_processor", "tokenizer"])})
-    processor = cls(image_processor, tokenizer, None, chat_template=chat_template)
-    processor.video_processor = None
-    return processor
 
 
 class QwenVisionHooks:

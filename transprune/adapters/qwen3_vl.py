@@ -45,6 +45,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3-vl"
     model_classes = (Qwen3VLForConditionalGeneration,)
     model_types = ("qwen3_vl",)
+    processor_classes = {"qwen3_vl": "Qwen3VLProcessor"}
     position_rule_reasons = {
         "compact": Qwen2VLAdapter.position_rule_reasons["compact"],
     }

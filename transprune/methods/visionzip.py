@@ -56,7 +56,9 @@ class VisionZipConfig:
         """Raise before the model changes if this family or setting cannot run VisionZip."""
         hooks = adapter.vision_hooks()
         if hooks is None:
-            raise ValueError(f"VisionZip needs vision-tower hooks that the {adapter.family} adapter does not have")
+            why = getattr(adapter, "vision_hooks_missing", None)
+            raise ValueError(f"VisionZip needs vision-tower hooks that the {adapter.family} adapter does not have"
+                             + (f": {why}" if why else ""))
         hooks.check()
         n = hooks.patches_per_tile()  # None: the count varies per image (dynamic resolution)
         if n is not None and self.tokens > n:
