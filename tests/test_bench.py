@@ -186,7 +186,7 @@ def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(t
 
 
 # -- Qwen archs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b"])
 def test_full_size_qwen_configs_match_the_flops_archs(name):
     import dataclasses
 
@@ -236,3 +236,13 @@ def test_methods_run_interleaved_in_rotating_order_with_per_round_ratios(monkeyp
     per_round = [a / b for a, b in zip(tp.rounds["prefill_s"], none.rounds["prefill_s"])]
     assert tp.round_ratios["prefill_s"]["min"] == min(per_round) and tp.round_ratios["prefill_s"]["max"] == max(per_round)
     assert none.round_ratios["prefill_s"]["median"] == 1.0
+
+
+def test_llava_onevision_reduced_bench_runs_on_cpu():
+    """The reduced LLaVA-OneVision (Qwen2-7B's 28 layers at small widths, SigLIP-384/14 geometry) with 768 x 768
+    synthetic images: a 2 x 2 grid packed by the model's own anyres-max code (729 + 54 x 55 tokens)."""
+    report = _bench_json(["bench", "--arch", "llava-onevision-reduced", "--methods", "none,fastv", "--batch", "1",
+                          "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
+    n = 729 + 54 * 55
+    assert report["image_tokens"] == [n] and report["decoder"]["layers"] == 28
+    assert report["methods"][1]["visual_tokens_per_layer"][0] == [n] * 2 + [n // 2] * 26  # FastV keeps int(n * 0.5)

@@ -94,6 +94,37 @@ def _qwen3_vl():
     return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
 
 
+# LLaVA-OneVision-7B (llava-hf/llava-onevision-qwen2-7b-ov-hf, public config.json facts, written in code): SigLIP
+# so400m-384/14 (27 x 27 patches per crop, all kept: strategy "full", last layer), the Qwen2-7B decoder, anyres
+# grids of 1 x 1 to 6 x 6 crops of 384 px, anyres_max_9 packing. Token ids are its Qwen2 vocabulary's.
+ONEVISION_GRID = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def _siglip_384(**overrides):
+    from transformers import SiglipVisionConfig
+
+    # 26 layers: as llava-hf's OneVision config.json (as known; not read from a file here: no hub)
+    fields = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                  image_size=384, patch_size=14, layer_norm_eps=1e-6)
+    return SiglipVisionConfig(**{**fields, **overrides})
+
+
+def _llava_onevision(vision, text):
+    from transformers import LlavaOnevisionConfig, Qwen2Config
+
+    return LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**text), image_token_index=151646,
+                                video_token_index=151647, vision_feature_select_strategy="full",
+                                vision_feature_layer=-1, image_grid_pinpoints=ONEVISION_GRID,
+                                vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
+
+
+def _qwen2_text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=152128,
+                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643,
+                eos_token_id=151645, tie_word_embeddings=False)
+
+
 # Reduced Qwen2.5-VL: the 7B's geometry (28 decoder layers, GQA 7:1, m/d ~ 5.3, 14-pixel patches merged 2 x 2:
 # 256 visual tokens for the default 448 x 448 image, window attention with full layers) at hidden 112 and a
 # 2-block vision tower, so it runs on a CPU in seconds.
@@ -106,12 +137,16 @@ CONFIGS = {
     "llava-next-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=True),
     "llava-1.5-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=False),
     "llava-next-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=True),
+    "llava-onevision-7b": lambda: _llava_onevision(_siglip_384(), _qwen2_text(3584, 18944, 28, 28, 4)),
+    "llava-onevision-reduced": lambda: _llava_onevision(
+        _siglip_384(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        _qwen2_text(112, 592, 28, 7, 1)),
     "qwen2-vl-7b": lambda: _qwen2_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
     "qwen2.5-vl-7b": lambda: _qwen2_5_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
     "qwen3-vl-8b": _qwen3_vl,
     "qwen2.5-vl-reduced": lambda: _qwen2_5_vl(_qwen_text(*_QWEN_REDUCED_TEXT), **_QWEN_REDUCED_VISION),
 }
-REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "qwen2.5-vl-reduced")
+REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "llava-onevision-reduced", "qwen2.5-vl-reduced")
 
 
 def arch_config(name: str):
