@@ -236,3 +236,39 @@ def test_arch_spec_and_bench_inputs(onevision):
     arch = ARCHS["llava-onevision-7b"]
     assert (arch.hidden_size, arch.num_layers, arch.num_kv_heads, arch.image_tokens) == (3584, 28, 4, 729 + 27 * 28)
     assert estimate(TransPruneConfig.preset("high"), "llava-onevision-7b").positions == "compact"
+
+
+def video_inputs(model, processor, seed: int, frames: int = 2, words: str = "what is there ?"):
+    """A prompt with one hand-built video (the video processor needs torchvision): ``frames`` frames, each pooled
+    2x2 by the model to 16 tokens, plus one newline token: 16 * frames + 1 placeholders."""
+    n = 16 * frames + 1
+    tokenizer = processor.tokenizer
+    inputs = tokenizer([f"USER: {'<video>' * n}\n{words} ASSISTANT:"], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == n
+    gen = torch.Generator().manual_seed(seed)
+    return {**inputs, "pixel_values_videos": torch.randn(1, frames, 3, 64, 64, generator=gen)}
+
+
+def test_video_prompts_and_an_image_video_batch(onevision):
+    model, processor = onevision
+    video = video_inputs(model, processor, seed=8)
+    ref = greedy(model, video, n=8)
+    with transprune.pruned(model, KEEP_ALL):
+        assert torch.equal(greedy(model, video, n=8), ref)
+    with transprune.pruned(model, TINY) as handle:
+        alone = [greedy(model, video, n=8)[0]]
+        assert [len(k) for k in handle.last_stats[0].kept_indices] == [int(33 * r) for r in TINY.keep_ratios]
+        image = sample_inputs_unbatched(processor, 1, seed=9, sizes=[(64, 64)])[0]
+        alone.append(greedy(model, image, n=8)[0])
+        length = max(video["input_ids"].shape[1], image["input_ids"].shape[1])
+
+        def pad(x, value=0):
+            return torch.cat([torch.full((1, length - x.shape[1]), value, dtype=x.dtype), x], dim=1)
+
+        batch = {"input_ids": torch.cat([pad(video["input_ids"], 3), pad(image["input_ids"], 3)]),
+                 "attention_mask": torch.cat([pad(video["attention_mask"]), pad(image["attention_mask"])]),
+                 "pixel_values_videos": video["pixel_values_videos"],
+                 **{k: image[k] for k in ("pixel_values", "image_sizes")}}
+        tokens = greedy(model, batch, n=8)
+        assert [s.n_image_tokens for s in handle.last_stats] == [33, 136]
+    assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
