@@ -186,7 +186,7 @@ def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(t
 
 
 # -- Qwen archs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b"])
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b", "smolvlm-256m"])
 def test_full_size_qwen_configs_match_the_flops_archs(name):
     import dataclasses
 
@@ -246,3 +246,12 @@ def test_llava_onevision_reduced_bench_runs_on_cpu():
     n = 729 + 54 * 55
     assert report["image_tokens"] == [n] and report["decoder"]["layers"] == 28
     assert report["methods"][1]["visual_tokens_per_layer"][0] == [n] * 2 + [n // 2] * 26  # FastV keeps int(n * 0.5)
+
+
+def test_smolvlm_reduced_bench_runs_on_cpu():
+    """The reduced SmolVLM (the 256M's 30 layers, 9 / 3 heads at head_dim 64 over hidden 144; 512-px crops): the
+    default 2048 x 2048 image is 4 x 4 crops + the global view, 64 tokens each (1088, the issue's count)."""
+    report = _bench_json(["bench", "--arch", "smolvlm-reduced", "--methods", "none,transprune-high", "--batch", "1",
+                          "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
+    assert report["image_tokens"] == [1088] and report["decoder"]["layers"] == 30
+    assert report["methods"][1]["visual_tokens_per_layer"][0] == [1088] * 7 + [952] * 2 + [680] * 3 + [136] * 18

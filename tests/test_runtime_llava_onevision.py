@@ -96,7 +96,7 @@ def rotate(t, cos, sin):
 def reference(model, inputs, cfg: TransPruneConfig):
     """The spec on transformers' own layers for one unpadded sample: the decoder's input embeddings as the model
     builds them, TTV from the layers' parts, IGA from the next layer's q and k (GQA), compact positions."""
-    lm = model.model.language_model
+    lm = model.get_decoder()
     seen = {}
     hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
     model(**inputs)

@@ -39,6 +39,10 @@ ARCHS: dict[str, ArchSpec] = {
         # N = 1485 is nominal: a 384 x 384 image, the base crop and one tile with a newline per row (729 + 27 x 28);
         # larger images take larger grids, up to anyres_max_9's worth.
         ArchSpec("llava-onevision-7b", 3584, 18944, 28, 28, 4, 128, 729 + 27 * 28, crops=2, model_type="llava_onevision"),
+        # SmolVLM-256M-Instruct: its 30-layer Llama decoder (d 576, m 1536, 9 heads / 3 KV heads, head_dim 64), as
+        # its public config.json (as known). N = 1088: a 512 x 512 image, upscaled to 2048 px by the processor,
+        # is 4 x 4 crops + the global view, 64 tokens each (512 / 16 = 32 patches per side, pixel shuffle x4).
+        ArchSpec("smolvlm-256m", 576, 1536, 30, 9, 3, 64, 17 * 64, crops=17, model_type="smolvlm"),
         ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl", pixels_per_token=32, nominal_image_size=(512, 512)),

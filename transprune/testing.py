@@ -233,6 +233,38 @@ def tiny_llava_onevision(seed: int = 0, attn_implementation: str = "sdpa", dtype
                   attn_implementation, dtype)
 
 
+def tiny_smolvlm_config(**text_overrides):
+    """SmolVLM-shaped config: a 2-layer tower on 64-px crops (8-px patches), pixel shuffle x2 (16 tokens per
+    crop), a Llama decoder (GQA)."""
+    from transformers import SmolVLMConfig
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    return SmolVLMConfig(vision_config=vision, text_config=_text_config(**text_overrides), image_token_id=IMAGE_ID,
+                         scale_factor=2, tie_word_embeddings=False, pad_token_id=PAD_ID)
+
+
+def tiny_smolvlm(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                 **text_overrides):
+    """Random-init ``SmolVLMForConditionalGeneration`` in eval mode."""
+    from transformers import SmolVLMForConditionalGeneration
+
+    return _build(tiny_smolvlm_config(**text_overrides), SmolVLMForConditionalGeneration, seed, attn_implementation,
+                  dtype)
+
+
+def tiny_idefics3(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                  **text_overrides):
+    """Random-init ``Idefics3ForConditionalGeneration`` in eval mode (SmolVLM's architecture under its first name)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    smol = tiny_smolvlm_config(**text_overrides)
+    config = Idefics3Config(vision_config=smol.vision_config.to_dict(), text_config=smol.text_config.to_dict(),
+                            image_token_id=IMAGE_ID, scale_factor=2, tie_word_embeddings=False, pad_token_id=PAD_ID)
+    return _build(config, Idefics3ForConditionalGeneration, seed, attn_implementation, dtype)
+
+
 def tiny_model(kind: str = "llava", **kwargs):
     """The tiny model of a supported ``model_type`` (`TINY_MODELS`: one per registered family's model type)."""
     return TINY_MODELS[_check_kind(kind, TINY_MODELS)](**kwargs)
@@ -260,12 +292,28 @@ def tiny_onevision_processor():
                                 vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
 
 
+def tiny_smolvlm_processor():
+    """SmolVLM processor for the tiny model: images resized to a longest edge of 128 px and split into 64-px crops
+    (a grid plus the global view, 16 tokens each); images only (its video processor needs torchvision)."""
+    from transformers import SmolVLMProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from .adapters.base import image_only_processor
+
+    image_processor = SmolVLMImageProcessorPil(do_image_splitting=True, max_image_size={"longest_edge": IMAGE_SIZE},
+                                               size={"longest_edge": 2 * IMAGE_SIZE})
+    return image_only_processor(SmolVLMProcessor, image_processor, tiny_tokenizer(), image_seq_len=16,
+                                chat_template=CHAT_TEMPLATE)
+
+
 def tiny_processor(kind: str = "llava"):
     """Processor matching the tiny configs; it expands each image placeholder in the text to the model's count."""
     if kind in QWEN_KINDS:
         return tiny_qwen_processor(kind)
     if kind == "llava_onevision":
         return tiny_onevision_processor()
+    if kind == "smolvlm":
+        return tiny_smolvlm_processor()
     size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     common = dict(tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
                   image_token="<image>", num_additional_image_tokens=1,  # the CLIP CLS token
@@ -331,8 +379,8 @@ def sample_inputs(processor, n: int = 3, seed: int = 0, kind: str | None = None,
     """
     _check_kind(kind or _kind_of(processor))
     processor.tokenizer.padding_side = "left"
-    return processor(images=sample_images(n, seed, sizes), text=sample_prompts(n, seed), padding=True,
-                     return_tensors="pt")
+    return processor(images=_per_sample(processor, sample_images(n, seed, sizes)), text=sample_prompts(n, seed),
+                     padding=True, return_tensors="pt")
 
 
 def sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, kind: str | None = None,
@@ -340,7 +388,13 @@ def sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, kind: str | No
     """The same prompts and images as ``sample_inputs``, one unpadded ``BatchFeature`` (batch size 1) each."""
     _check_kind(kind or _kind_of(processor))
     images, prompts = sample_images(n, seed, sizes), sample_prompts(n, seed)
-    return [processor(images=[image], text=[prompt], return_tensors="pt") for image, prompt in zip(images, prompts)]
+    return [processor(images=_per_sample(processor, [image]), text=[prompt], return_tensors="pt")
+            for image, prompt in zip(images, prompts)]
+
+
+def _per_sample(processor, images: list) -> list:
+    """The images as the processor wants them: SmolVLM's takes one list of images per prompt."""
+    return [[image] for image in images] if type(processor).__name__ == "SmolVLMProcessor" else images
 
 
 # ---------------------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL
@@ -529,6 +583,7 @@ def qwen_sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, sizes: li
 # model_type -> tiny model builder: what tests build for every registered family
 # (tests/test_testing.py checks that each model type of the adapter registry has one).
 TINY_MODELS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+               "smolvlm": tiny_smolvlm, "idefics3": lambda **kw: tiny_idefics3(**kw),
                "qwen2_vl": tiny_qwen2_vl,
                "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -125,6 +125,22 @@ def _qwen2_text(hidden: int, intermediate: int, layers: int, heads: int, kv_head
                 eos_token_id=151645, tie_word_embeddings=False)
 
 
+# SmolVLM-256M-Instruct (public config.json facts, as known; written in code): SigLIP-B/16 at 512 px (12 layers,
+# hidden 768), pixel shuffle x4 (64 tokens per crop), the 30-layer SmolLM2 decoder (d 576, 9 / 3 heads).
+def _smolvlm(vision_overrides=None, **text_overrides):
+    from transformers import LlamaConfig, SmolVLMConfig
+
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=512, patch_size=16)
+    text = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3, head_dim=64, vocab_size=49280, max_position_embeddings=8192,
+                rope_theta=100000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                tie_word_embeddings=False)
+    return SmolVLMConfig(vision_config={**vision, **(vision_overrides or {})},
+                         text_config=LlamaConfig(**{**text, **text_overrides}).to_dict(), image_token_id=49190,
+                         scale_factor=4, tie_word_embeddings=False)
+
+
 # Reduced Qwen2.5-VL: the 7B's geometry (28 decoder layers, GQA 7:1, m/d ~ 5.3, 14-pixel patches merged 2 x 2:
 # 256 visual tokens for the default 448 x 448 image, window attention with full layers) at hidden 112 and a
 # 2-block vision tower, so it runs on a CPU in seconds.
@@ -141,12 +157,15 @@ CONFIGS = {
     "llava-onevision-reduced": lambda: _llava_onevision(
         _siglip_384(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
         _qwen2_text(112, 592, 28, 7, 1)),
+    "smolvlm-256m": _smolvlm,
+    "smolvlm-reduced": lambda: _smolvlm(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4), hidden_size=144, intermediate_size=384),
     "qwen2-vl-7b": lambda: _qwen2_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
     "qwen2.5-vl-7b": lambda: _qwen2_5_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
     "qwen3-vl-8b": _qwen3_vl,
     "qwen2.5-vl-reduced": lambda: _qwen2_5_vl(_qwen_text(*_QWEN_REDUCED_TEXT), **_QWEN_REDUCED_VISION),
 }
-REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "llava-onevision-reduced", "qwen2.5-vl-reduced")
+REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "llava-onevision-reduced", "smolvlm-reduced", "qwen2.5-vl-reduced")
 
 
 def arch_config(name: str):
