@@ -194,3 +194,15 @@ def test_bench_device_that_is_no_device_is_one_line(capsys):
     assert main(["bench", "--arch", "llava-1.5-reduced", "--device", "nope", "--methods", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "transprune bench: error: --device 'nope' is not a torch device (e.g. cpu, cuda, cuda:1)"
+
+
+@pytest.mark.parametrize("kind, tokens", [("smolvlm", 80), ("llava_onevision", 268)])
+def test_run_on_more_families_uses_their_processor_and_chat_template(tmp_path, capsys, kind, tokens):
+    folder = save_tiny_checkpoint(tmp_path / kind, kind=kind, num_hidden_layers=16)
+    image = tmp_path / "i.png"
+    random_image(0, size=(128, 96)).save(image)
+    assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is the colour ?",
+                 "--preset", "high", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_image_tokens"] == tokens and out["positions"] == "compact"
+    assert [len(k) for k in out["kept_indices"]] == [int(tokens * r) for r in (0.875, 0.625, 0.125)]

@@ -54,5 +54,10 @@ def build_prompt(processor, question: str) -> str:
         return question
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if hasattr(processor, "video_processor") and processor.video_processor is None:
+            # an image-only processor (`adapters.base.image_only_processor`): some processors' own
+            # apply_chat_template reads video settings, so render the template through the tokenizer
+            return processor.tokenizer.apply_chat_template(conversation, chat_template=processor.chat_template,
+                                                           tokenize=False, add_generation_prompt=True)
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     return f"USER: <image>\n{question} ASSISTANT:"
