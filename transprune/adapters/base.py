@@ -50,6 +50,8 @@ def image_only_processor_from(folder, base: type):
     template = folder / "chat_template.jinja"
     if template.is_file():
         settings["chat_template"] = template.read_text()
+    elif (folder / "chat_template.json").is_file():  # the older layout
+        settings["chat_template"] = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
     return image_only_processor(base, transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True),
                                 transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True), **settings)
 

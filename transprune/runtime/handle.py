@@ -282,9 +282,8 @@ class PruneHandle:
         profiler = NO_PROFILE
         if self.profile:
             timed = [c.profiler for c in call.pre.values() if c.profiler] if pre_keep is not None else []
-            profiler = timed[0] if timed else Profiler(embeds.device)
-            for other in timed[1:]:  # images and videos: one prefill, one profile
-                profiler.spans += other.spans
+            profiler = Profiler(embeds.device)  # a fresh one: encoded outputs reused by a later call add nothing twice
+            profiler.spans = [span for other in timed for span in other.spans]  # images and videos: one profile
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
                                               hidden, pre_keep, profiler, aligned=self.batched_selection,
                                               extras=extras)
