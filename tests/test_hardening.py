@@ -167,3 +167,18 @@ def test_a_method_with_a_composition_preset_is_an_error():
     with pytest.raises(ValueError, match="is a named composition of its own methods; it cannot apply to 'random'"):
         build("random", "visionzip288+transprune")
     assert [c.method for c in build(None, "visionzip288+transprune")] == ["visionzip", "transprune"]
+
+
+def test_profile_of_a_visionzip_prefill_times_its_selection(llava):
+    from transprune import VisionZipConfig
+
+    model, processor = llava
+    inputs = sample_inputs(processor, n=2, seed=7)
+    with transprune.pruned(model, [VisionZipConfig(20, 4), CONFIG], profile=True) as handle, torch.no_grad():
+        model(**inputs)
+        first = handle.last_profile
+        model(**inputs)
+        second = handle.last_profile
+    for profile in (first, second):
+        assert profile["pre_llm_s"] > 0 and len(profile["select_s"]) == 2 and all(t > 0 for t in profile["select_s"])
+        assert profile["scoring_s"] == pytest.approx(profile["ttv_s"] + profile["pre_llm_s"] + sum(profile["select_s"]))
