@@ -186,7 +186,8 @@ def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(t
 
 
 # -- Qwen archs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b", "smolvlm-256m"])
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b", "smolvlm-256m",
+                                  "internvl3-8b"])
 def test_full_size_qwen_configs_match_the_flops_archs(name):
     import dataclasses
 
@@ -255,3 +256,11 @@ def test_smolvlm_reduced_bench_runs_on_cpu():
                           "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
     assert report["image_tokens"] == [1088] and report["decoder"]["layers"] == 30
     assert report["methods"][1]["visual_tokens_per_layer"][0] == [1088] * 7 + [952] * 2 + [680] * 3 + [136] * 18
+
+
+def test_internvl_reduced_bench_runs_on_cpu():
+    """The reduced InternVL (Qwen2.5-7B's 28 layers at small widths, 448-px tiles): one tile, 256 tokens."""
+    report = _bench_json(["bench", "--arch", "internvl-reduced", "--methods", "none,pdrop", "--batch", "2",
+                          "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
+    assert report["image_tokens"] == [256, 256] and report["decoder"]["layers"] == 28
+    assert report["methods"][1]["visual_tokens_per_layer"][0] == [256] * 8 + [128] * 8 + [64] * 8 + [32] * 4

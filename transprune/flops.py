@@ -43,6 +43,9 @@ ARCHS: dict[str, ArchSpec] = {
         # its public config.json (as known). N = 1088: a 512 x 512 image, upscaled to 2048 px by the processor,
         # is 4 x 4 crops + the global view, 64 tokens each (512 / 16 = 32 patches per side, pixel shuffle x4).
         ArchSpec("smolvlm-256m", 576, 1536, 30, 9, 3, 64, 17 * 64, crops=17, model_type="smolvlm"),
+        # InternVL3-8B (OpenGVLab/InternVL3-8B-hf, public config.json as known): the Qwen2.5-7B decoder; N = 256 is one
+        # 448 x 448 tile (32 x 32 patches of 14 px, pixel shuffle 0.5); larger images take more tiles + a thumbnail.
+        ArchSpec("internvl3-8b", 3584, 18944, 28, 28, 4, 128, 256, model_type="internvl"),
         ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl", pixels_per_token=32, nominal_image_size=(512, 512)),

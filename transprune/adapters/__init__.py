@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import ModelAdapter
 from .llava import LlavaAdapter
+from .internvl import InternVLAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .smolvlm import SmolVLMAdapter
 from .qwen2_vl import Qwen2VLAdapter
@@ -31,6 +32,7 @@ def unregister_family(adapter_cls: type[ModelAdapter]) -> None:
 register_family(LlavaAdapter)
 register_family(LlavaOnevisionAdapter)
 register_family(SmolVLMAdapter)
+register_family(InternVLAdapter)
 register_family(Qwen2VLAdapter)
 register_family(Qwen3VLAdapter)
 

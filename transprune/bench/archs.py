@@ -141,6 +141,20 @@ def _smolvlm(vision_overrides=None, **text_overrides):
                          scale_factor=4, tie_word_embeddings=False)
 
 
+# InternVL3-8B (OpenGVLab/InternVL3-8B-hf, public config.json facts as known; written in code): InternViT-300M at
+# 448 px (24 layers, hidden 1024, 14-px patches, CLS dropped), pixel shuffle 0.5 (256 tokens per tile), the
+# Qwen2.5-7B decoder.
+def _internvl(vision_overrides=None, text=None):
+    from transformers import InternVLConfig, Qwen2Config
+
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=[448, 448], patch_size=[14, 14], layer_norm_eps=1e-6)
+    return InternVLConfig(vision_config={**vision, **(vision_overrides or {})},
+                          text_config=Qwen2Config(**(text or _qwen2_text(3584, 18944, 28, 28, 4))).to_dict(),
+                          image_token_id=151667, downsample_ratio=0.5, vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
 # Reduced Qwen2.5-VL: the 7B's geometry (28 decoder layers, GQA 7:1, m/d ~ 5.3, 14-pixel patches merged 2 x 2:
 # 256 visual tokens for the default 448 x 448 image, window attention with full layers) at hidden 112 and a
 # 2-block vision tower, so it runs on a CPU in seconds.
@@ -160,12 +174,16 @@ CONFIGS = {
     "smolvlm-256m": _smolvlm,
     "smolvlm-reduced": lambda: _smolvlm(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4), hidden_size=144, intermediate_size=384),
+    "internvl3-8b": _internvl,
+    "internvl-reduced": lambda: _internvl(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4), _qwen2_text(112, 592, 28, 7, 1)),
     "qwen2-vl-7b": lambda: _qwen2_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
     "qwen2.5-vl-7b": lambda: _qwen2_5_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
     "qwen3-vl-8b": _qwen3_vl,
     "qwen2.5-vl-reduced": lambda: _qwen2_5_vl(_qwen_text(*_QWEN_REDUCED_TEXT), **_QWEN_REDUCED_VISION),
 }
-REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "llava-onevision-reduced", "smolvlm-reduced", "qwen2.5-vl-reduced")
+REDUCED = ("llava-1.5-reduced", "llava-next-reduced", "llava-onevision-reduced", "smolvlm-reduced", "internvl-reduced",
+           "qwen2.5-vl-reduced")
 
 
 def arch_config(name: str):
