@@ -131,3 +131,22 @@ def test_multi_image_requests_get_one_image_slot_per_image():
     lmm.handle.remove()
     assert isinstance(answer.text, str) and answer.token_counts.image_tokens == 512
     assert stats.n_image_tokens == 2 * 256 and [len(k) for k in stats.kept_indices] == [448, 320, 64]
+
+
+def test_smolvlm_through_the_plugin_batched(tmp_path):
+    """An image-only SmolVLM processor (no torchvision) through the plugin, batch 2: its prompts are rendered
+    through the tokenizer, its images given one list per prompt; batched answers == one by one."""
+    from transprune.integrations.lmms_eval.model import TransPrune
+    from transprune.testing import sample_images, save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "smol", kind="smolvlm")
+    images = sample_images(3, 0, [(64, 64), (128, 64), (64, 128)])
+    requests = [SimpleNamespace(args=(f"what is shown {i} ?", {"max_new_tokens": 3, "until": ["\\n"]},
+                                      lambda doc, i=i: [images[i]], i, "t", "test")) for i in range(3)]
+    answers = {}
+    for batch_size in (2, 1):
+        lmm = TransPrune(pretrained=str(folder), method="fastv", batch_size=batch_size)
+        lmm.task_dict = {"t": {"test": [{}] * 3}}
+        answers[batch_size] = [(r.text, r.token_counts.image_tokens) for r in lmm.generate_until(requests)]
+        lmm.handle.remove()
+    assert answers[2] == answers[1] and [n for _, n in answers[1]] == [80, 48, 48]

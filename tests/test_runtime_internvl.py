@@ -121,3 +121,18 @@ def test_flops_arch_and_bench_inputs():
     with transprune.pruned(model, TINY) as handle, torch.no_grad():
         model(**inputs.tensors)
     assert [s.n_image_tokens for s in handle.last_stats] == [80, 80]
+
+
+def test_visionzip_refused_by_flops_and_image_sizes_checked():
+    from transprune.bench.serving import table
+    from transprune.cli import main
+    from transprune.flops import estimate
+
+    with pytest.raises(ValueError, match="the internvl adapter does not have"):
+        estimate(VisionZipConfig(), "internvl3-8b")
+    assert main(["flops", "--arch", "smolvlm-256m", "--method", "visionzip"]) == 2
+    assert "| internvl3-8b | visionzip | not supported on this family |" in table(["internvl3-8b"], [1])
+    from transprune.adapters import adapter_for
+
+    with pytest.raises(ValueError, match="multiple of the 64-px tile"):
+        adapter_for(tiny_internvl(seed=0)).image_tokens_for((100, 64))

@@ -183,8 +183,17 @@ def resolved_for_arch(config, arch):
     from .adapters import family_for
     from .methods import resolve_positions
 
+    from .methods import split_methods
+
     arch = resolve_arch(arch)
-    return config if arch.model_type is None else resolve_positions(config, family_for(arch.model_type))
+    if arch.model_type is None:
+        return config
+    family = family_for(arch.model_type)
+    pre, _ = split_methods(config)
+    if pre is not None and family.vision_hooks_missing:  # as `apply` refuses it on that family's models
+        raise ValueError(f"{type(pre).__name__} needs vision-tower hooks that the {family.family} adapter does not "
+                         f"have: {family.vision_hooks_missing}")
+    return resolve_positions(config, family)
 
 
 def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = None) -> FlopsReport:

@@ -48,16 +48,24 @@ def load_checkpoint(folder: str, dtype: str = "fp32"):
     return model, family_for(config.model_type).load_processor(Path(folder), config.model_type)
 
 
+def image_prompt(processor, text: str, n_images: int = 1) -> str:
+    """``text`` after ``n_images`` image slots, in the checkpoint's chat template (else LLaVA-1.5's format)."""
+    if not getattr(processor, "chat_template", None):
+        return "USER: " + "<image>\n" * n_images + f"{text} ASSISTANT:"
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    conversation = [{"role": "user", "content": content}]
+    if hasattr(processor, "video_processor") and processor.video_processor is None:
+        # an image-only processor (`adapters.base.image_only_processor`): some processors' own
+        # apply_chat_template reads video settings, so render the template through the tokenizer
+        return processor.tokenizer.apply_chat_template(conversation, chat_template=processor.chat_template,
+                                                       tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
 def build_prompt(processor, question: str) -> str:
     """The question wrapped in the checkpoint's chat template (or LLaVA-1.5's), with one image slot."""
     if "<image>" in question:
         return question
     if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if hasattr(processor, "video_processor") and processor.video_processor is None:
-            # an image-only processor (`adapters.base.image_only_processor`): some processors' own
-            # apply_chat_template reads video settings, so render the template through the tokenizer
-            return processor.tokenizer.apply_chat_template(conversation, chat_template=processor.chat_template,
-                                                           tokenize=False, add_generation_prompt=True)
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return image_prompt(processor, question)
     return f"USER: <image>\n{question} ASSISTANT:"

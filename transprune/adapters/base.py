@@ -119,6 +119,9 @@ class ModelAdapter:
         ranks = ranks.float()
         return torch.stack([ranks, torch.zeros_like(ranks)], dim=1)
 
+    # The family's processor takes one list of images per prompt (SmolVLM), not one flat list.
+    images_per_prompt: bool = False
+
     # Why this family has no vision hooks (for the error a pre-LLM method gives); None: not written yet.
     vision_hooks_missing: str | None = None
 

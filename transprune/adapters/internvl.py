@@ -52,8 +52,13 @@ class InternVLAdapter(ModelAdapter):
         return side[0] if isinstance(side, (list, tuple)) else side
 
     def _tiles(self, image_size) -> int:
-        """Tiles of an image of ``image_size`` (h, w) already resized to a tile grid: the grid plus a thumbnail."""
+        """Tiles of an image of ``image_size`` (h, w) *as the processor resized it* to a tile grid (each side a
+        multiple of the tile; the processor's ``max_patches``, 12 on InternVL3, bounds the grid): the grid plus a
+        thumbnail when there is more than one tile."""
         side = self._side()
+        if image_size[0] % side or image_size[1] % side:
+            raise ValueError(f"image size {image_size[0]}x{image_size[1]}: on InternVL give the size the image processor "
+                             f"resizes to, each side a multiple of the {side}-px tile (e.g. {2 * side}x{2 * side})")
         grid = math.ceil(image_size[0] / side) * math.ceil(image_size[1] / side)
         return grid + 1 if grid > 1 else 1
 

@@ -30,6 +30,7 @@ class SmolVLMAdapter(ModelAdapter):
     model_classes = (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)
     model_types = ("smolvlm", "idefics3")
     processor_classes = {"smolvlm": "SmolVLMProcessor"}
+    images_per_prompt = True
     vision_hooks_missing = ("its vision tower has no CLS token (VisionZip would need the CLS-free rule: the attention "
                             "each patch receives) and its pixel shuffle folds several patches into one visual token; "
                             "not written yet")
@@ -50,9 +51,13 @@ class SmolVLMAdapter(ModelAdapter):
         return (vision.image_size // vision.patch_size) ** 2 // cfg.scale_factor ** 2
 
     def _crops(self, image_size) -> int:
-        """Crops of an image of ``image_size`` (h, w), as the processor splits one already resized: a grid of
-        tower-sized crops plus the global view (one crop alone when the image fits the tower)."""
+        """Crops of an image of ``image_size`` (h, w) *as the processor resized it* (the processor upscales first:
+        SmolVLM-256M's makes 2048 px of a 512 x 512 image), each side a multiple of the tower's: a grid of
+        tower-sized crops plus the global view (one crop alone when the image is the tower's size)."""
         side = self.model.config.vision_config.image_size
+        if image_size[0] % side or image_size[1] % side:
+            raise ValueError(f"image size {image_size[0]}x{image_size[1]}: on SmolVLM give the size the image processor "
+                             f"resizes to, each side a multiple of the {side}-px crop (e.g. {4 * side}x{4 * side})")
         grid = math.ceil(image_size[0] / side) * math.ceil(image_size[1] / side)
         return grid + 1 if grid > 1 else 1
 

@@ -24,7 +24,11 @@ def table(archs: list[str], batches: list[int], text_tokens: int = 64) -> str:
     for arch in archs:
         for name in METHODS:
             config = build("transprune-off") if name == "none" else build(name)
-            r = estimate(config, arch, text_tokens=text_tokens)
+            try:
+                r = estimate(config, arch, text_tokens=text_tokens)
+            except ValueError:  # a method the family cannot run (VisionZip without vision hooks)
+                lines.append(f"| {arch} | {name} | not supported on this family | | " + " | " * len(batches) + " |")
+                continue
             kv = [b * r.kv_cache_bytes / 2 ** 20 for b in batches]
             lines.append(f"| {arch} | {name} | {r.tflops:.3f} ({r.ratio:.2f}) | "
                          f"{r.tflops_full:.3f} ({r.tflops_full / r.tflops_full_unpruned:.2f}) | "

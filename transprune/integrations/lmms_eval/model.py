@@ -22,7 +22,8 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
-from ...loading import DTYPES, load_checkpoint
+from ...adapters import adapter_for
+from ...loading import DTYPES, image_prompt, load_checkpoint
 from ...methods import METHODS, as_list, build, spelling
 from ...runtime import apply
 
@@ -52,14 +53,6 @@ def _method_fields(config) -> set[str]:
     return {f.name for c in as_list(config) for f in fields(c)} - {"name"}
 
 
-def _image_prompt(processor, text: str, n_images: int) -> str:
-    """``text`` with ``n_images`` image slots, in the checkpoint's chat template (else LLaVA-1.5's format)."""
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return "USER: " + "<image>\n" * n_images + f"{text} ASSISTANT:"
-
-
 class TransPrune(lmms):
     is_simple = True
 
@@ -86,6 +79,7 @@ class TransPrune(lmms):
         self.model, self.processor = load_checkpoint(pretrained, dtype)
         self._init_processes(device)
         self.handle = apply(self.model, self.config) if self.config is not None else None
+        self.images_per_prompt = adapter_for(self.model).images_per_prompt
         self.log_path = Path(log_path) if log_path else None
         self._tflops = [0.0, 0.0]  # this process: sum of pruned and unpruned paper TFLOPs over samples
 
@@ -119,8 +113,9 @@ class TransPrune(lmms):
     # -- requests ---------------------------------------------------------------------------------------
     def _inputs(self, texts: list[str], visuals: list[list]) -> dict:
         self.processor.tokenizer.padding_side = "left"
-        prompts = [_image_prompt(self.processor, t, len(v)) if v else t for t, v in zip(texts, visuals)]
-        images = [image for v in visuals for image in v]
+        prompts = [image_prompt(self.processor, t, len(v)) if v else t for t, v in zip(texts, visuals)]
+        # one list of images per prompt where the family's processor wants that (SmolVLM), else one flat list
+        images = visuals if self.images_per_prompt else [image for v in visuals for image in v]
         inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
         inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -159,10 +154,11 @@ class TransPrune(lmms):
             settings = dict(requests[indices[0]].args[1])
             until = settings.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            generate = {"max_new_tokens": int(settings.pop("max_new_tokens", 128)),
-                        "do_sample": bool(settings.pop("do_sample", False)) and float(settings.get("temperature", 0)) > 0}
+            temperature = float(settings.get("temperature") or 0)
+            generate = {"max_new_tokens": int(settings.pop("max_new_tokens", None) or 128),
+                        "do_sample": bool(settings.pop("do_sample", False)) and temperature > 0}
             if generate["do_sample"]:
-                generate.update(temperature=float(settings["temperature"]), top_p=float(settings.get("top_p", 1.0)))
+                generate.update(temperature=temperature, top_p=float(settings.get("top_p") or 1.0))
             generate["num_beams"] = int(settings.get("num_beams", 1) or 1)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
@@ -174,18 +170,20 @@ class TransPrune(lmms):
                                               pad_token_id=self.processor.tokenizer.pad_token_id)
                 prompt_len = inputs["input_ids"].shape[1]
                 answers = self.processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-                records = [{"task": requests[i].args[4], "doc_id": requests[i].args[3]} for i in chunk]
-                self._log(records)
-                for b, (i, answer, record) in enumerate(zip(chunk, answers, records)):
+                records = []
+                for i, answer in zip(chunk, answers):
                     for stop in until:
                         answer = answer.split(stop)[0] if stop else answer
+                    records.append({"task": requests[i].args[4], "doc_id": requests[i].args[3], "answer": answer.strip()})
+                self._log(records)
+                for b, (i, record) in enumerate(zip(chunk, records)):
                     counts = PrunedTokenCounts(input_tokens=int(inputs["attention_mask"][b].sum()),
                                                output_tokens=int((out[b, prompt_len:] != self.processor.tokenizer.pad_token_id).sum()),
                                                image_tokens=record.get("n_image_tokens"),
                                                kept_tokens=record.get("kept_tokens"),
                                                kept_after_layer=record.get("kept_after_layer"),
                                                tflops=record.get("tflops"), tflops_unpruned=record.get("tflops_unpruned"))
-                    results[i] = GenerationResult(answer.strip(), counts)
+                    results[i] = GenerationResult(record["answer"], counts)
                 bar.update(len(chunk))
         bar.close()
         self._report()
