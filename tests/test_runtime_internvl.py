@@ -18,7 +18,7 @@ def internvl():
     return tiny_model("internvl", seed=0), tiny_processor("internvl")
 
 
-def test_family_counts_and_visionzip_refused_with_the_reason(internvl):
+def test_family_and_counts(internvl):
     model, processor = internvl
     from transprune.adapters import adapter_for
 
@@ -27,8 +27,8 @@ def test_family_counts_and_visionzip_refused_with_the_reason(internvl):
     inputs = sample_inputs(processor, 3, seed=0, sizes=SIZES)
     assert n_visual(model, inputs) == [16, 48, 48] == [adapter.image_tokens_for((64, 64)), adapter.image_tokens_for((64, 128)),
                                                        adapter.image_tokens_for((128, 64))]
-    with pytest.raises(ValueError, match="the internvl adapter does not have: its pixel shuffle folds"):
-        transprune.apply(model, VisionZipConfig(8, 2))
+    with pytest.raises(ValueError, match="more than the model's 16 patches per tile"):
+        transprune.apply(model, VisionZipConfig(14, 4))
     assert "forward" not in vars(model.model)
 
 
@@ -128,11 +128,52 @@ def test_visionzip_refused_by_flops_and_image_sizes_checked():
     from transprune.cli import main
     from transprune.flops import estimate
 
-    with pytest.raises(ValueError, match="the internvl adapter does not have"):
-        estimate(VisionZipConfig(), "internvl3-8b")
+    with pytest.raises(ValueError, match="the smolvlm adapter does not have"):
+        estimate(VisionZipConfig(), "smolvlm-256m")
     assert main(["flops", "--arch", "smolvlm-256m", "--method", "visionzip"]) == 2
-    assert "| internvl3-8b | visionzip | not supported on this family |" in table(["internvl3-8b"], [1])
+    assert "| smolvlm-256m | visionzip | not supported on this family |" in table(["smolvlm-256m"], [1])
+    assert estimate(VisionZipConfig(), "internvl3-8b").visual_tokens_per_layer[0] == 64
     from transprune.adapters import adapter_for
 
     with pytest.raises(ValueError, match="multiple of the 64-px tile"):
         adapter_for(tiny_internvl(seed=0)).image_tokens_for((100, 64))
+
+
+def test_visionzip_per_tile_matches_the_eager_cls_attention_reference(internvl):
+    """Dominant tokens: the top CLS attention of the feature layer (transformers' eager weights), each visual
+    token scored by the mean over its 2 x 2 patches (the model's pixel shuffle, run on patch ids); one contextual
+    token = the mean of the tile's other tokens after the projector."""
+    model, processor = internvl
+    inputs = sample_inputs_unbatched(processor, 3, seed=11, sizes=SIZES)[1]  # 3 tiles (2 + thumbnail)
+    eager = tiny_internvl(seed=0, attn_implementation="eager")
+    with torch.no_grad():
+        attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-1]
+        features = model.model.get_image_features(inputs["pixel_values"]).pooler_output  # (tiles, 16, d)
+    cls = attentions[:, :, 0, 1:].mean(1)  # (tiles, 64 patches)
+    ids = torch.arange(64.0).view(1, 8, 8, 1)
+    members = model.model.pixel_shuffle(ids, 0.5).reshape(-1, 4).long()  # each token's 4 patches
+    score = cls[:, members].mean(-1)  # (tiles, 16)
+    expected, merged = [], []
+    for t in range(3):
+        top = sorted(torch.topk(score[t], 6).indices.tolist())
+        rest = [i for i in range(16) if i not in top]
+        expected += [t * 16 + i for i in sorted(top + [rest[0]])]
+        merged.append((t, rest[0], features[t, rest].mean(0)))
+    with transprune.pruned(model, VisionZipConfig(dominant=6, contextual=1)) as handle, torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    assert handle.last_stats[0].kept_indices == [expected]
+    visual = embeds[inputs["input_ids"][0] == model.config.image_token_id].view(3, 16, -1)
+    for t, target, mean in merged:
+        assert torch.allclose(visual[t, target], mean, atol=1e-5)
+
+
+def test_visionzip_batch_matches_one_by_one(internvl):
+    model, processor = internvl
+    batch = sample_inputs(processor, 3, seed=12, sizes=SIZES)
+    with transprune.pruned(model, [VisionZipConfig(6, 2), TINY]) as handle:
+        tokens = greedy(model, batch, n=8)
+        stats = [s.kept_indices for s in handle.last_stats]
+        assert [len(s[0]) for s in stats] == [8, 24, 24]  # 8 per tile
+        for b, inputs in enumerate(sample_inputs_unbatched(processor, 3, seed=12, sizes=SIZES)):
+            assert torch.equal(greedy(model, inputs, n=8)[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == stats[b]

@@ -7,8 +7,10 @@ Visual tokens are the ``image_token_id`` placeholders (``<IMG_CONTEXT>``): the p
 0.5) turns each tile into ``(image_size / patch_size)**2 * downsample_ratio**2`` tokens (256 on InternVL3).
 The ``<img>`` / ``</img>`` markers around them are text tokens and are never pruned.
 
-No VisionZip yet: the tower has a CLS token, but the pixel shuffle folds 2 x 2 patches into one visual token,
-so a patch's CLS attention does not rank a visual token without a pooling rule of its own.
+VisionZip (`InternVLVisionHooks`): the tower has a CLS token, so dominance is CLS attention in the feature
+layer (from its q and k, as on LLaVA); the pixel shuffle folds 2 x 2 patches into one visual token, so a visual
+token's score and key are the means over its patches (which patches, the model's own `pixel_shuffle` says, run
+on patch ids), per tile; a contextual group is averaged after the projector (in the LLM's embedding space).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class InternVLAdapter(ModelAdapter):
     model_classes = (InternVLForConditionalGeneration,)
     model_types = ("internvl",)
     processor_classes = {"internvl": "InternVLProcessor"}
-    vision_hooks_missing = ("its pixel shuffle folds 2 x 2 patches into one visual token, so the tower's CLS attention "
-                            "ranks patches, not visual tokens; not written yet")
+
+    def vision_hooks(self) -> "InternVLVisionHooks":
+        return InternVLVisionHooks(self)
 
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
         image_id = self.model.config.image_token_id
@@ -82,3 +85,70 @@ class InternVLAdapter(ModelAdapter):
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
                         head_dim, cls._per_tile(cfg), model_type=cfg.model_type)
+
+
+class InternVLVisionHooks:
+    """What VisionZip reads from an InternVL tower (InternViT, CLS at row 0) and its pixel shuffle."""
+
+    encoders = {"image": "get_image_features"}
+
+    def __init__(self, adapter: InternVLAdapter):
+        self.adapter = adapter
+        self.mm = adapter.multimodal_model
+        self.config = adapter.model.config
+
+    def check(self) -> None:
+        if self.config.vision_feature_select_strategy != "default" or not isinstance(self.config.vision_feature_layer, int):
+            raise ValueError("VisionZipConfig on InternVL needs vision_feature_select_strategy='default' (the CLS row "
+                             "dropped) and a single int vision_feature_layer, got "
+                             f"{self.config.vision_feature_select_strategy!r} and {self.config.vision_feature_layer!r}")
+        self.attention_layer()
+
+    def patches_per_tile(self) -> int:
+        return InternVLAdapter._per_tile(self.config)  # visual tokens per tile: what VisionZip keeps a share of
+
+    def attention_layer(self):
+        layers = self.mm.vision_tower.encoder.layer
+        feature = self.config.vision_feature_layer  # -1: the last layer's output (hidden_states index L)
+        index = feature if feature >= 0 else len(layers) + 1 + feature
+        if not 1 <= index <= len(layers):
+            raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
+        return layers[index - 1].attention
+
+    @staticmethod
+    def capture(attn, args, kwargs):
+        """CLS-row attention (mean over heads) and keys of the feature layer, from its q and k."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        b, t, _ = hidden.shape
+        q = attn.q_norm(attn.q_proj(hidden[:, :1])).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        k = attn.k_norm(attn.k_proj(hidden)).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+        cls = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # (tiles, heads, T)
+        return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
+
+    @staticmethod
+    def geometry(modality, args, kwargs):
+        return None
+
+    def _patches_of_tokens(self, side: int, device) -> torch.Tensor:
+        """(tokens, patches per token) patch indices of each visual token, by the model's own pixel shuffle."""
+        ids = torch.arange(side * side, dtype=torch.float32, device=device).view(1, side, side, 1)
+        shuffled = self.mm.pixel_shuffle(ids, scale_factor=self.config.downsample_ratio)
+        return shuffled.reshape(-1, shuffled.shape[-1]).long()
+
+    def units(self, image_outputs, captured, geometry):
+        """One unit per tile: each visual token's CLS attention and key, the means over its patches."""
+        cls, keys = captured[0][:, 1:], captured[1][:, 1:]  # CLS dropped, as the model drops it
+        side = int(cls.shape[1] ** 0.5)
+        members = self._patches_of_tokens(side, cls.device)  # (n, 4)
+        score = cls[:, members].mean(-1)  # (tiles, n)
+        key = torch.nn.functional.normalize(keys[:, members].mean(-2), dim=-1)  # (tiles, n, d)
+        return list(zip(score, key))
+
+    def merge(self, image_outputs, plans, geometry) -> torch.Tensor:
+        """Write each contextual target as its group's mean after the projector; keep marks the tokens that stay."""
+        features = image_outputs.pooler_output.clone()  # (tiles, n, d)
+        for t, plan in enumerate(plans):
+            if plan.targets.numel():
+                features[t, plan.targets] = plan.mean_into_targets(features[t]).to(features.dtype)
+        image_outputs.pooler_output = features
+        return torch.cat([plan.keep for plan in plans])
