@@ -4,7 +4,7 @@ import torch
 import transprune
 
 from transprune import TransPruneConfig
-from transprune.testing import tiny_llava
+from transprune.testing import PAD_ID, tiny_llava
 
 # Tiny models run thousands of small ops: one thread avoids OpenMP contention on a 2-core machine.
 torch.set_num_threads(1)
@@ -94,3 +94,22 @@ def random_mini(tmp_path_factory):
     build_mini(seed=3).save_pretrained(folder)
     mini_processor().save_pretrained(folder)
     return folder
+
+
+TOKEN_KEYS = {"input_ids": PAD_ID, "attention_mask": 0, "mm_token_type_ids": 0}  # per-token inputs, their pad value
+
+
+def mixed_batch(*samples) -> dict:
+    """One left-padded batch of single-sample inputs of different kinds (e.g. an image prompt and a video prompt):
+    per-token inputs are padded and stacked, every other input (pixels, grids) comes from the sample that has it."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+
+    def pad(x, value):
+        x = x.long() if x.dtype == torch.int32 else x
+        return torch.cat([torch.full((1, length - x.shape[1]), value, dtype=x.dtype), x], dim=1)
+
+    batch = {key: torch.cat([pad(s[key], value) for s in samples]) for key, value in TOKEN_KEYS.items()
+             if all(key in s for s in samples)}
+    for s in samples:
+        batch.update({k: v for k, v in s.items() if k not in TOKEN_KEYS})
+    return batch

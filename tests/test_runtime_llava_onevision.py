@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import transprune
+from conftest import mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig, VisionZipConfig
 from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_llava_onevision, tiny_processor
 
@@ -260,15 +261,6 @@ def test_video_prompts_and_an_image_video_batch(onevision):
         assert [len(k) for k in handle.last_stats[0].kept_indices] == [int(33 * r) for r in TINY.keep_ratios]
         image = sample_inputs_unbatched(processor, 1, seed=9, sizes=[(64, 64)])[0]
         alone.append(greedy(model, image, n=8)[0])
-        length = max(video["input_ids"].shape[1], image["input_ids"].shape[1])
-
-        def pad(x, value=0):
-            return torch.cat([torch.full((1, length - x.shape[1]), value, dtype=x.dtype), x], dim=1)
-
-        batch = {"input_ids": torch.cat([pad(video["input_ids"], 3), pad(image["input_ids"], 3)]),
-                 "attention_mask": torch.cat([pad(video["attention_mask"]), pad(image["attention_mask"])]),
-                 "pixel_values_videos": video["pixel_values_videos"],
-                 **{k: image[k] for k in ("pixel_values", "image_sizes")}}
-        tokens = greedy(model, batch, n=8)
+        tokens = greedy(model, mixed_batch(video, image), n=8)
         assert [s.n_image_tokens for s in handle.last_stats] == [33, 136]
     assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])

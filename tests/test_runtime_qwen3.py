@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import transprune
+from conftest import mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, VisionZipConfig
 from transprune.adapters import adapter_for, family_for
 from transprune.testing import (QWEN3_DEEPSTACK_LAYERS, qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_llava,
@@ -175,16 +176,7 @@ def test_image_and_video_in_one_batch_match_one_by_one(qwen3, config):
     model, processor = qwen3
     image = qwen_sample_inputs_unbatched(processor, 1, seed=13, sizes=[(128, 96)])[0]
     video = qwen3_video_inputs(processor, seed=14, words="what is there ?")
-    length = max(image["input_ids"].shape[1], video["input_ids"].shape[1])
-
-    def pad(x, value=0):
-        return torch.cat([torch.full((1, length - x.shape[1]), value, dtype=x.dtype), x], dim=1)
-
-    batch = {"input_ids": torch.cat([pad(image["input_ids"], 3), pad(video["input_ids"], 3)]),
-             "attention_mask": torch.cat([pad(image["attention_mask"]), pad(video["attention_mask"])]),
-             "mm_token_type_ids": torch.cat([pad(image["mm_token_type_ids"].long()), pad(video["mm_token_type_ids"])]),
-             **{k: image[k] for k in ("pixel_values", "image_grid_thw")},
-             **{k: video[k] for k in ("pixel_values_videos", "video_grid_thw")}}
+    batch = mixed_batch(image, video)
     with transprune.pruned(model, config) as handle:
         tokens = greedy(model, batch, n=8)
         kept = [s.kept_indices for s in handle.last_stats]

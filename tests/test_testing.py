@@ -165,7 +165,7 @@ def test_random_image_and_prompts():
 
 def test_every_registered_family_has_a_tiny_model_and_processor(tmp_path):
     from transprune.adapters import adapter_for, family_for, supported_model_types
-    from transprune.testing import TINY_MODELS, save_tiny_checkpoint, tiny_model
+    from transprune.testing import TINY_MODELS, tiny_model
 
     assert sorted(TINY_MODELS) == sorted(supported_model_types())
     for model_type in supported_model_types():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import transprune
+from conftest import mixed_batch
 from transprune import TransPruneConfig, VisionZipConfig
 from transprune.testing import (qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_qwen2_5_vl, tiny_qwen2_vl,
                                 tiny_qwen3_vl, tiny_qwen_processor)
@@ -170,18 +171,7 @@ def test_video_frames_are_units_and_image_video_batch_matches_one_by_one(models)
         kept = handle.last_stats[0].kept_indices[0]
         assert sum(i < 16 for i in kept) == 6 and sum(i >= 16 for i in kept) == 6
         alone.append(greedy(model, image, n=6)[0])
-        length = max(image["input_ids"].shape[1], video["input_ids"].shape[1])
-
-        def pad(x, value=0):
-            return torch.cat([torch.full((1, length - x.shape[1]), value, dtype=x.dtype), x], dim=1)
-
-        batch = {"input_ids": torch.cat([pad(video["input_ids"], 3), pad(image["input_ids"], 3)]),
-                 "attention_mask": torch.cat([pad(video["attention_mask"]), pad(image["attention_mask"])]),
-                 "mm_token_type_ids": torch.cat([pad(video["mm_token_type_ids"]),
-                                                 pad(image["mm_token_type_ids"].long())]),
-                 **{k: image[k] for k in ("pixel_values", "image_grid_thw")},
-                 **{k: video[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}}
-        tokens = greedy(model, batch, n=6)
+        tokens = greedy(model, mixed_batch(video, image), n=6)
         assert [len(s.kept_indices[0]) for s in handle.last_stats] == [12, 6]
     assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
 

@@ -25,6 +25,15 @@ class ArchSpec:
     pixels_per_token: int | None = None
     nominal_image_size: tuple[int, int] | None = None  # the (h, w) that gives ``image_tokens``, when dynamic
 
+    @classmethod
+    def of_decoder(cls, text, name: str, image_tokens: int, **extra) -> "ArchSpec":
+        """The ArchSpec of an HF text (decoder) config: its dimensions, with the family's nominal image count."""
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads, head_dim,
+                   image_tokens, **extra)
+
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim

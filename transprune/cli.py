@@ -18,7 +18,7 @@ from .bench import register as register_bench
 from .config import PRESETS
 from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
-from .methods import COMPOSITIONS, METHODS, build, spelling
+from .methods import COMPOSITIONS, build, spelling
 from .mini.options import add_train_args, train_config
 
 

@@ -103,14 +103,30 @@ class ModelAdapter:
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` ModuleList; transprune cannot run it")
 
     # -- visual tokens ---------------------------------------------------------------------------
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        """(B, L) bool: the visual tokens of this call (None when the call has no way to tell)."""
-        raise NotImplementedError
+    def placeholder_ids(self) -> dict[str, int]:
+        """Per modality ("image", "video"), the placeholder token id the model expands each one into."""
+        return {"image": self.model.config.image_token_id}
 
-    def visual_token_masks(self, input_ids, inputs_embeds) -> dict[str, torch.Tensor]:
-        """Per modality ("image", "video"), the (B, L) bool mask of its tokens (a pre-LLM method chooses
-        among each modality's tokens apart: one encoder call per modality)."""
-        return {"image": self.image_token_mask(input_ids, inputs_embeds)}
+    def visual_token_masks(self, input_ids, inputs_embeds) -> dict[str, torch.Tensor] | None:
+        """Per modality, the (B, L) bool mask of its placeholders (a pre-LLM method chooses among each modality's
+        tokens apart: one encoder call per modality); None when the call has no way to tell."""
+        ids = self.placeholder_ids()
+        if input_ids is not None:
+            return {modality: input_ids == token for modality, token in ids.items()}
+        if inputs_embeds is None:
+            return None
+        # Embeddings passed directly: placeholders are still their token's embedding at this point.
+        table = self.multimodal_model.get_input_embeddings()
+        return {modality: (inputs_embeds == table(torch.tensor(token, device=inputs_embeds.device))
+                           .to(inputs_embeds.dtype)).all(-1) for modality, token in ids.items()}
+
+    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
+        """(B, L) bool: the visual tokens of this call, every modality (None when the call has no way to tell)."""
+        masks = self.visual_token_masks(input_ids, inputs_embeds)
+        if masks is None:
+            return None
+        masks = list(masks.values())
+        return masks[0] if len(masks) == 1 else functools.reduce(torch.logical_or, masks)
 
     def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(n, c) float coordinates of one sample's image tokens for the uniform baseline, from their indices

@@ -22,6 +22,7 @@ from transformers import InternVLForConditionalGeneration
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
+from .llava import cls_row_attention, feature_layer
 
 
 class InternVLAdapter(ModelAdapter):
@@ -32,15 +33,6 @@ class InternVLAdapter(ModelAdapter):
 
     def vision_hooks(self) -> "InternVLVisionHooks":
         return InternVLVisionHooks(self)
-
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        image_id = self.model.config.image_token_id
-        if input_ids is not None:
-            return input_ids == image_id
-        if inputs_embeds is None:
-            return None
-        table = self.multimodal_model.get_input_embeddings()
-        return (inputs_embeds == table(torch.tensor(image_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)).all(-1)
 
     # -- bench inputs and facts for tools -------------------------------------------------------------
     @staticmethod
@@ -79,12 +71,7 @@ class InternVLAdapter(ModelAdapter):
     @classmethod
     def arch_spec(cls, cfg, name: str) -> ArchSpec:
         """N is nominal: one image of one tile (448 x 448 on InternVL3: 256 tokens); larger images take more tiles."""
-        text = cfg.text_config
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, cls._per_tile(cfg), model_type=cfg.model_type)
+        return ArchSpec.of_decoder(cfg.text_config, name, cls._per_tile(cfg), model_type=cfg.model_type)
 
 
 class InternVLVisionHooks:
@@ -108,22 +95,14 @@ class InternVLVisionHooks:
         return InternVLAdapter._per_tile(self.config)  # visual tokens per tile: what VisionZip keeps a share of
 
     def attention_layer(self):
-        layers = self.mm.vision_tower.encoder.layer
-        feature = self.config.vision_feature_layer  # -1: the last layer's output (hidden_states index L)
-        index = feature if feature >= 0 else len(layers) + 1 + feature
-        if not 1 <= index <= len(layers):
-            raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
-        return layers[index - 1].attention
+        return feature_layer(self.mm.vision_tower.encoder.layer, self.config.vision_feature_layer).attention
 
     @staticmethod
     def capture(attn, args, kwargs):
         """CLS-row attention (mean over heads) and keys of the feature layer, from its q and k."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        b, t, _ = hidden.shape
-        q = attn.q_norm(attn.q_proj(hidden[:, :1])).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        k = attn.k_norm(attn.k_proj(hidden)).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        cls = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # (tiles, heads, T)
-        return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
+        return cls_row_attention(hidden, lambda x: attn.q_norm(attn.q_proj(x)), lambda x: attn.k_norm(attn.k_proj(x)),
+                                 attn.num_heads, attn.head_dim, attn.scale)
 
     @staticmethod
     def geometry(modality, args, kwargs):

@@ -20,17 +20,6 @@ class LlavaAdapter(ModelAdapter):
     model_classes = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
     model_types = ("llava", "llava_next")
 
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        image_id = self.model.config.image_token_id
-        if input_ids is not None:
-            return input_ids == image_id
-        if inputs_embeds is None:
-            return None
-        # Embeddings passed directly: placeholders are still the image token's embedding at this point.
-        table = self.multimodal_model.get_input_embeddings()
-        marker = table(torch.tensor(image_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-        return (inputs_embeds == marker).all(-1)
-
     @property
     def is_anyres(self) -> bool:
         return isinstance(self.model, LlavaNextForConditionalGeneration)
@@ -85,11 +74,26 @@ class LlavaAdapter(ModelAdapter):
         if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
             per_crop += 1  # CLS token kept
         crops = 1 if cfg.model_type == "llava" else 5
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, crops * per_crop, crops=crops, model_type=cfg.model_type)
+        return ArchSpec.of_decoder(text, name, crops * per_crop, crops=crops, model_type=cfg.model_type)
+
+
+def feature_layer(layers, feature: int):
+    """The encoder layer whose output is ``hidden_states[feature]`` (index 0 = the embeddings), as the towers'
+    ``vision_feature_layer`` counts."""
+    index = feature if feature >= 0 else len(layers) + 1 + feature
+    if not 1 <= index <= len(layers):
+        raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
+    return layers[index - 1]
+
+
+def cls_row_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float):
+    """CLS-row attention (mean over heads) and keys of one attention layer, from its q and k: ``queries`` and
+    ``keys`` project (B, T, d) inputs to (B, T, heads * head_dim), norms included."""
+    b, t, _ = hidden.shape
+    q = queries(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).float()
+    k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
+    cls = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)[:, :, 0]  # (B, H, T)
+    return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
 
 
 class ClipVisionHooks:
@@ -117,23 +121,13 @@ class ClipVisionHooks:
         """The attention module of the vision layer whose output LLaVA feeds to the projector."""
         tower = self.adapter.multimodal_model.vision_tower
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel nests it in older layouts
-        layers = tower.encoder.layers
-        feature = self.config.vision_feature_layer  # index into hidden_states (0 = embeddings)
-        index = feature if feature >= 0 else len(layers) + 1 + feature
-        if not 1 <= index <= len(layers):
-            raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
-        return layers[index - 1].self_attn
+        return feature_layer(tower.encoder.layers, self.config.vision_feature_layer).self_attn
 
     @staticmethod
     def capture(attn, args, kwargs):
         """CLS-row attention (mean over heads) and keys of a CLIP attention layer, from its q and k."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        b, t, _ = hidden.shape
-        heads, head_dim = attn.num_heads, attn.head_dim
-        q = attn.q_proj(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).float()
-        k = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
-        cls = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # (B, H, T)
-        return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
+        return cls_row_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
 
     @staticmethod
     def geometry(modality, args, kwargs):

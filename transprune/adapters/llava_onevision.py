@@ -37,20 +37,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                             "bilinearly, so a kept feature is not one patch; not written yet")
 
     # -- visual tokens: image and video placeholders -------------------------------------------------
-    def visual_token_masks(self, input_ids, inputs_embeds) -> dict[str, torch.Tensor] | None:
+    def placeholder_ids(self) -> dict[str, int]:
         config = self.model.config
-        ids = {"image": config.image_token_id, "video": config.video_token_id}
-        if input_ids is not None:
-            return {modality: input_ids == token for modality, token in ids.items()}
-        if inputs_embeds is None:
-            return None
-        table = self.multimodal_model.get_input_embeddings()
-        return {modality: (inputs_embeds == table(torch.tensor(token, device=inputs_embeds.device))
-                           .to(inputs_embeds.dtype)).all(-1) for modality, token in ids.items()}
-
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        masks = self.visual_token_masks(input_ids, inputs_embeds)
-        return None if masks is None else masks["image"] | masks["video"]
+        return {"image": config.image_token_id, "video": config.video_token_id}
 
     def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return ModelAdapter.token_coords(self, ranks, positions)  # packed order (base crop, then the grid)
@@ -86,8 +75,4 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         images take larger grids (up to anyres_max_9's worth), so their counts are larger."""
         vision, text = cfg.vision_config, cfg.text_config
         side = vision.image_size // vision.patch_size
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, side * side + side * (side + 1), crops=2, model_type=cfg.model_type)
+        return ArchSpec.of_decoder(text, name, side * side + side * (side + 1), crops=2, model_type=cfg.model_type)

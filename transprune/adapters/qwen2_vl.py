@@ -48,26 +48,9 @@ class Qwen2VLAdapter(ModelAdapter):
     }
 
     # -- visual tokens ---------------------------------------------------------------------------
-    def _visual_ids(self) -> tuple[int, int]:
+    def placeholder_ids(self) -> dict[str, int]:
         config = self.model.config
-        return config.image_token_id, config.video_token_id
-
-    def visual_token_masks(self, input_ids, inputs_embeds) -> dict[str, torch.Tensor] | None:
-        ids = dict(zip(("image", "video"), self._visual_ids()))
-        if input_ids is not None:
-            return {modality: input_ids == token for modality, token in ids.items()}
-        if inputs_embeds is None:
-            return None
-        table = self.multimodal_model.get_input_embeddings()
-        masks = {}
-        for modality, token in ids.items():  # embeddings passed directly: placeholders still carry their embedding
-            marker = table(torch.tensor(token, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-            masks[modality] = (inputs_embeds == marker).all(-1)
-        return masks
-
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        masks = self.visual_token_masks(input_ids, inputs_embeds)
-        return None if masks is None else masks["image"] | masks["video"]
+        return {"image": config.image_token_id, "video": config.video_token_id}
 
     def vision_hooks(self) -> "QwenVisionHooks":
         return QwenVisionHooks(self)
@@ -180,7 +163,7 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`mm_token_type_ids` of ``input_ids``: 0 text, 1 image, 2 video."""
-        image_id, video_id = self._visual_ids()
+        image_id, video_id = self.placeholder_ids().values()
         return (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
 
     @classmethod
@@ -189,12 +172,8 @@ class Qwen2VLAdapter(ModelAdapter):
         merged 2 x 2); a real image's count depends on its size."""
         text = getattr(cfg, "text_config", None) or cfg
         factor = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, NOMINAL_GRID ** 2, model_type=cfg.model_type, pixels_per_token=factor,
-                        nominal_image_size=(NOMINAL_GRID * factor,) * 2)
+        return ArchSpec.of_decoder(text, name, NOMINAL_GRID ** 2, model_type=cfg.model_type, pixels_per_token=factor,
+                                   nominal_image_size=(NOMINAL_GRID * factor,) * 2)
 
 
 class QwenVisionHooks:

@@ -35,15 +35,6 @@ class SmolVLMAdapter(ModelAdapter):
                             "each patch receives) and its pixel shuffle folds several patches into one visual token; "
                             "not written yet")
 
-    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        image_id = self.model.config.image_token_id
-        if input_ids is not None:
-            return input_ids == image_id
-        if inputs_embeds is None:
-            return None
-        table = self.multimodal_model.get_input_embeddings()
-        return (inputs_embeds == table(torch.tensor(image_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)).all(-1)
-
     # -- bench inputs and facts for tools -------------------------------------------------------------
     @staticmethod
     def _per_crop(cfg) -> int:
@@ -78,10 +69,6 @@ class SmolVLMAdapter(ModelAdapter):
     def arch_spec(cls, cfg, name: str) -> ArchSpec:
         """N is nominal: one image upscaled to ``NOMINAL_SCALE`` x the tower's side, 4 x 4 crops + the global view
         (17 x 64 = 1088 tokens on SmolVLM-256M, for a 512 x 512 image); real counts follow the processor's split."""
-        text = cfg.text_config
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         crops = NOMINAL_SCALE ** 2 + 1
-        return ArchSpec(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads,
-                        head_dim, crops * cls._per_crop(cfg), crops=crops, model_type=cfg.model_type)
+        return ArchSpec.of_decoder(cfg.text_config, name, crops * cls._per_crop(cfg), crops=crops,
+                                   model_type=cfg.model_type)
