@@ -39,7 +39,7 @@ def run(model, config, ids, mask, pix, n=6, batched=True, adapt=None):
 def test_batched_selection_equals_the_per_sample_loop(llava, name, monkeypatch):
     ids, mask, pix = aligned_batch(llava)
     views, calls = select_module._view, []
-    monkeypatch.setattr(select_module, "_view", lambda *a: calls.append(a[5]) or views(*a))
+    monkeypatch.setattr(select_module, "_view", lambda *a: calls.append(a[4]) or views(*a))
     fast = run(llava, METHODS[name], ids, mask, pix)
     assert calls == [slice(None)] * len(fast[2][0].kept_indices)  # every stage took one batched view
     calls.clear()

@@ -52,7 +52,7 @@ def l1_normalize(v: torch.Tensor) -> torch.Tensor:
 
 
 def instruction_attention(
-    q: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, scaling: float
+    q: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, scaling: float, window: int | None = None
 ) -> torch.Tensor:
     """Mean attention that the query rows pay to every key, for one sample (IGA before slicing).
 
@@ -60,7 +60,8 @@ def instruction_attention(
     tokens (KV heads already repeated for GQA); query_pos: (T,) index of each query row among the S
     tokens, for the causal mask. The softmax runs over all keys each row may see, in fp32, then the
     result is averaged over heads and rows: shape (S,). Leading batch dims (q (B, H, T, hd), k (B, H, S,
-    hd), the same query rows in every sample) give (B, S), each row computed as alone.
+    hd), the same query rows in every sample) give (B, S), each row computed as alone. ``window``: a
+    sliding-window layer's, each row sees only its last ``window`` keys (itself included), as the layer does.
     """
     if q.shape[-2] == 0:
         return torch.zeros(*k.shape[:-3], k.shape[-2], dtype=torch.float32, device=k.device)
@@ -70,8 +71,10 @@ def instruction_attention(
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2))
     logits = logits * scaling  # (..., H, T, S)
     key_idx = torch.arange(k.shape[-2], device=k.device)
-    future = key_idx[None, :] > query_pos[:, None]  # (T, S)
-    logits = logits.masked_fill(future, float("-inf"))
+    hidden = key_idx[None, :] > query_pos[:, None]  # (T, S): the future
+    if window is not None:
+        hidden = hidden | (key_idx[None, :] <= query_pos[:, None] - window)
+    logits = logits.masked_fill(hidden, float("-inf"))
     return torch.softmax(logits, dim=-1).mean(-3).mean(-2)
 
 

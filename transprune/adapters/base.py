@@ -14,7 +14,8 @@ import functools
 
 import torch
 from transformers import DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, and_masks, blockwise_overlay, causal_mask_function,
+                                        or_masks, sliding_window_overlay)
 
 from . import llama
 
@@ -188,8 +189,13 @@ class ModelAdapter:
 
     # -- per stage: RoPE and masks ---------------------------------------------------------------
     def rope(self, h, positions):
-        """Per-token (cos, sin), each (B, L, head_dim)."""
+        """The stage's rotary embedding: per-token (cos, sin), each (B, L, head_dim). A family whose layer types
+        rotate differently (Gemma 3) returns what `rope_for` picks each layer's from."""
         return self.decoder.rotary_emb(h, positions)
+
+    def rope_for(self, rope, layer_index: int):
+        """Layer ``layer_index``'s (cos, sin) out of the stage's `rope`."""
+        return rope
 
     @staticmethod
     def rope_rows(rope, b: int, cols: torch.Tensor):
@@ -197,23 +203,59 @@ class ModelAdapter:
         cos, sin = rope
         return cos[b:b + 1, cols], sin[b:b + 1, cols]
 
-    def stage_masks(self, h, key_valid: torch.Tensor, q_len: int):
+    @property
+    def layer_types(self) -> list[str]:
+        """Each layer's attention type (HF's ``config.layer_types``: "full_attention", "sliding_attention")."""
+        return getattr(self.decoder.config, "layer_types", None) or ["full_attention"] * self.depth
+
+    @functools.cached_property
+    def _has_sliding(self) -> bool:
+        return "sliding_attention" in self.layer_types[: self.depth]
+
+    def attention_window(self, layer_index: int) -> int | None:
+        """How many keys back (the query's own included) layer ``layer_index`` attends; None: all of them."""
+        return self.decoder.config.sliding_window if self.layer_types[layer_index] == "sliding_attention" else None
+
+    def attention_blocks(self, call_kwargs: dict) -> torch.Tensor | None:
+        """(B, L) long from the multimodal call's keyword arguments: tokens sharing an id >= 0 attend to each other
+        both ways (Gemma 3's image blocks), -1 elsewhere; None: the model's attention is causal for this call."""
+        return None
+
+    def stage_masks(self, h, key_valid: torch.Tensor, q_len: int, blocks: torch.Tensor | None = None):
         """The attention masks of one stage (every layer holds the same tokens), in whatever form the model's
-        backend wants; `mask_for` picks a layer's. One causal mask serves every layer here."""
+        backend wants; `mask_for` picks a layer's. ``key_valid``: (B, kv_len) real keys; ``blocks``: (B, kv_len)
+        `attention_blocks` ids of the keys (the queries are the last ``q_len``), None: causal. One mask serves
+        every layer, or one per layer type when some layers slide: a sliding layer's cache
+        (`DynamicSlidingWindowLayer`) holds only its last ``window - 1`` keys, so after the first call of a stage
+        its layers see those plus the new ones, and the mask covers exactly them."""
         config = self.decoder.config
         kv_len = key_valid.shape[1]
-        return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-            batch_size=h.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
-            mask_function=causal_mask_function, attention_mask=key_valid, allow_is_causal_skip=True,
-            dtype=h.dtype, config=config, use_vmap=False, device=h.device,
-        )
+
+        def build(mask_function, keys, local_size=None):
+            if blocks is not None:  # image blocks see each other both ways: the causal shortcut no longer holds
+                mask_function = or_masks(mask_function, blockwise_overlay(blocks))
+            if local_size is not None:
+                mask_function = and_masks(mask_function, sliding_window_overlay(local_size))
+            return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+                batch_size=h.shape[0], q_length=q_len, kv_length=keys, q_offset=kv_len - q_len, kv_offset=kv_len - keys,
+                mask_function=mask_function, attention_mask=key_valid, allow_is_causal_skip=blocks is None,
+                local_size=local_size, dtype=h.dtype, config=config, use_vmap=False, device=h.device,
+            )
+
+        full = build(causal_mask_function, kv_len)
+        if not self._has_sliding:
+            return full
+        window = config.sliding_window
+        sliding = build(causal_mask_function, q_len + min(kv_len - q_len, window - 1), local_size=window)
+        return {"full_attention": full, "sliding_attention": sliding}
 
     def mask_for(self, masks, layer_index: int):
-        return masks
+        return masks[self.layer_types[layer_index]] if isinstance(masks, dict) else masks
 
     def decode_needs_no_mask(self, q_len: int) -> bool:
-        """A 1-token step over unpadded keys needs no mask in this backend."""
-        return q_len == 1 and self.decoder.config._attn_implementation in self.mask_free_decode
+        """A 1-token step over unpadded keys needs no mask in this backend (not so when some layers slide)."""
+        return (q_len == 1 and not self._has_sliding
+                and self.decoder.config._attn_implementation in self.mask_free_decode)
 
     # -- layers ----------------------------------------------------------------------------------
     run_layer = staticmethod(llama.run_layer)
@@ -270,10 +312,10 @@ class ModelAdapter:
         """Visual tokens one image of ``image_size`` (h, w) becomes in this model."""
         raise NotImplementedError
 
-    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """The per-token modality types the model needs besides ``input_ids`` (`mm_token_type_ids`: 0 text,
-        1 image, 2 video, for mRoPE families), for bench inputs built without a processor; None: none."""
-        return None
+    def token_type_inputs(self, input_ids: torch.Tensor) -> dict:
+        """The per-token type inputs the model needs besides ``input_ids`` (mRoPE families: `mm_token_type_ids`;
+        Gemma 3: `token_type_ids`), for bench inputs built without a processor."""
+        return {}
 
     def synthetic_vision_inputs(self, batch: int, image_size: tuple[int, int], gen: torch.Generator) -> dict:
         """The vision tensors of ``batch`` random images of ``image_size`` (bench inputs without a processor)."""

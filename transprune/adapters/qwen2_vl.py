@@ -16,7 +16,7 @@ or writes `rope_deltas`.
 
 The decoder layer is Llama-style (pre-norm, q/k/v with bias, GQA): the `llama` body and scoring q/k apply
 as they are, on the (B, L, head_dim) cos/sin the decoder's rotary embedding returns for 3-row positions.
-Layers of type "sliding_attention" (``use_sliding_window``) get a sliding-window mask of their own.
+Layers of type "sliding_attention" (``use_sliding_window``) get a sliding-window mask of their own (`ModelAdapter.stage_masks`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import sys
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sliding_window_causal_mask_function
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
@@ -98,38 +97,6 @@ class Qwen2VLAdapter(ModelAdapter):
     def rope(self, h, positions):
         return self.decoder.rotary_emb(h, positions[1:] if positions.shape[0] == 4 else positions)
 
-    # -- masks: full and sliding-window layers --------------------------------------------------------
-    @property
-    def _layer_types(self):
-        return getattr(self.decoder.config, "layer_types", None) or ["full_attention"] * self.depth
-
-    @property
-    def _has_sliding(self) -> bool:
-        return "sliding_attention" in self._layer_types[: self.depth]
-
-    def stage_masks(self, h, key_valid: torch.Tensor, q_len: int):
-        full = super().stage_masks(h, key_valid, q_len)
-        if not self._has_sliding:
-            return full
-        config = self.decoder.config
-        kv_len = key_valid.shape[1]
-        # A sliding layer's cache (`DynamicSlidingWindowLayer`) holds only its last ``window - 1`` keys, so after
-        # the first call of a stage its layers see those plus the new ones: the mask covers exactly them.
-        keys = q_len + min(kv_len - q_len, config.sliding_window - 1)
-        sliding = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-            batch_size=h.shape[0], q_length=q_len, kv_length=keys, q_offset=kv_len - q_len, kv_offset=kv_len - keys,
-            mask_function=sliding_window_causal_mask_function(config.sliding_window), attention_mask=key_valid,
-            allow_is_causal_skip=True, local_size=config.sliding_window, dtype=h.dtype, config=config,
-            use_vmap=False, device=h.device,
-        )
-        return {"full_attention": full, "sliding_attention": sliding}
-
-    def mask_for(self, masks, layer_index: int):
-        return masks[self._layer_types[layer_index]] if isinstance(masks, dict) else masks
-
-    def decode_needs_no_mask(self, q_len: int) -> bool:
-        return not self._has_sliding and super().decode_needs_no_mask(q_len)
-
     # -- bench inputs and facts for tools ---------------------------------------------------------------
     def _factor(self) -> int:
         vision = self.model.config.vision_config
@@ -161,10 +128,10 @@ class Qwen2VLAdapter(ModelAdapter):
         return {"pixel_values": torch.randn((batch * per_image, width), generator=gen),
                 "image_grid_thw": torch.tensor([[1, grid_h, grid_w]] * batch)}
 
-    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`mm_token_type_ids` of ``input_ids``: 0 text, 1 image, 2 video."""
+    def token_type_inputs(self, input_ids: torch.Tensor) -> dict:
+        """`mm_token_type_ids` of ``input_ids`` (0 text, 1 image, 2 video): `get_rope_index` reads them."""
         image_id, video_id = self.placeholder_ids().values()
-        return (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
+        return {"mm_token_type_ids": (input_ids == image_id).int() + 2 * (input_ids == video_id).int()}
 
     @classmethod
     def arch_spec(cls, cfg, name: str) -> ArchSpec:

@@ -62,9 +62,7 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 64, image_size=None, 
     input_ids = torch.stack(rows)
     tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                **adapter.synthetic_vision_inputs(batch, size, gen)}
-    types = adapter.token_types(input_ids)  # mRoPE families build their positions from them
-    if types is not None:
-        tensors["mm_token_type_ids"] = types
+    tensors.update(adapter.token_type_inputs(input_ids))  # mRoPE positions, Gemma 3's image blocks
     return BenchInputs(tensors, [n_image] * batch, [text_tokens] * batch, size,
                        f"synthetic (seed {seed}): N(0,1) pixel values, random text ids")
 

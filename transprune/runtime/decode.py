@@ -26,8 +26,9 @@ class Generation:
     next_position: torch.Tensor | None = None  # (B,) position of the next token, unpruned numbering
 
 
-def continue_generation(adapter, generation: Generation, embeds, new_valid, position_ids, cache, hidden):
-    """Run the decoder over new tokens on a pruned cache: per-stage masks and positions."""
+def continue_generation(adapter, generation: Generation, embeds, new_valid, position_ids, cache, hidden, blocks=None):
+    """Run the decoder over new tokens on a pruned cache: per-stage masks and positions. ``blocks``: (B, q_len)
+    the family's `attention_blocks` of the new tokens (None: causal; cached tokens are in no block of theirs)."""
     q_len = embeds.shape[1]
     starts = {s.first_layer: s for s in generation.stages}
     # One host check per step (HF's own mask does the same): are the new tokens all real? Stages whose
@@ -47,10 +48,13 @@ def continue_generation(adapter, generation: Generation, embeds, new_valid, posi
             stage.key_valid = torch.cat([stage.key_valid, new_valid], dim=1)
             stage.all_valid = stage.all_valid and new_all
             positions = adapter.shift_positions(position_ids, stage.shift)
-            masks = None if no_mask_ok and stage.all_valid else adapter.stage_masks(h, stage.key_valid, q_len)
+            key_blocks = None if blocks is None else torch.cat(
+                [blocks.new_full((blocks.shape[0], stage.key_valid.shape[1] - q_len), -1), blocks], dim=1)
+            masks = (None if no_mask_ok and stage.all_valid and blocks is None
+                     else adapter.stage_masks(h, stage.key_valid, q_len, key_blocks))
             rope = adapter.rope(h, positions)
         h, _ = adapter.run_layer(layer, h, mask=None if masks is None else adapter.mask_for(masks, i),
-                                 position_embeddings=rope, position_ids=adapter.layer_position_ids(positions),
+                                 position_embeddings=adapter.rope_for(rope, i), position_ids=adapter.layer_position_ids(positions),
                                  cache=cache, use_cache=True, capture=False)
         if hidden is not None:
             hidden.append(h)

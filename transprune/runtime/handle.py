@@ -50,6 +50,10 @@ class _Call:
     # With a pre-LLM method: each modality's (B, L) token mask and the method's choice over those tokens.
     modality_masks: dict | None = None
     pre: dict = field(default_factory=dict)
+    # The call's 2-D padding mask, for a decoder the model hands prebuilt per-layer masks (a dict: Gemma 3).
+    attention_mask: torch.Tensor | None = None
+    # (B, L) the family's `attention_blocks` of the call (tokens that attend to each other both ways), or None.
+    blocks: torch.Tensor | None = None
 
 
 _CURRENT_CALL: ContextVar[_Call | None] = ContextVar("transprune_call", default=None)
@@ -124,6 +128,9 @@ class PruneHandle:
         def multimodal_forward(*args, **kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             call = _Call(self, self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds")))
+            mask = kwargs.get("attention_mask")  # HF passes it by name
+            call.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            call.blocks = self.adapter.attention_blocks(kwargs)
             if self.pre is not None:
                 call.modality_masks = self.adapter.visual_token_masks(input_ids, kwargs.get("inputs_embeds"))
                 # generate() encodes images and videos before the forward and passes them in
@@ -222,6 +229,8 @@ class PruneHandle:
         call = _CURRENT_CALL.get()
         call = call if call is not None and call.handle is self else None
         image_mask = call.image_mask if call is not None else None
+        prebuilt = isinstance(attention_mask, dict)  # per-layer-type masks the model built (Gemma 3)
+        padding = (call.attention_mask if call is not None else None) if prebuilt else attention_mask
         generation = self._generations.get(cache) if cache is not None else None
         fresh = cache is None or cache.get_seq_length() == 0  # pruning happens in a prefill
         # Only a prefill looks for images (a decode step's mask is never read: no host sync per step).
@@ -229,11 +238,14 @@ class PruneHandle:
         enabled = self.pre is not None or (self.llm is not None and self.llm.enabled)
         if generation is None and not (enabled and has_images):
             if fresh:
-                self._record_unpruned(image_mask, attention_mask, inputs_embeds if input_ids is None else input_ids)
+                self._record_unpruned(image_mask, padding, inputs_embeds if input_ids is None else input_ids)
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not available while transprune prunes this model")
+        if prebuilt and call is None:
+            raise ValueError(f"{type(self.adapter.decoder).__name__} was given prebuilt attention masks without the "
+                             "multimodal model around it: transprune needs the 2-D padding mask; call the model itself")
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"{type(cache).__name__} is not supported while transprune prunes: each layer caches only "
                              "the tokens it kept, which needs a DynamicCache (generate's default cache; do not set "
@@ -253,21 +265,22 @@ class PruneHandle:
         else:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = adapter.prefill_positions(position_ids, batch, length, past, inputs_embeds.device)
-        if attention_mask is None:
+        if padding is None:
             new_valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
         else:
-            new_valid = attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
+            new_valid = padding[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
+        blocks = call.blocks[:, -length:].to(inputs_embeds.device) if call is not None and call.blocks is not None else None
         want_hidden = kwargs.get("output_hidden_states", config.output_hidden_states)
         hidden = [] if want_hidden else None
         if generation is None:
             h = self._prefill(call, inputs_embeds, new_valid, image_mask, position_ids, cache if use_cache else None,
-                              hidden, adapter.layer_extras(kwargs))
+                              hidden, adapter.layer_extras(kwargs), blocks)
         else:
-            h = continue_generation(adapter, generation, inputs_embeds, new_valid, position_ids, cache, hidden)
+            h = continue_generation(adapter, generation, inputs_embeds, new_valid, position_ids, cache, hidden, blocks)
         return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None,
                                        hidden_states=tuple(hidden) if want_hidden else None)
 
-    def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None):
+    def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
         pre_keep = None
         if self.pre is not None:
             pre_keep = torch.zeros_like(image_mask)
@@ -286,7 +299,7 @@ class PruneHandle:
             profiler.spans = [span for other in timed for span in other.spans]  # images and videos: one profile
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
                                               hidden, pre_keep, profiler, aligned=self.batched_selection,
-                                              extras=extras)
+                                              extras=extras, blocks=blocks)
         if cache is not None:
             state.generation.next_position = self.adapter.next_position(position_ids)
             self._generations[cache] = state.generation

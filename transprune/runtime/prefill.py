@@ -50,10 +50,11 @@ class PrefillState:
 
 
 def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_keep=None, profiler=NO_PROFILE,
-            aligned: bool = True, extras=None):
+            aligned: bool = True, extras=None, blocks=None):
     """Run the pruned prefill; returns the final hidden states at the caller's columns (dropped rows zero)
     and leaves the `Generation` for decode steps on ``cache``. ``extras``: the family's `layer_extras` of
-    this call (None: the family adds nothing between layers)."""
+    this call (None: the family adds nothing between layers). ``blocks``: (B, L) the family's
+    `attention_blocks` of the call's tokens (None: causal); each stage's masks follow the tokens kept."""
     method, sched, adapter = handle.llm, handle.schedule, handle.adapter
     layers = adapter.layers
     prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
@@ -83,14 +84,17 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
         state.generation.stages.append(Stage(first_layer, state.layout.valid, state.stage_dropped.clone(),
                                              state.all_valid))
         state.rope = adapter.rope(state.h, state.layout.positions)
-        return adapter.stage_masks(state.h, state.layout.valid, state.layout.length)
+        kept_blocks = None
+        if blocks is not None:  # each kept token stays in its block; padding slots in none
+            kept_blocks = torch.where(state.layout.valid, blocks.gather(1, state.layout.orig_index), -1)
+        return adapter.stage_masks(state.h, state.layout.valid, state.layout.length, kept_blocks)
 
     masks = open_stage(0)
     for i, layer in enumerate(layers):
         capture = i in accumulate
         state.h_in = state.h
         state.h, moved = adapter.run_layer(layer, state.h, mask=adapter.mask_for(masks, i),
-                                           position_embeddings=state.rope,
+                                           position_embeddings=adapter.rope_for(state.rope, i),
                                            position_ids=adapter.layer_position_ids(state.layout.positions),
                                            cache=cache, use_cache=cache is not None, capture=capture)
         state.h = state.h.to(home)  # a layer on another device (accelerate device maps): back to the bookkeeping's
@@ -106,8 +110,8 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
         if i in prune_at:
             stage = prune_at[i]
             with profiler.span("select_s", stage):
-                keep, new_length = select(method, adapter, state, layer, layers[i + 1], stage,
-                                          [c[stage] for c in keep_counts], aligned=aligned)
+                keep, new_length = select(method, adapter, state, i, stage, [c[stage] for c in keep_counts],
+                                          aligned=aligned)
             state.ttv = gather_tokens(state.ttv, state.drop(keep, close_up=close_up, stage=stage, new_length=new_length))
             masks = open_stage(i + 1)
     h = adapter.final_norm(state.h)

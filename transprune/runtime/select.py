@@ -9,9 +9,9 @@ from .. import scoring
 from ..methods import StageView
 
 
-def select(method, adapter, state, layer, next_layer, stage: int, keep_counts: list[int], aligned: bool = True):
-    """Score the image tokens of every sample at pruning stage ``stage``; returns the (B, L) mask of tokens
-    to keep and, when every row keeps the same number of tokens with no padding, that number (else None).
+def select(method, adapter, state, layer_index: int, stage: int, keep_counts: list[int], aligned: bool = True):
+    """Score the image tokens of every sample at pruning stage ``stage`` (after 0-based layer ``layer_index``);
+    returns the (B, L) mask of tokens to keep and, when every row keeps the same number of tokens with no padding, that number (else None).
 
     Rows that line up (no padding, image tokens in the same columns: the usual benchmark / serving batch of
     same-length prompts, and any single sample) are scored in one batched view; otherwise one view per
@@ -28,7 +28,7 @@ def select(method, adapter, state, layer, next_layer, stage: int, keep_counts: l
             return keep, length
         last_image = int(image_cols[-1])  # a host tensor: no sync
         image_cols = image_cols.to(layout.valid.device)
-        view = _view(adapter, state, layer, next_layer, stage, slice(None), slice(None), image_cols, state.rope,
+        view = _view(adapter, state, layer_index, stage, slice(None), slice(None), image_cols, state.rope,
                      last_image)
         chosen = image_cols[scoring.select_top(_scored(method, view, state, range(batch)), keep_counts[0])]
         keep.scatter_(1, chosen, True)
@@ -43,7 +43,7 @@ def select(method, adapter, state, layer, next_layer, stage: int, keep_counts: l
             state.kept_ranks[b].append(image_at)
             continue
         rope = adapter.rope_rows(state.rope, b, cols)
-        view = _view(adapter, state, layer, next_layer, stage, slice(b, b + 1), cols, image_at, rope,
+        view = _view(adapter, state, layer_index, stage, slice(b, b + 1), cols, image_at, rope,
                      int(image_at[-1]))
         chosen = image_at[scoring.select_top(_scored(method, view, state, [b])[0], k)]
         keep[b, cols[chosen]] = True
@@ -51,15 +51,18 @@ def select(method, adapter, state, layer, next_layer, stage: int, keep_counts: l
     return keep, None
 
 
-def _view(adapter, state, layer, next_layer, stage, rows, cols, image_at, rope, last_image) -> StageView:
+def _view(adapter, state, layer_index, stage, rows, cols, image_at, rope, last_image) -> StageView:
     """The StageView of batch rows ``rows`` restricted to token columns ``cols``."""
     layout = state.layout
     h, h_in = state.h[rows][:, cols], state.h_in[rows][:, cols]
-    weights = {"this": layer, "next": next_layer}
+    index = {"this": layer_index, "next": layer_index + 1}
 
     def attention(which, source, query_idx):
-        q, k, scale = adapter.scoring_qk(weights[which], source, rope[0], rope[1], query_idx)
-        return scoring.instruction_attention(q, k, query_idx.to(q.device), scale).to(source.device)
+        i = index[which]  # the layer whose weights, rotary embedding and window the rows are computed with
+        cos, sin = adapter.rope_for(rope, i)
+        q, k, scale = adapter.scoring_qk(adapter.layers[i], source, cos, sin, query_idx)
+        return scoring.instruction_attention(q, k, query_idx.to(q.device), scale,
+                                             window=adapter.attention_window(i)).to(source.device)
 
     image_rank = layout.image_rank[rows][:, cols][:, image_at]
     positions = layout.positions[..., rows, :][..., cols][..., image_at]  # any layout, token axis last
