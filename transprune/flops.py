@@ -46,6 +46,9 @@ ARCHS: dict[str, ArchSpec] = {
         # InternVL3-8B (OpenGVLab/InternVL3-8B-hf, public config.json as known): the Qwen2.5-7B decoder; N = 256 is one
         # 448 x 448 tile (32 x 32 patches of 14 px, pixel shuffle 0.5); larger images take more tiles + a thumbnail.
         ArchSpec("internvl3-8b", 3584, 18944, 28, 28, 4, 128, 256, model_type="internvl"),
+        # Gemma 3 4B (google/gemma-3-4b-it, public config.json as known): d 2560, m 10240, 34 layers, 8 heads / 4 KV
+        # heads of head_dim 256 (so d != heads x head_dim); N = 256: one 896 x 896 image, 64 x 64 patches pooled 4 x 4.
+        ArchSpec("gemma3-4b", 2560, 10240, 34, 8, 4, 256, 256, model_type="gemma3"),
         ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
         ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl", pixels_per_token=32, nominal_image_size=(512, 512)),

@@ -302,6 +302,53 @@ def tiny_internvl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch
                   attn_implementation, dtype)
 
 
+def tiny_gemma3_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """`tiny_tokenizer` plus Gemma 3's markers: ``<start_of_image>`` (the placeholder a prompt writes, which the
+    processor expands to ``\n\n<start_of_image>`` + 16 ``<image>`` + ``<end_of_image>\n\n``), named as the
+    processor reads them."""
+    base = tiny_tokenizer(padding_side)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", padding_side=padding_side, model_max_length=512,
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image>"})
+
+
+GEMMA3_SLIDING_WINDOW = 24  # shorter than the tiny prompts: sliding layers do not see every token
+
+
+def tiny_gemma3_config(**text_overrides):
+    """Gemma 3-shaped config: a 2-layer SigLIP tower on 64-px images (8 x 8 patches average-pooled 2 x 2: 16 tokens
+    per image, bidirectional among themselves), a Gemma 3 decoder (GQA, q/k norms, four norms per layer,
+    ``query_pre_attn_scalar`` 24 != head_dim 16), sliding and global layers alternating with a window of
+    `GEMMA3_SLIDING_WINDOW` tokens and a RoPE base each."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    tokenizer = tiny_gemma3_tokenizer()
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                sliding_window=GEMMA3_SLIDING_WINDOW, sliding_window_pattern=2, max_position_embeddings=2048,
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
+                initializer_range=INIT_STD)
+    text.update(text_overrides)
+    return Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=16,
+                        boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                        image_token_index=IMAGE_ID, tie_word_embeddings=False)
+
+
+def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                **text_overrides):
+    """Random-init ``Gemma3ForConditionalGeneration`` in eval mode (the image markers' logits are 0 too)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = tiny_gemma3_config(**text_overrides)
+    model = _build(config, Gemma3ForConditionalGeneration, seed, attn_implementation, torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[[config.boi_token_index, config.eoi_token_index]] = 0.0
+    return model.to(dtype)
+
+
 def tiny_model(kind: str = "llava", **kwargs):
     """The tiny model of a supported ``model_type`` (`TINY_MODELS`: one per registered family's model type)."""
     return TINY_MODELS[_check_kind(kind, TINY_MODELS)](**kwargs)
@@ -356,6 +403,17 @@ def tiny_internvl_processor():
                                 chat_template=CHAT_TEMPLATE)
 
 
+def tiny_gemma3_processor():
+    """Gemma 3 processor for the tiny model: every image resized to 64 x 64 (16 tokens between its markers);
+    prompts write ``<start_of_image>`` where an image goes (the chat template does)."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    return Gemma3Processor(Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+                           tiny_gemma3_tokenizer(), chat_template=CHAT_TEMPLATE.replace("<image>", "<start_of_image>"),
+                           image_seq_length=16)
+
+
 def tiny_processor(kind: str = "llava"):
     """Processor matching the tiny configs; it expands each image placeholder in the text to the model's count."""
     if kind in QWEN_KINDS:
@@ -366,6 +424,8 @@ def tiny_processor(kind: str = "llava"):
         return tiny_smolvlm_processor()
     if kind == "internvl":
         return tiny_internvl_processor()
+    if kind == "gemma3":
+        return tiny_gemma3_processor()
     size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     common = dict(tokenizer=tiny_tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
                   image_token="<image>", num_additional_image_tokens=1,  # the CLIP CLS token
@@ -431,22 +491,29 @@ def sample_inputs(processor, n: int = 3, seed: int = 0, kind: str | None = None,
     """
     _check_kind(kind or _kind_of(processor))
     processor.tokenizer.padding_side = "left"
-    return processor(images=_per_sample(processor, sample_images(n, seed, sizes)), text=sample_prompts(n, seed),
-                     padding=True, return_tensors="pt")
+    return processor(images=_per_sample(processor, sample_images(n, seed, sizes)),
+                     text=_placeholders(processor, sample_prompts(n, seed)), padding=True, return_tensors="pt")
 
 
 def sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, kind: str | None = None,
                             sizes: list[tuple[int, int]] | None = None) -> list[BatchFeature]:
     """The same prompts and images as ``sample_inputs``, one unpadded ``BatchFeature`` (batch size 1) each."""
     _check_kind(kind or _kind_of(processor))
-    images, prompts = sample_images(n, seed, sizes), sample_prompts(n, seed)
+    images, prompts = sample_images(n, seed, sizes), _placeholders(processor, sample_prompts(n, seed))
     return [processor(images=_per_sample(processor, [image]), text=[prompt], return_tensors="pt")
             for image, prompt in zip(images, prompts)]
 
 
 def _per_sample(processor, images: list) -> list:
-    """The images as the processor wants them: SmolVLM's takes one list of images per prompt."""
-    return [[image] for image in images] if type(processor).__name__ == "SmolVLMProcessor" else images
+    """The images as the processor wants them: SmolVLM's and Gemma 3's take one list of images per prompt."""
+    nested = type(processor).__name__ in ("SmolVLMProcessor", "Gemma3Processor")
+    return [[image] for image in images] if nested else images
+
+
+def _placeholders(processor, prompts: list[str]) -> list[str]:
+    """The prompts with the processor's own image placeholder (Gemma 3's is ``<start_of_image>``)."""
+    token = getattr(processor, "image_token", "<image>")
+    return [p.replace("<image>", token) for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL
@@ -636,6 +703,7 @@ def qwen_sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, sizes: li
 # (tests/test_testing.py checks that each model type of the adapter registry has one).
 TINY_MODELS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
                "smolvlm": tiny_smolvlm, "idefics3": lambda **kw: tiny_idefics3(**kw), "internvl": tiny_internvl,
+               "gemma3": tiny_gemma3,
                "qwen2_vl": tiny_qwen2_vl,
                "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -4,6 +4,7 @@ bench, testing). A new family is one file: a `ModelAdapter` subclass and a `regi
 from __future__ import annotations
 
 from .base import ModelAdapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .internvl import InternVLAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -33,6 +34,7 @@ register_family(LlavaAdapter)
 register_family(LlavaOnevisionAdapter)
 register_family(SmolVLMAdapter)
 register_family(InternVLAdapter)
+register_family(Gemma3Adapter)
 register_family(Qwen2VLAdapter)
 register_family(Qwen3VLAdapter)
 
