@@ -123,12 +123,15 @@ def test_flops_arch_and_bench_inputs():
     assert [s.n_image_tokens for s in handle.last_stats] == [80, 80]
 
 
-def test_visionzip_refused_by_flops_and_image_sizes_checked():
+def test_visionzip_refused_by_flops_on_a_family_without_hooks_and_image_sizes_checked(monkeypatch):
+    from transprune.adapters.smolvlm import SmolVLMAdapter
     from transprune.bench.serving import table
     from transprune.cli import main
     from transprune.flops import estimate
 
-    with pytest.raises(ValueError, match="the smolvlm adapter does not have"):
+    # every built-in family has vision hooks: give one a reason, as a family without hooks declares it
+    monkeypatch.setattr(SmolVLMAdapter, "vision_hooks_missing", "its tower has none (test)")
+    with pytest.raises(ValueError, match="the smolvlm adapter does not have: its tower has none"):
         estimate(VisionZipConfig(), "smolvlm-256m")
     assert main(["flops", "--arch", "smolvlm-256m", "--method", "visionzip"]) == 2
     assert "| smolvlm-256m | visionzip | not supported on this family |" in table(["smolvlm-256m"], [1])

@@ -31,12 +31,12 @@ def n_visual(model, inputs) -> list[int]:
     return (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
 
 
-def test_family_positions_and_visionzip_refused_with_the_reason(onevision):
+def test_family_positions_and_visionzip_limits(onevision):
     model, processor = onevision
     with transprune.pruned(model, TINY) as handle:
         assert handle.adapter.family == "llava-onevision" and handle.llm.positions == "compact"
-    with pytest.raises(ValueError, match="the llava-onevision adapter does not have: its SigLIP tower has no CLS token"):
-        transprune.apply(model, VisionZipConfig(8, 2))
+    with pytest.raises(ValueError, match="more than the model's 64 patches per tile"):
+        transprune.apply(model, VisionZipConfig(60, 8))
     assert "forward" not in vars(model.model) and "get_image_features" not in vars(model.model)
     from transprune.adapters import adapter_for
 
@@ -263,4 +263,88 @@ def test_video_prompts_and_an_image_video_batch(onevision):
         alone.append(greedy(model, image, n=8)[0])
         tokens = greedy(model, mixed_batch(video, image), n=8)
         assert [s.n_image_tokens for s in handle.last_stats] == [33, 136]
+    assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
+
+
+def _received(eager, pixels):
+    """The attention each patch receives in the feature layer (the last), transformers' eager weights: the mean
+    over heads and over its crop's patches as queries; (crops, 8, 8)."""
+    with torch.no_grad():
+        attentions = eager.model.vision_tower(pixels, output_attentions=True).attentions[-1]
+    return attentions.mean(1).mean(1).view(-1, 8, 8)
+
+
+def _zip_choice(score: torch.Tensor, dominant: int, contextual: int) -> list[int]:
+    """Unit-local kept indices of VisionZip's rule: the top ``dominant`` scores plus ``contextual`` evenly spaced
+    targets among the rest."""
+    top = torch.topk(score, dominant).indices.tolist()
+    rest = [i for i in range(score.numel()) if i not in top]
+    return sorted(top + [rest[j * len(rest) // contextual] for j in range(contextual)])
+
+
+def test_visionzip_ranks_packed_features_by_received_attention(onevision):
+    """A 64x64 image is its base view (64 patches) and a 1x1 grid of 8 rows of 8 patches + a newline each: the
+    base unit ranks patches by the attention they receive (eager reference), the grid unit its patches in
+    row order; newline tokens are dropped; a contextual token is its group's mean after the projector."""
+    model, processor = onevision
+    eager = tiny_llava_onevision(seed=0, attn_implementation="eager")
+    inputs = sample_inputs_unbatched(processor, 1, seed=13, sizes=[(64, 64)])[0]
+    received = _received(eager, inputs["pixel_values"][0])  # (2 crops, 8, 8): base, the tile
+    base = _zip_choice(received[0].flatten(), 6, 2)
+    grid = [64 + (i // 8) * 9 + i % 8 for i in _zip_choice(received[1].flatten(), 6, 2)]  # rows of 9 (newline)
+    with transprune.pruned(model, VisionZipConfig(6, 2)) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.last_stats[0].kept_indices == [base + grid]
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+    dominant = torch.topk(received[0].flatten(), 6).indices.tolist()
+    # the one contextual target of a 1-target base unit absorbs every other non-dominant patch: their mean
+    with transprune.pruned(model, VisionZipConfig(6, 1)) as handle, torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    rest = [i for i in range(64) if i not in dominant]
+    visual = embeds[inputs["input_ids"][0] == model.config.image_token_id]
+    assert torch.allclose(visual[rest[0]], features[rest].mean(0), atol=1e-5)
+
+
+def test_visionzip_scores_follow_anyres_max_downsampling(onevision):
+    """With anyres_max_1 a 128x128 image's 16x16 grid is bilinearly downsampled to 8x8 (+ newlines): each packed
+    feature is ranked by the bilinearly interpolated received attention of the patches it was made of."""
+    model, processor = onevision
+    eager = tiny_llava_onevision(seed=0, attn_implementation="eager")
+    processor = tiny_processor("llava_onevision")
+    processor.vision_aspect_ratio = "anyres_max_1"  # the processor counts the placeholders as the model packs
+    inputs = sample_inputs_unbatched(processor, 1, seed=14, sizes=[(128, 128)])[0]
+    for m in (model, eager):
+        m.config.vision_aspect_ratio = "anyres_max_1"
+    try:
+        received = _received(eager, inputs["pixel_values"][0])  # base + 4 tiles
+        tiles = received[1:].view(2, 2, 8, 8).permute(0, 2, 1, 3).reshape(1, 1, 16, 16)  # the tiles' grid
+        small = F.interpolate(tiles, [8, 8], mode="bilinear")[0, 0].flatten()
+        expected = _zip_choice(received[0].flatten(), 6, 2) + [64 + (i // 8) * 9 + i % 8
+                                                               for i in _zip_choice(small, 6, 2)]
+        n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert n == 64 + 8 * 9
+        with transprune.pruned(model, VisionZipConfig(6, 2)) as handle, torch.no_grad():
+            model(**inputs)
+        assert handle.last_stats[0].kept_indices == [expected]
+    finally:
+        for m in (model, eager):
+            m.config.vision_aspect_ratio = "anyres_max_9"
+
+
+def test_visionzip_video_frames_and_batch_match_one_by_one(onevision):
+    model, processor = onevision
+    video = video_inputs(model, processor, seed=15)
+    eager = tiny_llava_onevision(seed=0, attn_implementation="eager")
+    received = _received(eager, video["pixel_values_videos"][0])  # (2 frames, 8, 8), each pooled 2x2 to 4x4
+    pooled = F.interpolate(received[:, None], [4, 4], mode="bilinear")[:, 0].flatten(1)
+    expected = [f * 16 + i for f in range(2) for i in _zip_choice(pooled[f], 4, 2)]
+    with transprune.pruned(model, [VisionZipConfig(4, 2), TINY]) as handle:
+        alone = [greedy(model, video, n=8)[0]]
+        assert handle.last_stats[0].kept_indices[0] == expected  # the video's closing newline is dropped
+        image = sample_inputs_unbatched(processor, 1, seed=16, sizes=[(128, 64)])[0]
+        alone.append(greedy(model, image, n=8)[0])
+        kept = handle.last_stats[0].kept_indices
+        tokens = greedy(model, mixed_batch(video, image), n=8)
+        assert handle.last_stats[1].kept_indices == kept
     assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])

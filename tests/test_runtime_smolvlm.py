@@ -18,7 +18,7 @@ def smol(request):
     return tiny_model(request.param, seed=0), tiny_processor("smolvlm")
 
 
-def test_family_counts_and_visionzip_refused_with_the_reason(smol):
+def test_family_counts_and_visionzip_limits(smol):
     model, processor = smol
     from transprune.adapters import adapter_for
 
@@ -27,9 +27,9 @@ def test_family_counts_and_visionzip_refused_with_the_reason(smol):
     inputs = sample_inputs(processor, 3, seed=0, sizes=SIZES)
     assert n_visual(model, inputs) == [80, 48, 48] == [adapter.image_tokens_for((128, 128)), adapter.image_tokens_for((64, 128)),
                                                        adapter.image_tokens_for((128, 64))]
-    with pytest.raises(ValueError, match="the smolvlm adapter does not have: its vision tower has no CLS token"):
-        transprune.apply(model, VisionZipConfig(8, 2))
-    assert "forward" not in vars(model.model)
+    with pytest.raises(ValueError, match="more than the model's 16 patches per tile"):
+        transprune.apply(model, VisionZipConfig(14, 4))
+    assert "forward" not in vars(model.model) and "get_image_features" not in vars(model.model)
 
 
 def test_keep_all_equals_unpruned(smol):
@@ -105,3 +105,45 @@ def test_sdpa_eager_no_image_half_precision_and_save_load(tmp_path):
     assert all(torch.equal(again[k], inputs[k]) for k in inputs)
     with transprune.pruned(loaded, TINY):
         assert torch.equal(greedy(loaded, again, n=8), runs[0][0])
+
+
+def test_visionzip_per_crop_matches_the_eager_received_attention_reference(smol):
+    """Dominant tokens: the most-received attention of the tower's last layer (transformers' eager weights, mean
+    over heads and the crop's queries), each visual token scored by the mean over its 2 x 2 shuffled patches (the
+    model's pixel shuffle, run on patch ids); one contextual token = the mean of the crop's other tokens after
+    the connector."""
+    model, processor = smol
+    inputs = sample_inputs_unbatched(processor, 3, seed=11, sizes=SIZES)[1]  # 3 crops
+    eager = tiny_model(model.config.model_type, seed=0, attn_implementation="eager")
+    crops = inputs["pixel_values"][0]
+    with torch.no_grad():
+        attentions = eager.model.vision_model(pixel_values=crops, output_attentions=True).attentions[-1]
+        features = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].view(len(crops), 16, -1)
+    received = attentions.mean(1).mean(1)  # (crops, 64 patches): heads, then queries
+    ids = torch.arange(64.0).view(1, 64, 1)
+    members = model.model.connector.pixel_shuffle(ids, 2)[0].long()  # each token's 4 patches
+    score = received[:, members].mean(-1)  # (crops, 16)
+    expected, merged = [], []
+    for c in range(len(crops)):
+        top = sorted(torch.topk(score[c], 6).indices.tolist())
+        rest = [i for i in range(16) if i not in top]
+        expected += [c * 16 + i for i in sorted(top + [rest[0]])]
+        merged.append((c, rest[0], features[c, rest].mean(0)))
+    with transprune.pruned(model, VisionZipConfig(dominant=6, contextual=1)) as handle, torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    assert handle.last_stats[0].kept_indices == [expected]
+    visual = embeds[inputs["input_ids"][0] == model.config.image_token_id].view(len(crops), 16, -1)
+    for c, target, mean in merged:
+        assert torch.allclose(visual[c, target], mean, atol=1e-5)
+
+
+def test_visionzip_batch_with_padding_crops_matches_one_by_one(smol):
+    model, processor = smol
+    batch = sample_inputs(processor, 3, seed=12, sizes=SIZES)  # 5, 3, 3 crops: the batch pads two samples' crops
+    with transprune.pruned(model, [VisionZipConfig(6, 2), TINY]) as handle:
+        tokens = greedy(model, batch, n=8)
+        stats = [s.kept_indices for s in handle.last_stats]
+        assert [len(s[0]) for s in stats] == [40, 24, 24]  # 8 per crop
+        for b, inputs in enumerate(sample_inputs_unbatched(processor, 3, seed=12, sizes=SIZES)):
+            assert torch.equal(greedy(model, inputs, n=8)[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == stats[b]

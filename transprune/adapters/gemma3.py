@@ -35,7 +35,7 @@ from ..accounting import ArchSpec
 from ..devices import execution_device, to_device
 from . import llama
 from .base import ModelAdapter
-from .llava import feature_layer
+from .vision import feature_layer, received_attention
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -169,13 +169,7 @@ class Gemma3VisionHooks:
     def capture(attn, args, kwargs):
         """(received attention (images, patches), keys (images, patches, d)) of one SigLIP attention call."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        images, patches = hidden.shape[:2]
-        q = attn.q_proj(hidden).view(images, patches, attn.num_heads, attn.head_dim).transpose(1, 2).float()
-        k = attn.k_proj(hidden).view(images, patches, attn.num_heads, attn.head_dim).transpose(1, 2)
-        received = torch.zeros(images, patches, dtype=torch.float32, device=hidden.device)
-        for head in range(attn.num_heads):  # one (images, P, P) map at a time
-            received += torch.softmax(q[:, head] @ k[:, head].float().transpose(-1, -2) * attn.scale, dim=-1).mean(1)
-        return received / attn.num_heads, k.transpose(1, 2).reshape(images, patches, -1)
+        return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
 
     @staticmethod
     def geometry(modality, args, kwargs):

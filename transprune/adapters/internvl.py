@@ -22,7 +22,7 @@ from transformers import InternVLForConditionalGeneration
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .llava import cls_row_attention, feature_layer
+from .vision import cls_row_attention, feature_layer
 
 
 class InternVLAdapter(ModelAdapter):

@@ -13,6 +13,7 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
+from .vision import cls_row_attention, feature_layer
 
 
 class LlavaAdapter(ModelAdapter):
@@ -75,25 +76,6 @@ class LlavaAdapter(ModelAdapter):
             per_crop += 1  # CLS token kept
         crops = 1 if cfg.model_type == "llava" else 5
         return ArchSpec.of_decoder(text, name, crops * per_crop, crops=crops, model_type=cfg.model_type)
-
-
-def feature_layer(layers, feature: int):
-    """The encoder layer whose output is ``hidden_states[feature]`` (index 0 = the embeddings), as the towers'
-    ``vision_feature_layer`` counts."""
-    index = feature if feature >= 0 else len(layers) + 1 + feature
-    if not 1 <= index <= len(layers):
-        raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
-    return layers[index - 1]
-
-
-def cls_row_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float):
-    """CLS-row attention (mean over heads) and keys of one attention layer, from its q and k: ``queries`` and
-    ``keys`` project (B, T, d) inputs to (B, T, heads * head_dim), norms included."""
-    b, t, _ = hidden.shape
-    q = queries(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).float()
-    k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
-    cls = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)[:, :, 0]  # (B, H, T)
-    return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
 
 
 class ClipVisionHooks:

@@ -12,9 +12,11 @@ What differs:
 * **anyres-max packing.** A base crop plus a grid of tiles, unpadded to the image's aspect ratio, bilinearly
   downsampled when it holds more than ``anyres_max_N`` crops' worth, with a newline token per row; the
   adapter counts tokens by running the model's own `pack_image_features`.
-* **No VisionZip yet.** The SigLIP tower has no CLS token, so VisionZip would need the CLS-free rule (the
-  attention each patch receives, as on Qwen), and the packing's bilinear downsampling mixes patches, so a
-  kept feature no longer maps to one patch. Both are refused with that reason until written.
+* **VisionZip without a CLS token** (`OnevisionVisionHooks`): a patch's dominance is the attention it receives
+  in the feature layer, as on Qwen. The packing can downsample a grid bilinearly (and videos pool each frame
+  2 x 2), so a packed feature is not always one patch: the scores and keys are packed by the model's own code
+  (`pack_image_features`, `apply_pooling`) like features, and each packed feature is ranked by its
+  interpolated score.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .llava import LlavaAdapter
+from .vision import feature_layer, received_attention
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
@@ -32,9 +35,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     model_classes = (LlavaOnevisionForConditionalGeneration,)
     model_types = ("llava_onevision",)
     processor_classes = {"llava_onevision": "LlavaOnevisionProcessor"}
-    vision_hooks_missing = ("its SigLIP tower has no CLS token (VisionZip would need the CLS-free rule: the "
-                            "attention each patch receives) and its anyres-max packing downsamples features "
-                            "bilinearly, so a kept feature is not one patch; not written yet")
 
     # -- visual tokens: image and video placeholders -------------------------------------------------
     def placeholder_ids(self) -> dict[str, int]:
@@ -44,8 +44,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def token_coords(self, ranks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return ModelAdapter.token_coords(self, ranks, positions)  # packed order (base crop, then the grid)
 
-    def vision_hooks(self):
-        return None
+    def vision_hooks(self) -> "OnevisionVisionHooks":
+        return OnevisionVisionHooks(self)
 
     # -- bench inputs and facts for tools -------------------------------------------------------------
     @property
@@ -76,3 +76,115 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         vision, text = cfg.vision_config, cfg.text_config
         side = vision.image_size // vision.patch_size
         return ArchSpec.of_decoder(text, name, side * side + side * (side + 1), crops=2, model_type=cfg.model_type)
+
+
+class OnevisionVisionHooks:
+    """What VisionZip reads from LLaVA-OneVision's SigLIP tower (no CLS token), its projector and its packing.
+
+    A patch's dominance is the attention it receives in the feature layer (the mean over its crop's patches as
+    queries and over heads, from that layer's q and k). Scores and keys travel through the model's own packing
+    as extra feature channels (unpadding, anyres-max bilinear downsampling, each video frame's 2 x 2 pooling;
+    newline rows marked apart), so each packed feature gets the interpolated score and key of the patches it was
+    made of. Units: per image its base view and its packed grid (newline tokens are dropped, as VisionZip does
+    on LLaVA-NeXT), per video each frame. A contextual token is its group's mean after the projector.
+    """
+
+    encoders = {"image": "get_image_features", "video": "get_video_features"}
+
+    def __init__(self, adapter: LlavaOnevisionAdapter):
+        self.adapter = adapter
+        self.mm = adapter.multimodal_model
+        self.config = adapter.model.config
+
+    def check(self) -> None:
+        if not isinstance(self.config.vision_feature_layer, int):
+            raise ValueError("VisionZipConfig on LLaVA-OneVision needs a single int vision_feature_layer, got "
+                             f"{self.config.vision_feature_layer!r}")
+        self.attention_layer()
+
+    def _side(self) -> int:
+        vision = self.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def patches_per_tile(self) -> int:
+        return self._side() ** 2
+
+    def attention_layer(self):
+        tower = self.mm.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        return feature_layer(tower.encoder.layers, self.config.vision_feature_layer).self_attn
+
+    @staticmethod
+    def capture(attn, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
+
+    def geometry(self, modality, args, kwargs):
+        if modality == "video":
+            videos = kwargs.get("pixel_values_videos", args[0] if args else None)
+            return {"videos": videos.shape[0], "frames": videos.shape[1]}
+        return {"image_sizes": kwargs.get("image_sizes", args[1] if len(args) > 1 else None),
+                "batch_num_images": kwargs.get("batch_num_images"),
+                "vision_aspect_ratio": kwargs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio}
+
+    def _crops(self, geometry) -> list[int]:
+        """Crops per image (as `get_image_features` splits them: images of multi-image samples are not tiled) or
+        frames per video."""
+        if "videos" in geometry:
+            return [geometry["frames"]] * geometry["videos"]
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        sizes, counts = geometry["image_sizes"], geometry["batch_num_images"]
+        patching = [True] * len(sizes) if counts is None else [n == 1 for n in counts for _ in range(n)]
+        side = self.config.vision_config.image_size
+        return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, side) if patch else 1
+                for size, patch in zip(sizes, patching)]
+
+    def _packed(self, per_crop: torch.Tensor, geometry) -> list[torch.Tensor]:
+        """(crops, patches, c) channels packed as the model packs features: per image (or video) its rows, (n, 1 + c),
+        a marker channel first (1 on feature rows, 0 on newline rows)."""
+        marker = torch.ones(*per_crop.shape[:-1], 1, dtype=per_crop.dtype, device=per_crop.device)
+        rows = torch.cat([marker, per_crop], -1)
+        newline = torch.zeros(rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        if "videos" in geometry:
+            pooled = self.mm.apply_pooling(rows).reshape(geometry["videos"], -1, rows.shape[-1])
+            return [torch.cat([video, newline[None]]) for video in pooled]
+        packed, _ = self.mm.pack_image_features(list(torch.split(rows, self._crops(geometry))), geometry["image_sizes"],
+                                                image_newline=newline, vision_aspect_ratio=geometry["vision_aspect_ratio"])
+        return packed
+
+    def _unit_rows(self, packed: list[torch.Tensor], geometry) -> list[list[torch.Tensor]]:
+        """Per image (video), the row indices of each of its units: base view then grid (frames), newlines left out."""
+        units = []
+        for rows in packed:
+            feature = (rows[:, 0] > 0.5).nonzero().squeeze(1)
+            if "videos" in geometry:
+                units.append(list(feature.chunk(geometry["frames"])))
+            else:
+                base = self.patches_per_tile()
+                units.append([feature[:base]] + ([feature[base:]] if feature.numel() > base else []))
+        return units
+
+    def units(self, image_outputs, captured, geometry):
+        received, keys = captured
+        packed = self._packed(torch.cat([received[..., None], keys], -1).float(), geometry)
+        return [(rows[idx, 1], torch.nn.functional.normalize(rows[idx, 2:], dim=-1))
+                for rows, unit_rows in zip(packed, self._unit_rows(packed, geometry)) for idx in unit_rows]
+
+    def merge(self, image_outputs, plans, geometry) -> torch.Tensor:
+        features = image_outputs.pooler_output  # per image (rows, d), or (videos, rows, d)
+        device = features[0].device
+        markers = self._packed(torch.zeros(sum(self._crops(geometry)), self.patches_per_tile(), 0, device=device),
+                               geometry)
+        written, keeps, pending = [], [], iter(plans)
+        for feats, unit_rows in zip(features, self._unit_rows(markers, geometry)):
+            feats, keep = feats.clone(), torch.zeros(feats.shape[0], dtype=torch.bool, device=device)
+            for idx in unit_rows:
+                plan = next(pending)
+                keep[idx] = plan.keep
+                if plan.targets.numel():
+                    feats[idx[plan.targets]] = plan.mean_into_targets(feats[idx]).to(feats.dtype)
+            written.append(feats)
+            keeps.append(keep)
+        image_outputs.pooler_output = torch.stack(written) if "videos" in geometry else written
+        return torch.cat(keeps)

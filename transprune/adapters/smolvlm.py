@@ -8,8 +8,8 @@ turns each crop into ``(image_size / patch_size)**2 / scale_factor**2`` tokens (
 512 x 512 image, which the processor upscales to 2048 px, is 16 + 1 crops: 1088 tokens. The crop and row
 markers between them are text tokens and are never pruned.
 
-No VisionZip yet: the tower has no CLS token (VisionZip would need the CLS-free rule, the attention each patch
-receives), and the pixel shuffle folds 4 x 4 patches (SmolVLM-256M) into one visual token.
+VisionZip (`SmolVLMVisionHooks`): the tower has no CLS token, so a visual token is ranked by the attention its
+patches receive (the pixel shuffle folds 4 x 4 patches into one token on SmolVLM-256M), per crop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditional
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
+from .vision import feature_layer, received_attention
 
 NOMINAL_SCALE = 4  # the bench's default image: 4 x 4 crops (the 512 px of SmolVLM-256M upscaled to 2048) + global
 
@@ -31,9 +32,9 @@ class SmolVLMAdapter(ModelAdapter):
     model_types = ("smolvlm", "idefics3")
     processor_classes = {"smolvlm": "SmolVLMProcessor"}
     images_per_prompt = True
-    vision_hooks_missing = ("its vision tower has no CLS token (VisionZip would need the CLS-free rule: the attention "
-                            "each patch receives) and its pixel shuffle folds several patches into one visual token; "
-                            "not written yet")
+
+    def vision_hooks(self) -> "SmolVLMVisionHooks":
+        return SmolVLMVisionHooks(self)
 
     # -- bench inputs and facts for tools -------------------------------------------------------------
     @staticmethod
@@ -72,3 +73,58 @@ class SmolVLMAdapter(ModelAdapter):
         crops = NOMINAL_SCALE ** 2 + 1
         return ArchSpec.of_decoder(cfg.text_config, name, crops * cls._per_crop(cfg), crops=crops,
                                    model_type=cfg.model_type)
+
+
+class SmolVLMVisionHooks:
+    """What VisionZip reads from a SmolVLM / Idefics3 tower (SigLIP-style, no CLS token) and its connector.
+
+    A patch's dominance is the attention it receives in the tower's last layer (whose output the connector
+    shuffles): the mean over its crop's patches as queries and over heads, from that layer's q and k (padded
+    patches, hidden by the tower's mask, neither pay nor receive). A visual token is ``scale_factor**2``
+    patches folded by the connector's pixel shuffle (the model's own, run on patch ids, says which), so its
+    score and key are the means over them. Units are crops (padding crops never reach the tower); a contextual
+    token is its group's mean after the connector's projection (in the LLM's embedding space).
+    """
+
+    encoders = {"image": "get_image_features"}
+
+    def __init__(self, adapter: SmolVLMAdapter):
+        self.adapter = adapter
+        self.mm = adapter.multimodal_model
+
+    def check(self) -> None:
+        self.attention_layer()
+
+    def patches_per_tile(self) -> int:
+        return SmolVLMAdapter._per_crop(self.adapter.model.config)  # visual tokens per crop
+
+    def attention_layer(self):
+        return feature_layer(self.mm.vision_model.encoder.layers, -1).self_attn
+
+    @staticmethod
+    def capture(attn, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale, mask)
+
+    @staticmethod
+    def geometry(modality, args, kwargs):
+        return None
+
+    def units(self, image_outputs, captured, geometry):
+        received, keys = captured  # (crops, patches), (crops, patches, d)
+        ids = torch.arange(received.shape[1], dtype=torch.float32, device=received.device)[None, :, None]
+        members = self.mm.connector.pixel_shuffle(ids, self.mm.connector.scale_factor)[0].long()  # (tokens, s*s)
+        score = received[:, members].mean(-1)
+        key = torch.nn.functional.normalize(keys[:, members].mean(-2), dim=-1)
+        return list(zip(score, key))
+
+    def merge(self, image_outputs, plans, geometry) -> torch.Tensor:
+        per_sample = [len(x) for x in image_outputs.pooler_output]
+        features = torch.cat(image_outputs.pooler_output).view(len(plans), -1, image_outputs.pooler_output[0].shape[-1])
+        features = features.clone()
+        for crop, plan in enumerate(plans):
+            if plan.targets.numel():
+                features[crop, plan.targets] = plan.mean_into_targets(features[crop]).to(features.dtype)
+        image_outputs.pooler_output = list(features.flatten(0, 1).split(per_sample))
+        return torch.cat([plan.keep for plan in plans])

@@ -1,0 +1,49 @@
+"""What VisionZip's hooks read in vision towers, shared by the families: the feature layer, and the two dominance
+rules computed from an attention layer's q and k (so the tower keeps its attention backend): the attention the
+CLS row pays (CLIP, InternViT), and the attention each token receives (CLS-free towers: SigLIP)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def feature_layer(layers, feature: int):
+    """The encoder layer whose output is ``hidden_states[feature]`` (index 0 = the embeddings), as the towers'
+    ``vision_feature_layer`` counts."""
+    index = feature if feature >= 0 else len(layers) + 1 + feature
+    if not 1 <= index <= len(layers):
+        raise ValueError(f"vision_feature_layer={feature} selects no encoder layer")
+    return layers[index - 1]
+
+
+def cls_row_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float):
+    """CLS-row attention (mean over heads) and keys of one attention layer, from its q and k: ``queries`` and
+    ``keys`` project (B, T, d) inputs to (B, T, heads * head_dim), norms included."""
+    b, t, _ = hidden.shape
+    q = queries(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).float()
+    k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
+    cls = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)[:, :, 0]  # (B, H, T)
+    return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
+
+
+def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float, mask=None):
+    """The attention each row receives, (B, T): the mean over the rows of its own sample (and over heads) of their
+    attention to it; and the keys (B, T, heads * head_dim). ``queries`` / ``keys`` project (B, T, d) inputs;
+    ``mask``: the layer's attention mask, additive (B, 1, T, T) floats or bool (True = may attend), or None. One
+    (B, T, T) map per head at a time, so big towers stay within memory."""
+    b, t, _ = hidden.shape
+    q = queries(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
+    k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
+    allowed = None
+    if mask is not None:
+        allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    # the real patches: those some row may attend to (a padding mask hides padded patches as keys)
+    real = allowed.any(-2) if allowed is not None else torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+    received = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
+    for head in range(heads):
+        logits = q[:, head] @ k[:, head].transpose(-1, -2) * scale
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(logits, dim=-1)) * real[..., None]  # padded rows pay nothing
+        received += weights.sum(1)
+    return received / (heads * real.sum(1, keepdim=True).clamp_min(1)), k.transpose(1, 2).reshape(b, t, -1)
