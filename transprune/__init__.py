@@ -5,14 +5,16 @@
 
 Peers share the API: FastVConfig, PDropConfig, VisionZipConfig, RandomConfig, UniformConfig, and
 compositions such as `[VisionZipConfig(...), TransPruneConfig(...)]` or `transprune.preset(name)`.
+At equal cost: `transprune.budget(config, model, tflops=0.41)` scales any of them to 41% of the unpruned TFLOPs.
 """
 
+from .budget import budget, plan_budget
 from .config import TransPruneConfig
 from .methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig, preset
 from .runtime import PruneHandle, SampleStats, apply, handle_of, pruned, remove
 
 __all__ = [
     "TransPruneConfig", "FastVConfig", "PDropConfig", "VisionZipConfig", "RandomConfig", "UniformConfig",
-    "PruneHandle", "SampleStats", "apply", "pruned", "handle_of", "remove", "preset",
+    "PruneHandle", "SampleStats", "apply", "pruned", "handle_of", "remove", "preset", "budget", "plan_budget",
 ]
 __version__ = "0.1.0"

@@ -33,3 +33,14 @@ def image_size(value: str) -> tuple[int, int]:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 672x672, got {value!r}")
+
+
+def budget_fraction(value: str) -> float:
+    """An argparse type: a budget, paper-convention TFLOPs relative to unpruned, in (0, 1]."""
+    try:
+        x = float(value)
+        if 0 < x <= 1:
+            return x
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a fraction of the unpruned TFLOPs in (0, 1], e.g. 0.41, got {value!r}")

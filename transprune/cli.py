@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from .adapters import supported_model_types
-from .argtypes import count, image_size, positive
+from .argtypes import budget_fraction, count, image_size, positive
 from .bench import register as register_bench
 from .config import PRESETS
+from .budget import budget, plan_budget
 from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
 from .methods import COMPOSITIONS, build, spelling
@@ -37,6 +38,13 @@ def _add_method_args(p, default_preset=None):
                    help="TransPrune's high/low/off (default high), or a named composition")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="params",
                    help="a method parameter, e.g. --set k=3 --set r=0.75, --set layers=8,16,24 (repeatable)")
+    add_budget_arg(p)
+
+
+def add_budget_arg(p):
+    p.add_argument("--budget", type=budget_fraction, default=None, metavar="FRACTION",
+                   help="scale the method's keep ratios (layers unchanged) to this share of the unpruned paper-convention "
+                        "TFLOPs, e.g. 0.41, for the model's visual-token count (transprune.budget)")
 
 
 def _add_mini_args(p):
@@ -79,6 +87,10 @@ def cmd_flops(args) -> int:
     try:
         if args.image_size is not None:
             args.arch = with_image_size(args.arch, args.image_size)
+        planned = None
+        if args.budget is not None:
+            planned = plan_budget(config, args.arch, args.budget, text_tokens=args.text_tokens)
+            config = planned.config
         report = estimate(config, args.arch, text_tokens=args.text_tokens)
         config = resolved_for_arch(config, args.arch)  # as described: positions as the family runs them
     except (ValueError, TypeError, OSError) as exc:  # a schedule that does not fit the arch, an unreadable config
@@ -86,7 +98,8 @@ def cmd_flops(args) -> int:
         return 2
     if args.json:
         d = report.to_dict()
-        print(json.dumps({"tflops": d.pop("tflops"), "tflops_full": d.pop("tflops_full"), **d}))
+        extra = {"budget": planned.to_dict()} if planned is not None else {}
+        print(json.dumps({"tflops": d.pop("tflops"), "tflops_full": d.pop("tflops_full"), **d, **extra}))
         return 0
     a, r = args.arch, report
     schedule = "no in-LLM pruning" if not r.pruning_layers else (
@@ -99,6 +112,8 @@ def cmd_flops(args) -> int:
                  + (f" for a {a.nominal_image_size[0]}x{a.nominal_image_size[1]} image" if a.nominal_image_size else "")
                  + ")"),
         ("method", _describe(config)),
+        *([("budget", f"{planned.target:g} of the unpruned TFLOPs asked, {planned.achieved:.4f} achieved "
+                      f"(keep knob x{planned.factor:.4g})")] if planned is not None else []),
         ("schedule", schedule),
         ("visual tokens/layer", compress_runs(r.visual_tokens_per_layer)),
         ("TFLOPs, paper convention", f"{r.tflops:.3f} ({100 * r.ratio:.1f}% of {r.tflops_unpruned:.3f} unpruned)"),
@@ -120,16 +135,23 @@ def cmd_run(args) -> int:
 
     from .runtime import apply
 
+    from .adapters import adapter_for
+
     try:
         config = _method(args)
         model, processor = load_checkpoint(args.model, args.dtype)
         image = Image.open(args.image).convert("RGB")
+        adapter = adapter_for(model)
+        inputs = processor(images=[image] if adapter.images_per_prompt else image,
+                           text=build_prompt(processor, args.prompt), return_tensors="pt")
+        inputs = {k: (v.to(model.dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
+        if args.budget is not None:  # for this image's real visual-token count
+            n_visual = int(adapter.image_token_mask(inputs["input_ids"], None).sum())
+            config = budget(config, model, args.budget, image_tokens=n_visual)
         handle = apply(model, config)  # validates the config against this model before anything runs
     except (ValueError, TypeError, OSError) as exc:
         print(f"transprune run: error: {exc}", file=sys.stderr)
         return 2
-    inputs = processor(images=image, text=build_prompt(processor, args.prompt), return_tensors="pt")
-    inputs = {k: (v.to(model.dtype) if k == "pixel_values" else v) for k, v in inputs.items()}
     with handle, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -137,7 +159,8 @@ def cmd_run(args) -> int:
     if args.json:
         method = [c.to_dict() for c in config] if isinstance(config, list) else config.to_dict()
         print(json.dumps({"answer": answer, "preset": args.preset or _default_preset(args.method),
-                          "method": method, **stats.to_dict()}))
+                          "method": method, **stats.to_dict(), "tflops_ratio": stats.tflops_ratio,
+                          "budget": args.budget}))
         return 0
     rows = [
         ("answer", answer),
@@ -145,8 +168,9 @@ def cmd_run(args) -> int:
         ("visual tokens/layer", compress_runs(stats.visual_tokens_per_layer)),
         ("method", _describe(config)),
         ("pruned after layers", ", ".join(map(str, stats.kept_after_layer)) or "none"),
-        ("TFLOPs, paper convention", f"{stats.tflops:.4g} ({100 * stats.tflops / stats.tflops_unpruned:.1f}% of "
-                                     f"{stats.tflops_unpruned:.4g} unpruned)"),
+        ("TFLOPs, paper convention", f"{stats.tflops:.4g} ({100 * stats.tflops_ratio:.1f}% of "
+                                     f"{stats.tflops_unpruned:.4g} unpruned"
+                                     + (f"; budget {100 * args.budget:g}%" if args.budget is not None else "") + ")"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -206,11 +230,16 @@ def cmd_eval(args) -> int:
         print(f"transprune eval: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    results = evaluate(model, processor, names, n=args.n, batch_size=args.batch_size, progress=not args.json)
+    try:
+        results = evaluate(model, processor, names, n=args.n, batch_size=args.batch_size, progress=not args.json,
+                           budget=args.budget)
+    except ValueError as exc:  # a budget below what some method can reach
+        print(f"transprune eval: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         from .mini.train import machine
 
-        print(json.dumps({"suite": "mini", "n": args.n, "model": str(args.model or "shipped"),
+        print(json.dumps({"suite": "mini", "n": args.n, "budget": args.budget, "model": str(args.model or "shipped"),
                           "machine": machine(), "threads": args.threads, "torch": torch.__version__,
                           "results": [r.to_dict() for r in results]}))
     else:
@@ -318,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, metavar="A,B,...", help="comma-separated suite methods (default: all)")
     p.add_argument("--n", type=count, default=500, help="questions (default 500)")
     p.add_argument("--batch-size", type=count, default=50)
+    add_budget_arg(p)
     _add_mini_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_eval)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import supported_model_types
-from ..argtypes import count, image_size, positive
+from ..argtypes import budget_fraction, count, image_size, positive
 from ..methods import COMPOSITIONS, METHODS, build, spelling
 from .archs import CONFIGS, arch_config, arch_spec, build_random_model, fill_random
 from .inputs import BenchInputs, checkpoint_inputs, inputs_sha256, synthetic_inputs
@@ -108,7 +108,7 @@ def cmd_bench(args) -> int:
                            attn_implementation=args.attn, random_weights=args.random_weights,
                            repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
                            text_tokens=args.text_tokens, image_size=args.image_size, seed=args.seed,
-                           progress=True)
+                           progress=True, budget=args.budget)
     except (ValueError, OSError) as exc:
         print(f"transprune bench: error: {exc}", file=sys.stderr)
         return 2
@@ -146,6 +146,9 @@ def register(subparsers) -> None:
     p.add_argument("--image-size", type=image_size, default=None, metavar="HxW",
                    help="synthetic image size (default: the vision tower's; 2x that for LLaVA-NeXT)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=budget_fraction, default=None, metavar="FRACTION",
+                   help="scale every method to this share of the unpruned paper-convention TFLOPs (e.g. 0.41) for the "
+                        "inputs' visual-token count, so they are compared at equal cost (transprune.budget)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_with_default_dtype)
 

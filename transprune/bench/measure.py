@@ -391,8 +391,10 @@ def _folder(arch: str) -> str:
 def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, dtype: str = "fp32",
               device: str | None = None, attn_implementation: str = "sdpa", random_weights: bool = False,
               repeats: int = 5, warmup: int = 2, new_tokens: int = 64, text_tokens: int = 64,
-              image_size=None, seed: int = 0, progress: bool = False) -> dict:
-    """Build (or load) the model and inputs once, measure every method, return the JSON-able report.
+              image_size=None, seed: int = 0, progress: bool = False, budget: float | None = None) -> dict:
+    """Build (or load) the model and inputs once, measure every method, return the JSON-able report. With
+    ``budget``, every method is first scaled to that share of the unpruned paper-convention TFLOPs for the
+    inputs' visual-token count (`transprune.budget`).
 
     ``arch``: a name in `CONFIGS`, or a checkpoint folder (or its config.json): its weights, or with
     ``random_weights`` a random-weight model of its config."""
@@ -418,12 +420,18 @@ def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, d
         build_s = time.perf_counter() - t0
         inputs = checkpoint_inputs(processor, model, batch, text_tokens, image_size, seed)
         weights = f"checkpoint {arch}"
+    if budget is not None:
+        from ..budget import budget as scale
+
+        methods = [(name, None if config is None else scale(config, model, budget, image_tokens=inputs.image_tokens[0]))
+                   for name, config in methods]
     results = measure_methods(model, inputs, methods, repeats=repeats, warmup=warmup, new_tokens=new_tokens,
                               progress=progress)
     add_ratios(results)
     text = model.config.get_text_config()
     return {
         "arch": arch,
+        "budget": budget,
         "random_weights": random_weights,
         "weights": weights,
         "model_build_s": build_s,

@@ -28,6 +28,8 @@ def format_report(report: dict) -> str:
         f"{report['new_tokens']} new tokens; {report['repeats']} timed repeats after {report['warmup']} warm-up; "
         f"inputs sha256 {report['inputs_sha256'][:12]}",
         f"timer: {report['timer']}; memory: {report['memory_measure']}",
+        *([f"budget: every method scaled to {report['budget']:g} of the unpruned paper-convention TFLOPs"]
+          if report.get("budget") is not None else []),
         "times: median [min-max] ms; ratios: method / none of the medians [min-max of the per-round ratios] "
         "(decode: tokens/s ratio, > 1 is faster); methods interleaved, the order rotating every round",
     ]

@@ -127,6 +127,13 @@ class InLLMMethod:
         after the image (FLOPs tool); None: the score costs nothing."""
         return None
 
+    def scaled(self, factor: float):
+        """This method with every keep ratio times ``factor`` (at most 1), its layers unchanged: the knob
+        `transprune.budget` turns. A method whose ratios derive from other fields overrides it."""
+        import dataclasses
+
+        return dataclasses.replace(self, keep_ratios=tuple(min(1.0, r * factor) for r in self.keep_ratios))
+
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 

@@ -39,6 +39,12 @@ class FastVConfig(InLLMMethod):
     def scoring_query_rows(self, query_tokens: int) -> int:
         return 1
 
+    def scaled(self, factor: float) -> "FastVConfig":
+        """The kept share ``1 - r`` times ``factor``."""
+        import dataclasses
+
+        return dataclasses.replace(self, r=max(0.0, 1.0 - min(1.0, (1.0 - self.r) * factor)))
+
     def rank(self, view: StageView):
         last = torch.tensor([view.length - 1], device=view.h.device)
         return view.attention("this", view.h_in, last)[:, view.image_at], {}

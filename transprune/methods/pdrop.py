@@ -40,6 +40,13 @@ class PDropConfig(InLLMMethod):
     def scoring_query_rows(self, query_tokens: int) -> int:
         return 1
 
+    def scaled(self, factor: float) -> "PDropConfig":
+        """The per-stage ratio times ``factor``: PDrop's keep ratios stay geometric (ratio, ratio^2, ...), as it
+        defines them, so the first stage's ratio scales by ``factor`` and the later ones by its powers."""
+        import dataclasses
+
+        return dataclasses.replace(self, ratio=min(1.0, self.ratio * factor))
+
     def rank(self, view: StageView):
         last = torch.tensor([view.length - 1], device=view.h.device)
         return view.attention("next", view.h, last)[:, view.image_at], {}

@@ -48,6 +48,13 @@ class VisionZipConfig:
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 
+    def scaled(self, factor: float) -> "VisionZipConfig":
+        """Dominant and contextual tokens per image times ``factor`` (rounded; at least one token kept)."""
+        dominant, contextual = round(self.dominant * factor), round(self.contextual * factor)
+        if dominant + contextual == 0:
+            dominant = 1
+        return VisionZipConfig(dominant, contextual)
+
     def llm_tokens(self, arch) -> int:
         """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`): ``tokens`` per vision crop (FLOPs tool)."""
         return min(self.tokens * arch.crops, arch.image_tokens)

@@ -125,10 +125,27 @@ def _batches(processor, samples, batch_size):
                                padding=True, return_tensors="pt")
 
 
+def at_budget(methods: dict[str, tuple[str, object]], model, budget: float) -> dict[str, tuple[str, object]]:
+    """Every entry's config scaled to the same paper-convention TFLOPs (relative to unpruned) on ``model`` with
+    the mini model's `IMAGE_TOKENS` visual tokens (`transprune.budget`); entries without pruning stay as they are."""
+    from ..budget import budget as scale
+    from ..methods import as_list
+
+    out = {}
+    for name, (description, config) in methods.items():
+        if config is not None and any(getattr(c, "enabled", True) for c in as_list(config)):
+            config = scale(config, model, budget, image_tokens=IMAGE_TOKENS)
+            description = f"{description}; scaled to the {budget:g} budget"
+        out[name] = (description, config)
+    return out
+
+
 def evaluate(model, processor, names=None, n: int = 500, batch_size: int = 50, progress: bool = True,
-             samples: list[data.Sample] | None = None) -> list[MethodResult]:
-    """Run each named method of `SUITE` on the same ``n`` held-out questions."""
+             samples: list[data.Sample] | None = None, budget: float | None = None) -> list[MethodResult]:
+    """Run each named method of `SUITE` on the same ``n`` held-out questions (all at one ``budget`` when given)."""
     methods = {name: suite_entry(name) for name in resolve(names)}
+    if budget is not None:
+        methods = at_budget(methods, model, budget)
     return evaluate_configs(model, processor, methods, n=n, batch_size=batch_size, progress=progress, samples=samples)
 
 

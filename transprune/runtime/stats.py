@@ -32,6 +32,11 @@ class SampleStats:
     # like kept_indices) and their L1-normalised `ttv`, `iga` and combined `score`, as fp32 CPU tensors.
     scores: list[dict] | None = None
 
+    @property
+    def tflops_ratio(self) -> float:
+        """Paper-convention TFLOPs relative to unpruned: what a budget (`transprune.budget`) aims at."""
+        return self.tflops / self.tflops_unpruned if self.tflops_unpruned else 1.0
+
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
         if self.scores is not None:

@@ -6,7 +6,9 @@
 ``--model_args`` takes ``pretrained`` (a local checkpoint folder), ``method`` and ``preset`` in the grammar of
 ``transprune run --method/--preset`` (``transprune-high``, ``fastv``, ``visionzip+transprune``, ``none``),
 any field of the chosen methods (``r=0.75``, ``dominant=162``, ``reference_depth=32``), ``dtype``
-(fp32, fp16, bf16), ``device`` and ``log_path`` (a JSON-lines file: per sample, the kept visual tokens and
+(fp32, fp16, bf16), ``device``, ``budget`` (the method scaled to that share of the unpruned paper-convention
+TFLOPs, `transprune.budget`, for the model's nominal visual-token count: requests' images vary, the keep ratios
+are fractions of each one's count) and ``log_path`` (a JSON-lines file: per sample, the kept visual tokens and
 the paper-convention TFLOPs; last, the run's mean TFLOPs relative to unpruned). lmms-eval's
 ``--batch_size`` batches requests through the batched runtime (left padding). Unknown keys are an error
 that names the allowed ones.
@@ -27,7 +29,7 @@ from ...loading import DTYPES, image_prompt, load_checkpoint
 from ...methods import METHODS, as_list, build, spelling
 from ...runtime import apply
 
-OWN_KEYS = ("pretrained", "method", "preset", "batch_size", "dtype", "device", "log_path")
+OWN_KEYS = ("pretrained", "method", "preset", "batch_size", "dtype", "device", "log_path", "budget")
 
 
 @dataclass
@@ -57,7 +59,8 @@ class TransPrune(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, method: str = "transprune", preset: str | None = None, batch_size=1,
-                 dtype: str = "fp32", device: str | None = None, log_path: str | None = None, **method_fields):
+                 dtype: str = "fp32", device: str | None = None, log_path: str | None = None, budget=None,
+                 **method_fields):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -77,6 +80,16 @@ class TransPrune(lmms):
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         self.model, self.processor = load_checkpoint(pretrained, dtype)
+        if budget is not None:
+            if self.config is None:
+                raise ValueError("budget needs a method to scale; method=none prunes nothing")
+            from ...budget import budget as scale
+
+            try:
+                share = float(budget)
+            except ValueError:
+                share = budget  # check_target names the allowed range
+            self.config = scale(self.config, self.model, share)
         self._init_processes(device)
         self.handle = apply(self.model, self.config) if self.config is not None else None
         self.images_per_prompt = adapter_for(self.model).images_per_prompt
