@@ -193,7 +193,7 @@ def resolved_for_arch(config, arch):
         return config
     family = family_for(arch.model_type)
     pre, _ = split_methods(config)
-    if pre is not None and family.vision_hooks_missing:  # as `apply` refuses it on that family's models
+    if pre is not None and not getattr(pre, "from_embeddings", False) and family.vision_hooks_missing:  # as `apply`
         raise ValueError(f"{type(pre).__name__} needs vision-tower hooks that the {family.family} adapter does not "
                          f"have: {family.vision_hooks_missing}")
     return resolve_positions(config, family)
@@ -228,6 +228,13 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     if rows is not None:
         query_tokens = rows
     scoring = 0.0 if rows is None else scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12
+    # the methods' own selection work (DART's pivots, DivPrune's and CDPruner's similarity matrices, ...)
+    selection = 0
+    if pre is not None and hasattr(pre, "selection_macs"):
+        selection += pre.selection_macs(arch.image_tokens, arch.hidden_size, text_tokens)
+    if llm is not None:
+        selection += sum(llm.selection_macs(visual[p - 1], arch.hidden_size, text_tokens) for p in schedule.pruning_layers)
+    scoring += selection / 1e12
 
     def full(counts):
         return sum(full_layer_macs(n + text_tokens, arch) for n in counts) / 1e12

@@ -1,6 +1,7 @@
 """Pruning methods, one module each (config + scorer + cost), behind one registry (`METHODS`).
 
-In the LLM: TransPrune, FastV, PDrop, and the random / uniform baselines; before it: VisionZip.
+In the LLM: TransPrune, FastV, PDrop, DART, V2Drop, and the random / uniform baselines; before it: VisionZip
+(vision-tower hooks), DivPrune and CDPruner (on the LLM's input embeddings).
 Compositions (one pre-LLM + one in-LLM config, as a list) and named presets are built here from the
 registry, so the CLI, flops, bench and the mini suite share one grammar.
 """
@@ -10,16 +11,21 @@ from __future__ import annotations
 from dataclasses import fields
 
 # Each module registers its method; this order is the order tools list them in.
-from . import transprune, fastv, pdrop, visionzip, baselines  # noqa: F401,I001
+from . import transprune, fastv, pdrop, dart, v2drop, visionzip, divprune, cdpruner, baselines  # noqa: F401,I001
 from .base import METHODS, POSITION_RULES, InLLMMethod, StageView, register_method, unregister_method
 from .baselines import RandomConfig, UniformConfig
+from .cdpruner import CDPrunerConfig
+from .dart import DARTConfig
+from .divprune import DivPruneConfig
 from .fastv import FastVConfig
 from .pdrop import PDropConfig
 from .transprune import PRESETS, REFERENCE_DEPTH, TransPruneConfig
+from .v2drop import V2DropConfig
 from .visionzip import VisionZipConfig
 
 __all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "unregister_method", "TransPruneConfig",
-           "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "REFERENCE_DEPTH",
+           "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "DARTConfig", "V2DropConfig",
+           "DivPruneConfig", "CDPrunerConfig", "REFERENCE_DEPTH",
            "COMPOSITIONS", "preset", "build", "split_methods", "as_list", "default_preset"]
 
 
@@ -40,7 +46,8 @@ def split_methods(config) -> tuple[object | None, object | None]:
     pre = [c for c in items if c.stage == "pre"]
     llm = [c for c in items if c.stage == "in"]
     if len(pre) > 1 or len(llm) > 1:
-        raise ValueError("a composition takes at most one pre-LLM method (VisionZip) and one in-LLM method")
+        raise ValueError("a composition takes at most one pre-LLM method (VisionZip, DivPrune, CDPruner) and one in-LLM "
+                         "method")
     return (pre[0] if pre else None), (llm[0] if llm else None)
 
 
@@ -49,6 +56,9 @@ _VZ_TRANSPRUNE = dict(keep_ratios=(0.5, 0.25, 0.125))
 COMPOSITIONS = {
     "visionzip288+transprune": lambda: [VisionZipConfig(256, 32), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip288+transprune")],
     "visionzip192+transprune": lambda: [VisionZipConfig(162, 30), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip192+transprune")],
+    # The paper's CDPruner + TransPrune rows (0.66 / 0.44 TFLOPs): CDPruner to 288 / 192 tokens, then the same ratios.
+    "cdpruner288+transprune": lambda: [CDPrunerConfig(288 / 576), TransPruneConfig(**_VZ_TRANSPRUNE, name="cdpruner288+transprune")],
+    "cdpruner192+transprune": lambda: [CDPrunerConfig(192 / 576), TransPruneConfig(**_VZ_TRANSPRUNE, name="cdpruner192+transprune")],
 }
 
 

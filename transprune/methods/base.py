@@ -127,6 +127,11 @@ class InLLMMethod:
         after the image (FLOPs tool); None: the score costs nothing."""
         return None
 
+    def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
+        """Multiply-accumulates of this method's own selection at a stage that ``n_image`` tokens enter, beyond the
+        attention rows `scoring_query_rows` counts (FLOPs tool); 0: nothing worth counting."""
+        return 0
+
     def scaled(self, factor: float):
         """This method with every keep ratio times ``factor`` (at most 1), its layers unchanged: the knob
         `transprune.budget` turns. A method whose ratios derive from other fields overrides it."""
@@ -155,6 +160,12 @@ class StageView:
     attention: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
     # token_coords(r) -> (n, c) coordinates of row r's image tokens on their grid (the family's geometry)
     token_coords: Callable[[int], torch.Tensor]
+    # keys(which, h) -> (R, S, heads * head_dim): every token's rotated key in the pruning ("this") or the following
+    # ("next") layer, KV heads repeated as the attention uses them (DART's pivots)
+    keys: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    # final_norm(h): the decoder's final norm (DART compares tokens in that space)
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keep: int = 0  # image tokens this stage keeps in each row (a rule whose choice depends on it: DART's quota)
 
     @property
     def length(self) -> int:
@@ -178,3 +189,48 @@ def register_method(name: str, config_cls: type) -> type:
 def unregister_method(name: str) -> None:
     """Undo `register_method` (tests register methods of their own)."""
     del METHODS[name]
+
+
+class OnEmbeddings:
+    """Shared behaviour of pre-LLM methods that choose from the LLM's input embeddings (a mixin for frozen
+    dataclasses with a ``keep_ratio`` field): the runtime calls `keep_from_embeddings` before the first layer,
+    so they need no vision-tower hooks and run on every family. Each sample keeps ``round(n * keep_ratio)``
+    (at least one) of its n visual tokens, all its images and videos together; the subclass's ``order(image,
+    text, k)`` says which: the indices of its k choices among the (n, d) image rows, given the (t, d) text rows
+    after the sample's last visual token (the instruction)."""
+
+    stage = "pre"
+    from_embeddings = True
+
+    def check(self, adapter) -> None:
+        """Every family has input embeddings: nothing to refuse."""
+
+    def install(self, adapter, hand_over) -> tuple[list, list]:
+        return [], []  # nothing to wrap: the choice is made in the prefill
+
+    def count(self, n: int) -> int:
+        return max(1, min(n, round(n * self.keep_ratio)))
+
+    def llm_tokens(self, arch) -> int:
+        return self.count(arch.image_tokens)
+
+    def scaled(self, factor: float):
+        import dataclasses
+
+        return dataclasses.replace(self, keep_ratio=min(1.0, self.keep_ratio * factor))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+    def keep_from_embeddings(self, embeds: torch.Tensor, valid: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the visual tokens each sample keeps (sample by sample: the same alone or in a batch)."""
+        keep = torch.zeros_like(image_mask)
+        position = torch.arange(image_mask.shape[1], device=image_mask.device)
+        for b in range(image_mask.shape[0]):
+            cols = (image_mask[b] & valid[b]).nonzero().squeeze(1)
+            if not cols.numel():
+                continue
+            after = valid[b] & ~image_mask[b] & (position > cols[-1])
+            chosen = self.order(embeds[b, cols].float(), embeds[b, after].float(), self.count(cols.numel()))
+            keep[b, cols[chosen]] = True
+        return keep

@@ -282,7 +282,8 @@ class PruneHandle:
 
     def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
         pre_keep = None
-        if self.pre is not None:
+        on_embeddings = getattr(self.pre, "from_embeddings", False)
+        if self.pre is not None and not on_embeddings:
             pre_keep = torch.zeros_like(image_mask)
             for modality, mask in call.modality_masks.items():
                 if not bool(mask.any()):
@@ -297,6 +298,9 @@ class PruneHandle:
             timed = [c.profiler for c in call.pre.values() if c.profiler] if pre_keep is not None else []
             profiler = Profiler(embeds.device)  # a fresh one: encoded outputs reused by a later call add nothing twice
             profiler.spans = [span for other in timed for span in other.spans]  # images and videos: one profile
+        if on_embeddings:  # a pre-LLM method that chooses from the LLM's input embeddings (DivPrune, CDPruner)
+            with profiler.span("pre_llm_s"):
+                pre_keep = self.pre.keep_from_embeddings(embeds, valid, image_mask.to(embeds.device) & valid)
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
                                               hidden, pre_keep, profiler, aligned=self.batched_selection,
                                               extras=extras, blocks=blocks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import scoring
+from ..devices import execution_device
 from ..methods import StageView
 
 
@@ -29,7 +30,7 @@ def select(method, adapter, state, layer_index: int, stage: int, keep_counts: li
         last_image = int(image_cols[-1])  # a host tensor: no sync
         image_cols = image_cols.to(layout.valid.device)
         view = _view(adapter, state, layer_index, stage, slice(None), slice(None), image_cols, state.rope,
-                     last_image)
+                     last_image, keep_counts[0])
         chosen = image_cols[scoring.select_top(_scored(method, view, state, range(batch)), keep_counts[0])]
         keep.scatter_(1, chosen, True)
         ranks = layout.image_rank.gather(1, chosen)
@@ -44,14 +45,14 @@ def select(method, adapter, state, layer_index: int, stage: int, keep_counts: li
             continue
         rope = adapter.rope_rows(state.rope, b, cols)
         view = _view(adapter, state, layer_index, stage, slice(b, b + 1), cols, image_at, rope,
-                     int(image_at[-1]))
+                     int(image_at[-1]), k)
         chosen = image_at[scoring.select_top(_scored(method, view, state, [b])[0], k)]
         keep[b, cols[chosen]] = True
         state.kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
     return keep, None
 
 
-def _view(adapter, state, layer_index, stage, rows, cols, image_at, rope, last_image) -> StageView:
+def _view(adapter, state, layer_index, stage, rows, cols, image_at, rope, last_image, keep) -> StageView:
     """The StageView of batch rows ``rows`` restricted to token columns ``cols``."""
     layout = state.layout
     h, h_in = state.h[rows][:, cols], state.h_in[rows][:, cols]
@@ -64,6 +65,15 @@ def _view(adapter, state, layer_index, stage, rows, cols, image_at, rope, last_i
         return scoring.instruction_attention(q, k, query_idx.to(q.device), scale,
                                              window=adapter.attention_window(i)).to(source.device)
 
+    def keys(which, source):
+        i = index[which]
+        cos, sin = adapter.rope_for(rope, i)
+        _, k, _ = adapter.scoring_qk(adapter.layers[i], source, cos, sin, image_at[:1])  # one query row, unused
+        return k.transpose(-3, -2).flatten(-2).to(source.device)  # (R, S, heads * head_dim)
+
+    def final_norm(x):
+        return adapter.final_norm(x.to(execution_device(adapter.decoder.norm, x.device))).to(x.device)
+
     image_rank = layout.image_rank[rows][:, cols][:, image_at]
     positions = layout.positions[..., rows, :][..., cols][..., image_at]  # any layout, token axis last
 
@@ -72,7 +82,7 @@ def _view(adapter, state, layer_index, stage, rows, cols, image_at, rope, last_i
 
     return StageView(h=h, h_in=h_in, image_at=image_at, image_rank=image_rank,
                      ttv=state.ttv[rows][:, cols][:, image_at], stage=stage, last_image=last_image,
-                     attention=attention, token_coords=token_coords)
+                     attention=attention, token_coords=token_coords, keys=keys, final_norm=final_norm, keep=keep)
 
 
 def _scored(method, view: StageView, state, samples) -> torch.Tensor:

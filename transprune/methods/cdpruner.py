@@ -1,0 +1,91 @@
+"""CDPruner (arXiv 2506.10967, NeurIPS 2025): before the LLM, keep the visual tokens that maximise a conditional
+diversity: the MAP of a determinantal point process whose kernel weighs the tokens' similarity by their
+relevance to the instruction, by fast greedy inference (Chen et al. 2018: incremental Cholesky).
+
+Our reading, where the official LLaVA code has a CLIP text tower that HF checkpoints do not carry: as
+OpenVINO's port does, the relevance is measured in the LLM's input space, between each visual token's embedding
+(after the projector) and the embeddings of the instruction (the text after the sample's last visual token).
+A token's relevance is minus its mean cosine with the instruction tokens (the sign both implementations use),
+min-max normalised over the sample's visual tokens (``+1e-6`` on the numerator, as the code); ``theta`` < 1
+sharpens it to ``exp(theta / (2 (1 - theta)) r)`` (OpenVINO's option; 1, the default, leaves it as the code
+does). Similarity is the cosine of the visual embeddings; kernel ``L = diag(r) S diag(r)``. All of a sample's
+visual tokens are chosen together; kept tokens go back in their order. Presets are the LLaVA-1.5 counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import OnEmbeddings, check_fraction, register_method
+
+_PRESETS = {"64": 64, "128": 128, "192": 192}  # tokens of LLaVA-1.5's 576
+
+
+@dataclass(frozen=True)
+class CDPrunerConfig(OnEmbeddings):
+    """CDPruner, before the LLM: keep ``keep_ratio`` of each sample's visual tokens, the greedy MAP of the DPP with
+    kernel diag(r) S diag(r) (S: cosine similarity, r: relevance to the instruction)."""
+
+    keep_ratio: float = 128 / 576
+    theta: float = 1.0
+    method = "cdpruner"
+    presets = tuple(_PRESETS)
+
+    def __post_init__(self):
+        check_fraction("keep_ratio", self.keep_ratio)
+        check_fraction("theta", self.theta)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CDPrunerConfig":
+        """The LLaVA-1.5 counts by name: "64", "128", "192" tokens of 576."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown CDPruner preset {name!r}; choose one of {', '.join(map(repr, _PRESETS))}")
+        return cls(**{"keep_ratio": _PRESETS[name] / 576, **overrides})
+
+    def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
+        k = self.count(n_image)  # similarity, relevance, and the greedy's k Cholesky rows of length n
+        return n_image * n_image * hidden_size + n_image * text_tokens * hidden_size + n_image * k * k
+
+    def relevance(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(n,) the instruction relevance of each visual token, in [0, 1] (1 each when there is no instruction)."""
+        if text.shape[0] == 0:
+            return torch.ones(image.shape[0], device=image.device)
+        r = -(F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).mean(-1)
+        span = r.max() - r.min()
+        r = (r - r.min() + 1e-6) / torch.where(span > 0, span, torch.ones_like(span))
+        if self.theta != 1.0:
+            r = torch.exp(self.theta / (2 * (1 - self.theta)) * r)
+        return r
+
+    def order(self, image: torch.Tensor, text: torch.Tensor, k: int) -> torch.Tensor:
+        n = image.shape[0]
+        if k >= n:
+            return torch.arange(n, device=image.device)
+        unit = F.normalize(image, dim=-1)
+        r = self.relevance(image, text)
+        kernel = r[:, None] * (unit @ unit.T) * r[None, :]
+        return greedy_dpp(kernel, k)
+
+
+def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """The k items of the greedy MAP of a DPP with PSD ``kernel`` (n, n), in choice order: each step takes the item
+    with the largest marginal gain (its residual variance ``d2``), then updates every item's Cholesky row. Once the
+    kernel's rank is exhausted the residuals are ~0 and the remaining picks follow them (no item twice)."""
+    n = kernel.shape[0]
+    d2 = kernel.diagonal().clone()
+    rows = kernel.new_zeros(k, n)
+    chosen = []
+    for i in range(k):
+        j = d2.argmax()
+        chosen.append(j)
+        e = (kernel[j] - rows[:i, j] @ rows[:i]) / d2[j].clamp_min(1e-12).sqrt()
+        rows[i] = e
+        d2 = d2 - e * e
+        d2[j] = float("-inf")
+    return torch.stack(chosen)
+
+
+register_method("cdpruner", CDPrunerConfig)

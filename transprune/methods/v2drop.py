@@ -1,0 +1,61 @@
+"""V2Drop (CVPR 2026, arXiv 2509.01552): drop, progressively, the image tokens whose representation varies least
+between adjacent layers. No attention is read.
+
+Our reading of the official code (`V2Drop.py`): at a pruning layer (1-indexed p: the code's targets are the
+0-based layers it cuts before), a token's variation is the L2 norm of what layer p changed in it, ``||h_out -
+h_in||`` on the residual stream (the code's ``||x_l - x_{l-1}||`` over layer inputs; an earlier release used
+the cosine); the tokens with the largest variation stay. The code's ratios apply to the tokens left; here, as
+for every method, keep ratios are fractions of the original count: LLaVA-1.5's 576 -> 288 -> 144 -> 1 after
+layers 3, 17 and 22 is (0.5, 0.25, 0.002), the last stage keeping one token (the code's ``max(1, 0)``). Kept
+tokens keep their positions (the code gathers ``position_ids``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import (DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers,
+                   check_reference_depth, choice, register_method)
+
+# The code's schedules: LLaVA-1.5 (32 layers) and Qwen2-VL (28 layers: 0.25, then 0.05 of the rest, then 1 token).
+_PRESETS = {
+    "llava": dict(pruning_layers=(3, 17, 22), keep_ratios=(0.5, 0.25, 0.002)),
+    "qwen": dict(pruning_layers=(3, 16, 22), keep_ratios=(0.25, 0.0125, 0.002)),
+}
+
+
+@dataclass(frozen=True)
+class V2DropConfig(InLLMMethod):
+    """V2Drop: after each of ``pruning_layers`` keep ``keep_ratios`` (of the original count) of the image tokens,
+    those the layer changed most (L2 norm of its update)."""
+
+    pruning_layers: tuple[int, ...] = _PRESETS["llava"]["pruning_layers"]
+    keep_ratios: tuple[float, ...] = _PRESETS["llava"]["keep_ratios"]
+    positions: str = DEFAULT_ORIGINAL
+    reference_depth: int | None = None
+    method = "v2drop"
+    presets = tuple(_PRESETS)
+
+    def __post_init__(self):
+        check_reference_depth(self.reference_depth)
+        choice("positions", self.positions, POSITION_RULES)
+        prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
+        object.__setattr__(self, "pruning_layers", prune)
+        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "V2DropConfig":
+        """The code's schedules: "llava" (LLaVA-1.5, 32 layers) and "qwen" (Qwen2-VL, 28 layers)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown V2Drop preset {name!r}; choose one of {', '.join(map(repr, _PRESETS))}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
+        return n_image * hidden_size  # one difference norm per image token
+
+    def rank(self, view: StageView):
+        change = (view.h[:, view.image_at].float() - view.h_in[:, view.image_at].float()).norm(dim=-1)
+        return change, {"variation": change}
+
+
+register_method("v2drop", V2DropConfig)
