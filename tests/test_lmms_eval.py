@@ -150,3 +150,16 @@ def test_smolvlm_through_the_plugin_batched(tmp_path):
         answers[batch_size] = [(r.text, r.token_counts.image_tokens) for r in lmm.generate_until(requests)]
         lmm.handle.remove()
     assert answers[2] == answers[1] and [n for _, n in answers[1]] == [80, 48, 48]
+
+
+def test_budget_model_arg_scales_the_method():
+    import transprune
+    from transprune.integrations.lmms_eval.model import TransPrune
+
+    lmm = TransPrune(pretrained=str(CHECKPOINT), method="fastv", reference_depth=32, budget="0.5")
+    want = transprune.budget(transprune.FastVConfig(reference_depth=32), lmm.model, 0.5)
+    assert lmm.config == want and lmm.config.r != transprune.FastVConfig().r
+    with pytest.raises(ValueError, match="budget needs a method"):
+        TransPrune(pretrained=str(CHECKPOINT), method="none", budget="0.5")
+    with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
+        TransPrune(pretrained=str(CHECKPOINT), method="fastv", budget="lots")

@@ -236,3 +236,15 @@ def test_operating_points_in_the_flops_tool():
         transprune.methods.split_methods([DIVPRUNE, CDPRUNER])
     # each method's own selection work is counted in the full prefill
     assert estimate(DivPruneConfig(), "llava-1.5-7b").tflops_scoring == pytest.approx(576 * 576 * 4096 / 1e12)
+
+
+def test_cdpruner_beyond_the_kernel_rank_still_keeps_exactly_k_distinct_tokens():
+    """More tokens asked than the embedding width (64 on the tiny LLaVA-NeXT): the DPP's volume runs out; the
+    rest come by relevance, and every count is exact."""
+    model, processor = tiny_model("llava_next", seed=0), tiny_processor("llava_next")
+    batch = sample_inputs(processor, 3, seed=7, sizes=[(64, 64), (128, 64), (64, 128)])
+    n = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert min(n) * 0.75 > model.config.text_config.hidden_size
+    with transprune.pruned(model, CDPrunerConfig(0.75)) as handle, torch.no_grad():
+        model(**batch)
+    assert [len(set(s.kept_indices[0])) for s in handle.last_stats] == [round(c * 0.75) for c in n]

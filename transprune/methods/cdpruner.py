@@ -73,18 +73,23 @@ class CDPrunerConfig(OnEmbeddings):
 def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """The k items of the greedy MAP of a DPP with PSD ``kernel`` (n, n), in choice order: each step takes the item
     with the largest marginal gain (its residual variance ``d2``), then updates every item's Cholesky row. Once the
-    kernel's rank is exhausted the residuals are ~0 and the remaining picks follow them (no item twice)."""
+    kernel's rank is exhausted (k above the embedding width: no item adds volume) the remaining items are taken
+    by their own weight ``L_ii`` (their relevance), so exactly k distinct items come back. No host sync per step."""
     n = kernel.shape[0]
-    d2 = kernel.diagonal().clone()
+    diag = kernel.diagonal().clone()
+    floor = 1e-6 * diag.max()  # below this a residual is rounding, not volume
+    d2 = diag.clone()
     rows = kernel.new_zeros(k, n)
+    taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     chosen = []
     for i in range(k):
-        j = d2.argmax()
+        exhausted = d2.max() <= floor
+        j = torch.where(exhausted, diag.masked_fill(taken, float("-inf")).argmax(), d2.argmax())
         chosen.append(j)
-        e = (kernel[j] - rows[:i, j] @ rows[:i]) / d2[j].clamp_min(1e-12).sqrt()
-        rows[i] = e
-        d2 = d2 - e * e
-        d2[j] = float("-inf")
+        taken[j] = True
+        e = (kernel[j] - rows[:i, j] @ rows[:i]) / d2[j].clamp_min(floor).sqrt()
+        rows[i] = torch.where(exhausted, torch.zeros_like(e), e)
+        d2 = (d2 - rows[i] * rows[i]).masked_fill(taken, float("-inf"))
     return torch.stack(chosen)
 
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from .base import (DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers,
                    check_reference_depth, choice, register_method)
 
-# The code's schedules: LLaVA-1.5 (32 layers) and Qwen2-VL (28 layers: 0.25, then 0.05 of the rest, then 1 token).
+# The code's schedules: LLaVA-1.5 (32 layers; 576 -> 288 -> 144 -> 1) and Qwen2-VL (28 layers: 0.25, then 0.05 of
+# the rest, then 1 token: 256 nominal tokens -> 64 -> 3 -> 1).
 _PRESETS = {
     "llava": dict(pruning_layers=(3, 17, 22), keep_ratios=(0.5, 0.25, 0.002)),
-    "qwen": dict(pruning_layers=(3, 16, 22), keep_ratios=(0.25, 0.0125, 0.002)),
+    "qwen": dict(pruning_layers=(3, 16, 22), keep_ratios=(0.25, 0.0125, 0.004)),  # 256 -> 64 -> 3 -> 1
 }
 
 

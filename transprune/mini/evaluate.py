@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..config import TransPruneConfig
-from ..methods import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig, build, spelling
+from ..methods import (CDPrunerConfig, DARTConfig, DivPruneConfig, FastVConfig, PDropConfig, RandomConfig,
+                       UniformConfig, V2DropConfig, VisionZipConfig, build, spelling)
 from . import data
 from .model import IMAGE_TOKENS, PATCH_SIZE, prompt
 
@@ -60,6 +61,16 @@ SUITE = {
                              lambda: [_visionzip(192, 162),
                                       TransPruneConfig(keep_ratios=(0.5, 0.25, 0.125), name="visionzip+transprune",
                                                        **_MAPPED)]),
+    "dart": ("DART after layer 2 of 32, the code's 128 point (132-of-576 share: 58 of 256)",
+             lambda: DARTConfig.preset("128", **_MAPPED)),
+    "v2drop": ("V2Drop's LLaVA-1.5 schedule: after layers 3/17/22 of 32, 1/2, 1/4, then 1 token",
+               lambda: V2DropConfig(keep_ratios=(0.5, 0.25, 1.5 / IMAGE_TOKENS), **_MAPPED)),
+    "divprune": ("DivPrune before the LLM, 0.098 of the tokens (25 of 256)", lambda: DivPruneConfig()),
+    "cdpruner": ("CDPruner before the LLM, the 128-of-576 share (57 of 256)", lambda: CDPrunerConfig.preset("128")),
+    "cdpruner+transprune": ("CDPruner 192-of-576 share, then TransPrune ratios 0.5/0.25/0.125",
+                            lambda: [CDPrunerConfig.preset("192"),
+                                     TransPruneConfig(keep_ratios=(0.5, 0.25, 0.125), name="cdpruner+transprune",
+                                                      **_MAPPED)]),
     "random": ("random tokens, TransPrune-high schedule", lambda: RandomConfig(**_MAPPED)),
     "uniform": ("spatially uniform tokens, TransPrune-high schedule", lambda: UniformConfig(**_MAPPED)),
 }
