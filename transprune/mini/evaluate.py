@@ -145,7 +145,10 @@ def at_budget(methods: dict[str, tuple[str, object]], model, budget: float) -> d
     out = {}
     for name, (description, config) in methods.items():
         if config is not None and any(getattr(c, "enabled", True) for c in as_list(config)):
-            config = scale(config, model, budget, image_tokens=IMAGE_TOKENS)
+            try:
+                config = scale(config, model, budget, image_tokens=IMAGE_TOKENS)
+            except ValueError as exc:
+                raise ValueError(f"suite entry {name!r}: {exc}; leave it out with --methods") from None
             description = f"{description}; scaled to the {budget:g} budget"
         out[name] = (description, config)
     return out
