@@ -19,28 +19,43 @@ def paper_ratio(counts, n, d, m):
 
 
 def tokens_per_layer(config, n, depth):
-    """Visual tokens per layer of an in-LLM schedule, by hand: int(n * ratio) after each pruning layer."""
+    """Visual tokens per layer of an in-LLM schedule, by hand: int(n * ratio) after each pruning layer (at least
+    the method's ``min_keep``: V2Drop keeps one)."""
     counts, current = [], n
     stages = dict(zip(config.pruning_layers, config.keep_ratios))
     for layer in range(1, depth + 1):
         counts.append(current)
         if layer in stages:
-            current = int(n * stages[layer])
+            current = max(getattr(config, "min_keep", 0), int(n * stages[layer]))
     return counts
 
 
 CASES = [TransPruneConfig(), FastVConfig(), PDropConfig(), TransPruneConfig.preset("low"), build("random"),
-         VisionZipConfig(), build("visionzip+transprune")]
+         VisionZipConfig(), build("visionzip+transprune"), build("dart"), build("v2drop"), build("v2drop-qwen"),
+         build("divprune"), build("cdpruner"), build("cdpruner192+transprune")]
 
 
 @pytest.mark.parametrize("arch", ["llava-1.5-7b", "qwen2.5-vl-7b", "gemma3-4b"])
 @pytest.mark.parametrize("target", [0.3, 0.41, 0.6])
 @pytest.mark.parametrize("config", CASES, ids=lambda c: "+".join(x.method for x in transprune.methods.as_list(c)))
 def test_no_scale_of_the_knob_comes_closer_to_the_target(config, target, arch):
+    from transprune.flops import estimate
+
+    def grid_ratios(top):
+        for i in range(1, 1201):  # a fine grid of the knob
+            factor = top * i / 600
+            try:
+                report = estimate(scaled(config, factor), arch)
+            except ValueError:
+                continue
+            if min(report.visual_tokens_per_layer) >= 1:
+                yield factor, report.ratio
+
     try:
         plan = plan_budget(config, arch, target)
     except ValueError as exc:
-        assert "is below what" in str(exc)
+        floor = float(str(exc).split("give a budget in [")[1].split(",")[0])
+        assert floor > target and min(r for _, r in grid_ratios(8.0)) >= floor - 1e-4  # no valid scale goes lower
         return
     items = transprune.methods.as_list(plan.config)
     before = transprune.methods.as_list(config)
@@ -53,16 +68,8 @@ def test_no_scale_of_the_knob_comes_closer_to_the_target(config, target, arch):
         assert plan.achieved == pytest.approx(paper_ratio(counts, spec.image_tokens, spec.hidden_size,
                                                           spec.intermediate_size), rel=1e-12)
     best = abs(plan.achieved - target)
-    from transprune.flops import estimate
-
-    for i in range(1, 1201):  # a fine grid of the same knob
-        factor = plan.factor * i / 600
-        try:
-            report = estimate(scaled(config, factor), arch)
-        except ValueError:
-            continue
-        if min(report.visual_tokens_per_layer) >= 1:
-            assert abs(report.ratio - target) >= best - 1e-12, factor
+    for factor, ratio in grid_ratios(plan.factor):
+        assert abs(ratio - target) >= best - 1e-12, factor
 
 
 def test_errors_name_the_range():
@@ -126,3 +133,15 @@ def test_eval_runs_every_method_at_one_budget(random_mini):
                        progress=False, budget=0.45)
     assert results[0].tflops_ratio == 1.0
     assert all(abs(r.tflops_ratio - 0.45) < 0.01 for r in results[1:]), [r.tflops_ratio for r in results]
+
+
+def test_a_budget_for_a_larger_image_still_applies_to_the_model():
+    """Planned for 1024 visual tokens on a model whose nominal image has 16: every stage still keeps a token of the
+    nominal count, which `apply` checks."""
+    from transprune.testing import tiny_qwen2_5_vl
+
+    model = tiny_qwen2_5_vl(seed=0)
+    for config in (PDropConfig(layers=(2, 4, 6)), TransPruneConfig(reference_depth=32), FastVConfig()):
+        plan = plan_budget(config, model, 0.3, image_tokens=1024)
+        transprune.apply(model, plan.config).remove()
+        assert abs(plan.achieved - 0.3) < 0.01

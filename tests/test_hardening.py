@@ -182,3 +182,36 @@ def test_profile_of_a_visionzip_prefill_times_its_selection(llava):
     for profile in (first, second):
         assert profile["pre_llm_s"] > 0 and len(profile["select_s"]) == 2 and all(t > 0 for t in profile["select_s"])
         assert profile["scoring_s"] == pytest.approx(profile["ttv_s"] + profile["pre_llm_s"] + sum(profile["select_s"]))
+
+
+def test_a_mistral_decoder_with_a_sliding_window_is_masked_as_its_cache_slides():
+    """A LLaVA on a Mistral decoder with sliding_window=12 and no layer_types: every layer slides (as the model's
+    own masks and DynamicCache read the config); keep-all == unpruned past the window, and batch == one by one."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    from transprune import TransPruneConfig
+    from transprune.testing import _build, _common, sample_inputs, sample_inputs_unbatched, tiny_processor
+
+    common = _common()
+    text = MistralConfig(**{k: v for k, v in common["text_config"].to_dict().items()
+                            if k in MistralConfig().to_dict() and k not in ("model_type", "architectures")},
+                         sliding_window=12)
+    config = LlavaConfig(**{**common, "text_config": text}, image_seq_length=64)
+    model = _build(config, LlavaForConditionalGeneration, 0, "sdpa", torch.float32)
+    processor = tiny_processor("llava")
+    batch = sample_inputs(processor, 3, seed=1)
+
+    def greedy(inputs, n=20):
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=n, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+
+    ref = greedy(batch)
+    keep_all = TransPruneConfig(accumulation_layers=(2, 3), pruning_layers=(2, 3), keep_ratios=(1.0, 1.0))
+    with transprune.pruned(model, keep_all) as handle:
+        assert handle.adapter.layer_types == ["sliding_attention"] * 8
+        assert torch.equal(greedy(batch), ref)
+    tiny = TransPruneConfig(accumulation_layers=(2, 3), pruning_layers=(2, 3), keep_ratios=(0.5, 0.25))
+    with transprune.pruned(model, tiny):
+        tokens = greedy(batch)
+        for b, inputs in enumerate(sample_inputs_unbatched(processor, 3, seed=1)):
+            assert torch.equal(greedy(inputs)[0], tokens[b])

@@ -248,3 +248,18 @@ def test_cdpruner_beyond_the_kernel_rank_still_keeps_exactly_k_distinct_tokens()
     with transprune.pruned(model, CDPrunerConfig(0.75)) as handle, torch.no_grad():
         model(**batch)
     assert [len(set(s.kept_indices[0])) for s in handle.last_stats] == [round(c * 0.75) for c in n]
+
+
+def test_v2drop_keeps_a_token_at_every_stage_on_any_count():
+    """The code's max(1, ...): a ratio of 0 keeps one token, on LLaVA-1.5's 576 as on a 16-token image."""
+    from transprune.flops import estimate
+    from transprune.methods import build
+
+    assert estimate(build("v2drop"), "gemma3-4b").visual_tokens_per_layer[-1] == 1
+    assert estimate(build("v2drop-qwen"), "qwen2.5-vl-7b").visual_tokens_per_layer[-12:] == (3,) * 6 + (1,) * 6
+    model, processor = tiny_model("gemma3", seed=0), tiny_processor("gemma3")
+    with transprune.pruned(model, V2DropConfig(reference_depth=32)) as handle, torch.no_grad():
+        model(**sample_inputs(processor, 2, seed=8))
+    assert [[len(k) for k in s.kept_indices] for s in handle.last_stats] == [[8, 4, 1]] * 2
+    with pytest.raises(ValueError, match=r"keep_ratios must lie in \[0, 1\]"):
+        V2DropConfig(keep_ratios=(0.5, 0.25, -0.1))

@@ -297,3 +297,41 @@ def test_visionzip_batch_matches_one_by_one(gemma):
         for b, inputs in enumerate(sample_inputs_unbatched(processor, 3, seed=12)):
             assert torch.equal(greedy(model, inputs, n=8)[0], tokens[b])
             assert handle.last_stats[0].kept_indices == stats[b]
+
+
+def test_pan_and_scan_crops_are_blocks_of_their_own(gemma):
+    """A wide image with pan-and-scan: the image and its 2 crops are 3 blocks of 16; the pruned forward matches the
+    spec reference on transformers' masks, and VisionZip + TransPrune match one by one."""
+    model, processor = gemma
+    scan = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=32, pan_and_scan_max_num_crops=4)
+    inputs = processor(images=[[random_image(1, (128, 64))]], text=["USER: <start_of_image> what is there ? ASSISTANT:"],
+                       return_tensors="pt", **scan)
+    from transprune.adapters import adapter_for
+
+    assert sorted(set(adapter_for(model).attention_blocks(inputs)[0].tolist())) == [-1, 0, 1, 2]
+    stages, ref_logits = reference(model, inputs, TINY)
+    with transprune.pruned(model, TINY) as handle, torch.no_grad():
+        got = model(**inputs).logits[0, -1]
+    assert handle.last_stats[0].kept_indices == [s["kept"] for s in stages]
+    assert torch.allclose(got, ref_logits, atol=1e-4, rtol=1e-4)
+    with transprune.pruned(model, [VisionZipConfig(6, 2), TINY]) as handle:
+        greedy(model, inputs, n=4)
+        assert len(handle.last_stats[0].kept_indices[0]) == 3 * 8  # 8 per image and per crop
+
+
+def test_a_padded_batch_of_two_images_none_and_one_matches_one_by_one(gemma):
+    model, processor = gemma
+    prompts = ["USER: <start_of_image> <start_of_image> what is the colour of this ? ASSISTANT:",
+               "USER: how many dogs ? ASSISTANT:", "USER: <start_of_image> what is there ? ASSISTANT:"]
+    images = [[random_image(1), random_image(2)], [], [random_image(3)]]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    singles = [processor(images=[i] if i else None, text=[t], return_tensors="pt") for t, i in zip(prompts, images)]
+    for config in (TINY, FastVConfig(k=2, r=0.5), [VisionZipConfig(6, 2), TINY]):
+        with transprune.pruned(model, config) as handle:
+            tokens = greedy(model, batch, n=30)  # past the sliding window
+            kept = [s.kept_indices for s in handle.last_stats]
+            assert kept[1] == [] and handle.last_stats[1].n_image_tokens == 0
+            for b, inputs in enumerate(singles):
+                assert torch.equal(greedy(model, inputs, n=30)[0], tokens[b])
+                assert handle.last_stats[0].kept_indices == kept[b]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import transprune
 from conftest import mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig, VisionZipConfig
-from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_llava_onevision, tiny_processor
+from transprune.testing import random_image, sample_inputs, sample_inputs_unbatched, tiny_llava_onevision, tiny_processor
 
 SIZES = [(64, 64), (128, 64), (64, 128)]  # (width, height): 136, 208 and 200 visual tokens (packing, newlines)
 SCHEDULE = dict(accumulation_layers=(2, 3, 4, 5), pruning_layers=(2, 3, 5), reference_depth=None)
@@ -348,3 +348,22 @@ def test_visionzip_video_frames_and_batch_match_one_by_one(onevision):
         tokens = greedy(model, mixed_batch(video, image), n=8)
         assert handle.last_stats[1].kept_indices == kept
     assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
+
+
+def test_visionzip_on_a_multi_image_prompt_next_to_a_tiled_image(onevision):
+    """Two images in one prompt are not tiled (``batch_num_images``): each is one unit (its base view); the single
+    image of the other prompt is tiled (base view + grid). Batch == one by one."""
+    model, processor = onevision
+    processor.tokenizer.padding_side = "left"
+    prompts = ["USER: <image>\n<image>\nwhat is there ? ASSISTANT:", "USER: <image>\nwhat is the colour ? ASSISTANT:"]
+    images = [[random_image(1), random_image(2)], [random_image(3, (128, 64))]]
+    batch = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert batch["batch_num_images"].tolist() == [2, 1]
+    singles = [processor(images=[i], text=[t], return_tensors="pt") for t, i in zip(prompts, images)]
+    with transprune.pruned(model, [VisionZipConfig(6, 2), TINY]) as handle:
+        tokens = greedy(model, batch, n=8)
+        kept = [s.kept_indices for s in handle.last_stats]
+        assert [len(k[0]) for k in kept] == [16, 16]  # 2 images x 8 / base + grid x 8
+        for b, inputs in enumerate(singles):
+            assert torch.equal(greedy(model, inputs, n=8)[0], tokens[b])
+            assert handle.last_stats[0].kept_indices == kept[b]

@@ -84,6 +84,8 @@ def plan_budget(config, model_or_arch, tflops: float, image_tokens: int | None =
     target is below what the method can reach while keeping at least one token at every stage."""
     target = check_target(tflops)
     arch = arch_of(model_or_arch, image_tokens)
+    # `apply` also refuses a stage keeping no token of the model's nominal image: stay valid for both counts
+    archs = [arch] if image_tokens is None else [arch, arch_of(model_or_arch)]
     pre, llm = split_methods(config)
     if llm is not None and not llm.enabled and pre is None:
         raise ValueError(f"{llm.method} with no pruning layers has no keep ratios to scale")
@@ -92,18 +94,19 @@ def plan_budget(config, model_or_arch, tflops: float, image_tokens: int | None =
         """(ratio, report) at ``factor``; ratio None when some stage would keep no token (not a valid setting)."""
         try:
             candidate = scaled(config, factor)
-            report = estimate(candidate, arch, text_tokens=text_tokens)
+            reports = [estimate(candidate, a, text_tokens=text_tokens) for a in archs]
         except ValueError:
             return None, None
-        if min(report.visual_tokens_per_layer) < 1:
+        if any(min(r.visual_tokens_per_layer) < 1 for r in reports):
             return None, None
-        return report.ratio, (candidate, report)
+        return reports[0].ratio, (candidate, reports[0])
 
     low, high = 0.0, 1.0
-    while cost(high)[0] is not None and cost(high)[0] < 1.0 and high < 2.0 ** 30:  # the factor that keeps all
+    while (cost(high)[0] is None or cost(high)[0] < 1.0) and high < 2.0 ** 30:  # up to the factor that keeps all
         high *= 2
     if cost(high)[0] is None:
-        raise ValueError(f"{'+'.join(c.method for c in as_list(config))} keeps no token at some stage on {arch.name}")
+        raise ValueError(f"{'+'.join(c.method for c in as_list(config))} keeps no token at some stage on {arch.name} "
+                         "at any scale")
     for _ in range(_STEPS):  # the smallest valid factor
         mid = (low + high) / 2
         low, high = (low, mid) if cost(mid)[0] is not None else (mid, high)

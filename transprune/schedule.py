@@ -31,6 +31,11 @@ class Schedule:
     accumulation_layers: tuple[int, ...]
     pruning_layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
+    min_keep: int = 0  # a stage keeps at least this many image tokens (V2Drop's code keeps max(1, ...))
+
+    def keep_count(self, n_image: int, stage: int) -> int:
+        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)``, at least ``min_keep``."""
+        return min(n_image, max(self.min_keep, int(n_image * self.keep_ratios[stage])))
 
     @classmethod
     def none(cls, depth: int) -> "Schedule":
@@ -68,7 +73,7 @@ class Schedule:
         if acc and acc[-1] > depth:
             hint = "; pass reference_depth=N to map layer numbers written for an N-layer decoder" if ref is None else ""
             raise ValueError(f"accumulation_layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed){hint}")
-        return cls(depth, acc, prune, tuple(config.keep_ratios))
+        return cls(depth, acc, prune, tuple(config.keep_ratios), getattr(config, "min_keep", 0))
 
     def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:
         """Image tokens each layer processes in prefill, for a sample with ``n_image`` image tokens (after
@@ -80,7 +85,7 @@ class Schedule:
             if layer in stages:
                 i = stages[layer]
                 if kept is None:
-                    current = int(n_image * self.keep_ratios[i])
+                    current = self.keep_count(n_image, i)
                 elif i < len(kept):
                     current = kept[i]
         return counts

@@ -102,6 +102,10 @@ class ModelAdapter:
     def check_decoder(self) -> None:
         if not isinstance(getattr(self.decoder, "layers", None), torch.nn.ModuleList):
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` ModuleList; transprune cannot run it")
+        other = sorted(set(self.layer_types[: self.depth]) - {"full_attention", "sliding_attention"})
+        if other:
+            raise ValueError(f"{type(self.decoder).__name__} has layers of type {other}: transprune builds full and "
+                             "sliding-window attention masks only")
 
     # -- visual tokens ---------------------------------------------------------------------------
     def placeholder_ids(self) -> dict[str, int]:
@@ -203,10 +207,13 @@ class ModelAdapter:
         cos, sin = rope
         return cos[b:b + 1, cols], sin[b:b + 1, cols]
 
-    @property
+    @functools.cached_property
     def layer_types(self) -> list[str]:
-        """Each layer's attention type (HF's ``config.layer_types``: "full_attention", "sliding_attention")."""
-        return getattr(self.decoder.config, "layer_types", None) or ["full_attention"] * self.depth
+        """Each layer's attention type ("full_attention", "sliding_attention"), read as the model's cache reads it:
+        ``config.layer_types``, else inferred from ``sliding_window`` (a Mistral decoder slides in every layer)."""
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        return list(get_layer_types_and_kwargs(self.decoder.config)[0])
 
     @functools.cached_property
     def _has_sliding(self) -> bool:

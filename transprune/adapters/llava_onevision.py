@@ -97,9 +97,10 @@ class OnevisionVisionHooks:
         self.config = adapter.model.config
 
     def check(self) -> None:
-        if not isinstance(self.config.vision_feature_layer, int):
-            raise ValueError("VisionZipConfig on LLaVA-OneVision needs a single int vision_feature_layer, got "
-                             f"{self.config.vision_feature_layer!r}")
+        if self.config.vision_feature_select_strategy != "full" or not isinstance(self.config.vision_feature_layer, int):
+            raise ValueError("VisionZipConfig on LLaVA-OneVision needs vision_feature_select_strategy='full' (every "
+                             "patch a feature: SigLIP has no CLS row to drop) and a single int vision_feature_layer, got "
+                             f"{self.config.vision_feature_select_strategy!r} and {self.config.vision_feature_layer!r}")
         self.attention_layer()
 
     def _side(self) -> int:

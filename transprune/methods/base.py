@@ -90,17 +90,19 @@ def check_fraction(name: str, value, low_open: bool = True) -> None:
         raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
 
 
-def check_keep_ratios(ratios, pruning_layers) -> tuple[float, ...]:
-    """One fraction of the original count per pruning layer, in (0, 1], never increasing."""
+def check_keep_ratios(ratios, pruning_layers, allow_zero: bool = False) -> tuple[float, ...]:
+    """One fraction of the original count per pruning layer, in (0, 1] (``allow_zero``: [0, 1], for a method whose
+    stages keep at least one token), never increasing."""
+    span = "[0, 1]" if allow_zero else "(0, 1]"
     try:
         ratios = tuple(float(r) for r in ratios)
     except (TypeError, ValueError):
-        raise TypeError(f"keep_ratios must be a sequence of floats in (0, 1], got {ratios!r}") from None
+        raise TypeError(f"keep_ratios must be a sequence of floats in {span}, got {ratios!r}") from None
     if len(ratios) != len(pruning_layers):
         raise ValueError(f"keep_ratios needs one ratio per pruning layer: {len(pruning_layers)} pruning_layers "
                          f"{tuple(pruning_layers)} but {len(ratios)} keep_ratios {ratios}")
-    if any(not 0.0 < r <= 1.0 for r in ratios):
-        raise ValueError(f"keep_ratios must lie in (0, 1] (fractions of the original count), got {ratios}")
+    if any(not (0.0 <= r if allow_zero else 0.0 < r) or r > 1.0 for r in ratios):
+        raise ValueError(f"keep_ratios must lie in {span} (fractions of the original count), got {ratios}")
     if any(b > a for a, b in zip(ratios, ratios[1:])):
         raise ValueError(f"keep_ratios must not increase from one pruning layer to the next, got {ratios}")
     return ratios

@@ -5,9 +5,9 @@ Our reading of the official code (`V2Drop.py`): at a pruning layer (1-indexed p:
 0-based layers it cuts before), a token's variation is the L2 norm of what layer p changed in it, ``||h_out -
 h_in||`` on the residual stream (the code's ``||x_l - x_{l-1}||`` over layer inputs; an earlier release used
 the cosine); the tokens with the largest variation stay. The code's ratios apply to the tokens left; here, as
-for every method, keep ratios are fractions of the original count: LLaVA-1.5's 576 -> 288 -> 144 -> 1 after
-layers 3, 17 and 22 is (0.5, 0.25, 0.002), the last stage keeping one token (the code's ``max(1, 0)``). Kept
-tokens keep their positions (the code gathers ``position_ids``).
+for every method, keep ratios are fractions of the original count, and a stage keeps at least one token (the
+code's ``max(1, ...)``): LLaVA-1.5's 576 -> 288 -> 144 -> 1 after layers 3, 17 and 22 is (0.5, 0.25, 0), the
+last stage keeping one token on any model. Kept tokens keep their positions (the code gathers ``position_ids``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from .base import (DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, che
 # The code's schedules: LLaVA-1.5 (32 layers; 576 -> 288 -> 144 -> 1) and Qwen2-VL (28 layers: 0.25, then 0.05 of
 # the rest, then 1 token: 256 nominal tokens -> 64 -> 3 -> 1).
 _PRESETS = {
-    "llava": dict(pruning_layers=(3, 17, 22), keep_ratios=(0.5, 0.25, 0.002)),
-    "qwen": dict(pruning_layers=(3, 16, 22), keep_ratios=(0.25, 0.0125, 0.004)),  # 256 -> 64 -> 3 -> 1
+    "llava": dict(pruning_layers=(3, 17, 22), keep_ratios=(0.5, 0.25, 0.0)),
+    "qwen": dict(pruning_layers=(3, 16, 22), keep_ratios=(0.25, 0.0125, 0.0)),  # 256 -> 64 -> 3 -> 1
 }
 
 
@@ -36,13 +36,14 @@ class V2DropConfig(InLLMMethod):
     reference_depth: int | None = None
     method = "v2drop"
     presets = tuple(_PRESETS)
+    min_keep = 1  # every stage keeps at least one token, as the code's max(1, ...): a ratio of 0 keeps one
 
     def __post_init__(self):
         check_reference_depth(self.reference_depth)
         choice("positions", self.positions, POSITION_RULES)
         prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
         object.__setattr__(self, "pruning_layers", prune)
-        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune))
+        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune, allow_zero=True))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "V2DropConfig":

@@ -68,8 +68,8 @@ def _check_every_stage_keeps_a_token(llm, pre, schedule, adapter) -> None:
     their nominal image (`arch_spec`); smaller images there may still keep 0 at run time."""
     arch = adapter.arch_spec(adapter.model.config, "model")
     n = arch.image_tokens if pre is None else pre.llm_tokens(arch)
-    for layer, ratio in zip(schedule.pruning_layers, schedule.keep_ratios):
-        if int(n * ratio) == 0:
+    for stage, (layer, ratio) in enumerate(zip(schedule.pruning_layers, schedule.keep_ratios)):
+        if schedule.keep_count(n, stage) == 0:
             raise ValueError(f"{type(llm).__name__} keeps {ratio:g} of the image tokens after layer {layer}: 0 of this "
                              f"model's {n} image tokens{' (its nominal image)' if arch.nominal_image_size else ''}"
                              f"{' after ' + type(pre).__name__ if pre is not None else ''}; keep ratios are fractions "

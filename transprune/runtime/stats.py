@@ -52,6 +52,8 @@ def sample_stats(schedule: Schedule, decoder_config, n_original, n_llm, kept_ran
     stage_layers = ([0] if pre_llm else []) + list(schedule.pruning_layers)
     stats = []
     for b, (n, n_start, ranks) in enumerate(zip(n_original, n_llm, kept_ranks)):
+        if n == 0:  # no visual token: nothing was pruned, alone or in a batch with images
+            ranks = []
         counts = [int(r.numel()) for r in (ranks[1:] if pre_llm else ranks)]
         per_layer = schedule.tokens_per_layer(n_start, counts)
         stats.append(SampleStats(
