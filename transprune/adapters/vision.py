@@ -26,11 +26,14 @@ def cls_row_attention(hidden, queries, keys, heads: int, head_dim: int, scale: f
     return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
 
 
+_QUERY_CHUNK = 1024
+
+
 def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float, mask=None):
     """The attention each row receives, (B, T): the mean over the rows of its own sample (and over heads) of their
     attention to it; and the keys (B, T, heads * head_dim). ``queries`` / ``keys`` project (B, T, d) inputs;
     ``mask``: the layer's attention mask, additive (B, 1, T, T) floats or bool (True = may attend), or None. One
-    (B, T, T) map per head at a time, so big towers stay within memory."""
+    (B, 1024, T) block of one head at a time, so big towers stay within memory."""
     b, t, _ = hidden.shape
     q = queries(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
     k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
@@ -41,9 +44,11 @@ def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: 
     real = allowed.any(-2) if allowed is not None else torch.ones(b, t, dtype=torch.bool, device=hidden.device)
     received = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
     for head in range(heads):
-        logits = q[:, head] @ k[:, head].transpose(-1, -2) * scale
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        weights = torch.nan_to_num(torch.softmax(logits, dim=-1)) * real[..., None]  # padded rows pay nothing
-        received += weights.sum(1)
+        for start in range(0, t, _QUERY_CHUNK):  # (B, chunk, T) at a time: a 4096-patch tower stays small
+            rows = slice(start, start + _QUERY_CHUNK)
+            logits = q[:, head, rows] @ k[:, head].transpose(-1, -2) * scale
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed[:, rows], float("-inf"))
+            weights = torch.nan_to_num(torch.softmax(logits, dim=-1)) * real[:, rows, None]  # padded rows pay nothing
+            received += weights.sum(1)
     return received / (heads * real.sum(1, keepdim=True).clamp_min(1)), k.transpose(1, 2).reshape(b, t, -1)
