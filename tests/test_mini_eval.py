@@ -84,6 +84,17 @@ def test_eval_cli_json_and_errors(random_mini, capsys):
     assert "--n and --batch-size must be >= 1" in capsys.readouterr().err
 
 
+def test_eval_plot_writes_a_picture(random_mini, tmp_path, capsys):
+    out = tmp_path / "eval.png"
+    assert main(["eval", "--suite", "mini", "--model", str(random_mini), "--methods", "none,random,fastv,divprune",
+                 "--n", "4", "--batch-size", "4", "--threads", "1", "--budget", "0.5", "--plot", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 150
+    assert "| divprune |" in capsys.readouterr().out
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--suite", "mini", "--model", str(tmp_path)]) == 2
     assert "no mini checkpoint at" in capsys.readouterr().err

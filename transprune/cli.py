@@ -230,12 +230,24 @@ def cmd_eval(args) -> int:
         print(f"transprune eval: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before the run; imported for real when plotting)
+        except ImportError:
+            print("transprune eval: error: --plot needs matplotlib, which is not installed: pip install matplotlib",
+                  file=sys.stderr)
+            return 2
     try:
         results = evaluate(model, processor, names, n=args.n, batch_size=args.batch_size, progress=not args.json,
                            budget=args.budget)
     except ValueError as exc:  # a budget below what some method can reach
         print(f"transprune eval: error: {exc}", file=sys.stderr)
         return 2
+    if args.plot is not None:
+        from .mini.evaluate import plot
+
+        at = f", every method at {args.budget:g} of the unpruned TFLOPs" if args.budget is not None else ""
+        plot(results, args.plot, f"mini testbed, {args.n} held-out questions{at}")
     if args.json:
         from .mini.train import machine
 
@@ -349,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count, default=50)
     add_budget_arg(p)
     _add_mini_args(p)
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw each method's accuracy and TFLOPs share")
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_eval)
 

@@ -221,3 +221,42 @@ def format_table(results: list[MethodResult]) -> str:
                  f"{100 * r.tflops_ratio:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(results: list[MethodResult], path, title: str) -> None:
+    """One horizontal bar per method, accuracy (%), best at the top, each labelled with its paper-convention TFLOPs
+    share; dashed lines at the unpruned and the random method's accuracy where the run has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    def kind(r):
+        stages = [s["after_layer"] for s in r.stages]
+        return "none" if not stages else "before the LLM" if stages[0] == 0 and len(stages) == 1 else \
+            "before + in the LLM" if stages[0] == 0 else "in the LLM"
+
+    colours = {"none": "0.55", "in the LLM": "tab:blue", "before the LLM": "tab:orange", "before + in the LLM": "tab:green"}
+    ordered = sorted(results, key=lambda r: r.accuracy)
+    fig = Figure(figsize=(8.5, 0.36 * len(ordered) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.barh([r.name for r in ordered], [100 * r.accuracy for r in ordered],
+                   color=[colours[kind(r)] for r in ordered])
+    for bar, r in zip(bars, ordered):
+        ax.text(bar.get_width() + 0.6, bar.get_y() + bar.get_height() / 2,
+                f"{100 * r.accuracy:.1f}%  at {100 * r.tflops_ratio:.1f}% TFLOPs", va="center", fontsize=8)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colour, label=f"pruned {label}" if label != "none" else "no pruning")
+               for label, colour in colours.items() if any(kind(r) == label for r in results)]
+    for name, style in (("none", "--"), ("random", ":")):
+        ref = next((r for r in results if r.name == name), None)
+        if ref is not None:
+            ax.axvline(100 * ref.accuracy, color="black", linestyle=style, linewidth=1, zorder=0)
+            handles.append(Line2D([], [], color="black", linestyle=style, linewidth=1,
+                                  label=f"{name}: {100 * ref.accuracy:.1f}%"))
+    ax.set(xlim=(0, 118), xlabel="accuracy (%)", title=title)
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.tick_params(axis="y", labelsize=8)
+    fig.savefig(path, dpi=110)
