@@ -196,7 +196,7 @@ def test_bench_device_that_is_no_device_is_one_line(capsys):
     assert err == "transprune bench: error: --device 'nope' is not a torch device (e.g. cpu, cuda, cuda:1)"
 
 
-@pytest.mark.parametrize("kind, tokens", [("smolvlm", 80), ("llava_onevision", 268)])
+@pytest.mark.parametrize("kind, tokens", [("smolvlm", 80), ("llava_onevision", 268), ("gemma3", 16)])
 def test_run_on_more_families_uses_their_processor_and_chat_template(tmp_path, capsys, kind, tokens):
     folder = save_tiny_checkpoint(tmp_path / kind, kind=kind, num_hidden_layers=16)
     image = tmp_path / "i.png"
