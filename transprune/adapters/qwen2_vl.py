@@ -28,6 +28,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
+from .vision import received_from_qk
 
 # The nominal image of the FLOPs tool and the bench: 448 x 448 pixels (16 x 16 merged tokens with 14-pixel
 # patches merged 2 x 2: 256 visual tokens on Qwen2-VL / Qwen2.5-VL-7B).
@@ -187,16 +188,12 @@ class QwenVisionHooks:
         rows = hidden.shape[0]
         q, k, _ = attn.qkv(hidden).reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, rows, head_dim)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (heads, rows, head_dim)
         received = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         bounds = kwargs["cu_seqlens"].tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            total = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
-            for head in range(q.shape[0]):  # one (n, n) map at a time: big images stay within memory
-                scores = q[head, start:end] @ k[head, start:end].T * attn.scaling
-                total += torch.softmax(scores, dim=-1).mean(0)
-            received[start:end] = total / q.shape[0]
-        return received, k.transpose(0, 1).reshape(rows, -1)
+        for start, end in zip(bounds[:-1], bounds[1:]):  # each image / frame attends within itself
+            received[start:end] = received_from_qk(q[None, :, start:end], k[None, :, start:end], attn.scaling)[0]
+        return received, k.float().transpose(0, 1).reshape(rows, -1)
 
     def geometry(self, modality, args, kwargs):
         """The (t, h, w) patch grid of each image or video of the encoder call."""

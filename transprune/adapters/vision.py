@@ -32,23 +32,30 @@ _QUERY_CHUNK = 1024
 def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float, mask=None):
     """The attention each row receives, (B, T): the mean over the rows of its own sample (and over heads) of their
     attention to it; and the keys (B, T, heads * head_dim). ``queries`` / ``keys`` project (B, T, d) inputs;
-    ``mask``: the layer's attention mask, additive (B, 1, T, T) floats or bool (True = may attend), or None. One
-    (B, 1024, T) block of one head at a time, so big towers stay within memory."""
+    ``mask``: the layer's attention mask, additive (B, 1, T, T) floats or bool (True = may attend), or None."""
     b, t, _ = hidden.shape
-    q = queries(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
-    k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
+    q = queries(hidden).view(b, t, heads, head_dim).transpose(1, 2)
+    k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2)
     allowed = None
     if mask is not None:
         allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    # the real patches: those some row may attend to (a padding mask hides padded patches as keys)
-    real = allowed.any(-2) if allowed is not None else torch.ones(b, t, dtype=torch.bool, device=hidden.device)
-    received = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
+    return received_from_qk(q, k, scale, allowed), k.transpose(1, 2).reshape(b, t, -1).float()
+
+
+def received_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) the attention each row receives from rotated ``q``, ``k`` (B, heads, T, head_dim): the mean over the
+    sample's real rows and over heads, in fp32, one (B, 1024, T) block of one head at a time so big towers stay
+    within memory. ``allowed``: (B, T, T) bool, True where a row may attend (None: everywhere); the real rows are
+    those some row may attend to (a padding mask hides padded patches as keys), and only they pay."""
+    b, heads, t, _ = q.shape
+    real = allowed.any(-2) if allowed is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
+    received = torch.zeros(b, t, dtype=torch.float32, device=q.device)
     for head in range(heads):
-        for start in range(0, t, _QUERY_CHUNK):  # (B, chunk, T) at a time: a 4096-patch tower stays small
+        keys = k[:, head].float().transpose(-1, -2)
+        for start in range(0, t, _QUERY_CHUNK):
             rows = slice(start, start + _QUERY_CHUNK)
-            logits = q[:, head, rows] @ k[:, head].transpose(-1, -2) * scale
+            logits = q[:, head, rows].float() @ keys * scale
             if allowed is not None:
                 logits = logits.masked_fill(~allowed[:, rows], float("-inf"))
-            weights = torch.nan_to_num(torch.softmax(logits, dim=-1)) * real[:, rows, None]  # padded rows pay nothing
-            received += weights.sum(1)
-    return received / (heads * real.sum(1, keepdim=True).clamp_min(1)), k.transpose(1, 2).reshape(b, t, -1)
+            received += (torch.nan_to_num(torch.softmax(logits, dim=-1)) * real[:, rows, None]).sum(1)
+    return received / (heads * real.sum(1, keepdim=True).clamp_min(1))
