@@ -8,10 +8,13 @@ import torch.nn.functional as F
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 import transprune
-from transprune import FastVConfig, PDropConfig, RandomConfig, UniformConfig, VisionZipConfig
+from transprune import FastVConfig, VisionZipConfig
 from transprune.testing import (GEMMA3_SLIDING_WINDOW, random_image, sample_inputs, sample_inputs_unbatched,
                                 tiny_gemma3, tiny_processor)
 
+from family_checks import (IN_LLM_CONFIGS, IN_LLM_IDS, counts_and_batch_match_one_by_one,  # noqa: E402
+                           scores_and_forward_match_the_spec, sdpa_eager_no_image_half_precision_and_save_load,
+                           visionzip_batch_matches_one_by_one)
 from test_runtime_llava_onevision import KEEP_ALL, TINY, greedy, n_visual  # noqa: E402
 
 
@@ -148,37 +151,18 @@ def test_keep_all_equals_unpruned_and_the_blocks_matter(gemma):
     assert torch.allclose(got_causal[valid], ref_causal[valid], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("config", [TINY, FastVConfig(k=2, r=0.5), PDropConfig(layers=(2, 4, 6), ratio=0.5),
-                                    RandomConfig(pruning_layers=(2, 3, 5), keep_ratios=(0.875, 0.5, 0.25)),
-                                    UniformConfig(pruning_layers=(2, 4), keep_ratios=(0.5, 0.25))],
-                         ids=["transprune", "fastv", "pdrop", "random", "uniform"])
+@pytest.mark.parametrize("config", IN_LLM_CONFIGS, ids=IN_LLM_IDS)
 def test_exact_counts_and_batch_matches_one_by_one(gemma, config):
     model, processor = gemma
-    batch = sample_inputs(processor, 3, seed=3)
-    with transprune.pruned(model, config) as handle:
-        tokens = greedy(model, batch, n=10)
-        stats = handle.last_stats
-        for n, s in zip(n_visual(model, batch), stats):
-            assert [len(k) for k in s.kept_indices] == [int(n * r) for r in handle.schedule.keep_ratios]
-            assert all(k == sorted(k) for k in s.kept_indices)
-        for b, inputs in enumerate(sample_inputs_unbatched(processor, 3, seed=3)):
-            assert torch.equal(greedy(model, inputs, n=10)[0], tokens[b])
-            assert handle.last_stats[0].kept_indices == stats[b].kept_indices
+    counts_and_batch_match_one_by_one(model, config, sample_inputs(processor, 3, seed=3),
+                                      sample_inputs_unbatched(processor, 3, seed=3), in_order=True)
 
 
 def test_scores_kept_tokens_and_forward_match_the_spec(gemma):
     model, processor = gemma
     inputs = sample_inputs_unbatched(processor, 3, seed=4)[2]
     assert inputs["input_ids"].shape[1] > GEMMA3_SLIDING_WINDOW
-    stages, ref_logits = reference(model, inputs, TINY)
-    with transprune.pruned(model, TINY, record_scores=True) as handle, torch.no_grad():
-        got = model(**inputs).logits[0, -1]
-    stats = handle.last_stats[0]
-    for mine, ref in zip(stats.scores, stages):
-        assert torch.allclose(mine["ttv"], ref["ttv"], atol=1e-5, rtol=1e-4)
-        assert torch.allclose(mine["iga"], ref["iga"], atol=1e-5, rtol=1e-4)
-    assert stats.kept_indices == [s["kept"] for s in stages]
-    assert torch.allclose(got, ref_logits, atol=1e-4, rtol=1e-4)
+    scores_and_forward_match_the_spec(model, inputs, reference)
 
 
 def test_decode_steps_match_full_forwards_on_the_kept_tokens(gemma):
@@ -217,33 +201,7 @@ def test_two_images_in_one_prompt_are_two_blocks(gemma):
 
 
 def test_sdpa_eager_no_image_half_precision_and_save_load(tmp_path):
-    from transprune.loading import load_checkpoint
-    from transprune.testing import save_tiny_checkpoint
-
-    processor = tiny_processor("gemma3")
-    inputs = sample_inputs(processor, 3, seed=5)
-    runs = []
-    for model in (tiny_gemma3(seed=0), tiny_gemma3(seed=0, attn_implementation="eager")):
-        with transprune.pruned(model, TINY) as handle:
-            runs.append((greedy(model, inputs, n=8), [s.kept_indices for s in handle.last_stats]))
-    assert runs[0][1] == runs[1][1] and torch.equal(runs[0][0], runs[1][0])
-    model = tiny_gemma3(seed=0)
-    processor.tokenizer.padding_side = "left"
-    text = processor(text=["USER: what is the colour ? ASSISTANT:", "USER: how many ? ASSISTANT:"], padding=True,
-                     return_tensors="pt")
-    ref = greedy(model, text, n=5)
-    with transprune.pruned(model, TINY) as handle:
-        assert torch.equal(greedy(model, text, n=5), ref) and [s.n_image_tokens for s in handle.last_stats] == [0, 0]
-    for dtype in (torch.float16, torch.bfloat16):
-        half = tiny_gemma3(seed=0, dtype=dtype)
-        with transprune.pruned(half, TINY, record_scores=True) as handle:
-            assert greedy(half, {**inputs, "pixel_values": inputs["pixel_values"].to(dtype)}, n=3).shape == (3, 3)
-        assert all(torch.isfinite(st["score"]).all() for s in handle.last_stats for st in s.scores)
-    loaded, loaded_processor = load_checkpoint(str(save_tiny_checkpoint(tmp_path / "g3", kind="gemma3")))
-    again = sample_inputs(loaded_processor, 3, seed=5)
-    assert all(torch.equal(again[k], inputs[k]) for k in inputs)
-    with transprune.pruned(loaded, TINY):
-        assert torch.equal(greedy(loaded, again, n=8), runs[0][0])
+    sdpa_eager_no_image_half_precision_and_save_load("gemma3", None, tmp_path)
 
 
 def test_flops_arch_and_bench_inputs():
@@ -292,14 +250,8 @@ def test_visionzip_matches_the_eager_received_attention_reference(gemma, chunk, 
 
 def test_visionzip_batch_matches_one_by_one(gemma):
     model, processor = gemma
-    batch = sample_inputs(processor, 3, seed=12)
-    with transprune.pruned(model, [VisionZipConfig(6, 2), TINY]) as handle:
-        tokens = greedy(model, batch, n=8)
-        stats = [s.kept_indices for s in handle.last_stats]
-        assert [len(s[0]) for s in stats] == [8, 8, 8]
-        for b, inputs in enumerate(sample_inputs_unbatched(processor, 3, seed=12)):
-            assert torch.equal(greedy(model, inputs, n=8)[0], tokens[b])
-            assert handle.last_stats[0].kept_indices == stats[b]
+    visionzip_batch_matches_one_by_one(model, sample_inputs(processor, 3, seed=12),
+                                       sample_inputs_unbatched(processor, 3, seed=12), [8, 8, 8])
 
 
 def test_pan_and_scan_crops_are_blocks_of_their_own(gemma):

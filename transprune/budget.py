@@ -90,8 +90,15 @@ def plan_budget(config, model_or_arch, tflops: float, image_tokens: int | None =
     if llm is not None and not llm.enabled and pre is None:
         raise ValueError(f"{llm.method} with no pruning layers has no keep ratios to scale")
 
+    seen: dict[float, tuple] = {}
+
     def cost(factor):
         """(ratio, report) at ``factor``; ratio None when some stage would keep no token (not a valid setting)."""
+        if factor not in seen:
+            seen[factor] = _cost(factor)
+        return seen[factor]
+
+    def _cost(factor):
         try:
             candidate = scaled(config, factor)
             reports = [estimate(candidate, a, text_tokens=text_tokens) for a in archs]

@@ -133,13 +133,9 @@ class OnevisionVisionHooks:
         frames per video."""
         if "videos" in geometry:
             return [geometry["frames"]] * geometry["videos"]
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
         sizes, counts = geometry["image_sizes"], geometry["batch_num_images"]
         patching = [True] * len(sizes) if counts is None else [n == 1 for n in counts for _ in range(n)]
-        side = self.config.vision_config.image_size
-        return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, side) if patch else 1
-                for size, patch in zip(sizes, patching)]
+        return [self.adapter._tiles([int(x) for x in size]) if patch else 1 for size, patch in zip(sizes, patching)]
 
     def _packed(self, per_crop: torch.Tensor, geometry) -> list[torch.Tensor]:
         """(crops, patches, c) channels packed as the model packs features: per image (or video) its rows, (n, 1 + c),
