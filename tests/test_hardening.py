@@ -157,8 +157,10 @@ def test_visionzip_leaves_no_hook_on_the_tower_nor_in_a_copy(llava):
         twin = copy.deepcopy(model)
     twin_layer = adapter_for(twin).vision_hooks().attention_layer()
     assert len(twin_layer._forward_pre_hooks) == before
-    # the copy's encoder is its class's own, bound to the copy (patching.py): no VisionZip there
+    # the copy's encoder and scored layer are their classes' own, bound to the copy (patching.py): no VisionZip there
     assert twin.model.get_image_features.__func__ is type(twin.model).get_image_features
+    assert twin_layer.forward.__func__ is type(twin_layer).forward
+    assert "forward" not in layer.__dict__  # removed with the pruning
 
 
 def test_a_method_with_a_composition_preset_is_an_error():

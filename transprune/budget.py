@@ -12,6 +12,7 @@ and the closer one wins (the cheaper one on a tie).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from .flops import ArchSpec, arch_from_hf_config, estimate, resolve_arch
@@ -49,7 +50,9 @@ def scaled(config, factor: float):
 
 
 def check_target(tflops) -> float:
-    if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or not 0 < tflops <= 1:
+    if hasattr(tflops, "dim") and hasattr(tflops, "item") and tflops.dim() == 0:  # a 0-d tensor
+        tflops = tflops.item()
+    if isinstance(tflops, bool) or not isinstance(tflops, numbers.Real) or not 0 < tflops <= 1:  # numpy scalars too
         raise ValueError(f"budget must be a number in (0, 1] (paper-convention TFLOPs relative to the unpruned "
                          f"model, e.g. 0.41), got {tflops!r}")
     return float(tflops)

@@ -153,7 +153,13 @@ def cmd_run(args) -> int:
         print(f"transprune run: error: {exc}", file=sys.stderr)
         return 2
     with handle, torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        try:
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+            print(f"transprune run: error: {type(model).__name__} failed on the inputs {type(processor).__name__} made "
+                  f"from {args.model} ({exc}); do the folder's config.json (model_type {model.config.model_type!r}) and "
+                  "its processor files belong to the same model?", file=sys.stderr)
+            return 1
     answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     stats = handle.last_stats[0]
     if args.json:
@@ -277,6 +283,22 @@ def _label(args) -> str:
     return f"{args.method or 'transprune'}{' ' + preset if preset else ''}{extra}"
 
 
+def _check_writable(path: str) -> None:
+    """Raise OSError naming ``path`` when a file cannot be written there (before any model runs)."""
+    import os
+
+    target = Path(path)
+    if target.is_dir():
+        raise OSError(f"--out {path}: a folder; give a file name such as {target / 'demo.png'}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(f"--out {path}: cannot write there ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OSError(f"--out {path}: cannot write there ({parent} is not writable)")
+
+
 def cmd_demo(args) -> int:
     import torch
     from PIL import Image
@@ -290,6 +312,8 @@ def cmd_demo(args) -> int:
     try:
         config = _mapped_for_mini(_method(args), args)
         model, processor = _load_mini(args.model)
+        if args.out is not None:
+            _check_writable(args.out)
         if args.image is not None:
             image, question, expected = Image.open(args.image), args.prompt, None
         else:
@@ -312,7 +336,7 @@ def cmd_demo(args) -> int:
              ("kept per stage", ", ".join(f"after layer {layer}: {k}" for layer, k in result.kept_per_stage)),
              ("TFLOPs, paper convention", f"{result.tflops:.4g} of {result.tflops_unpruned:.4g} unpruned "
                                           f"({100 * (1 - result.tflops / result.tflops_unpruned):.1f}% saved)"),
-             ("picture", result.png)]
+             ("picture", result.png or "none (--out FILE.png draws which tokens each stage kept, and why)")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -374,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=count, default=3, help="which generated test question (default 3)")
     _add_method_args(p)
     _add_mini_args(p)
-    p.add_argument("--out", default="transprune-demo.png", metavar="PNG", help="where to write the picture")
+    p.add_argument("--out", default=None, metavar="PNG",
+                   help="draw which image tokens each stage kept, and their scores, into this PNG (default: no picture)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)
 

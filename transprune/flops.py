@@ -61,9 +61,15 @@ def arch_from_config(path) -> ArchSpec:
     adapter says how its image tokens are counted)."""
     from transformers import AutoConfig  # imported here so the paper arithmetic needs no transformers
 
+    from .loading import read_config_json
+
     path = Path(path)
     # AutoConfig fills the defaults a saved config.json leaves out; it wants the folder for config.json.
     source = path.parent if path.is_file() and path.name == "config.json" else path
+    if not (source / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json: give a checkpoint folder (or its config.json), or one of "
+                         f"{', '.join(ARCHS)}")
+    read_config_json(source / "config.json")  # a readable JSON object, else an error naming the file
     cfg = AutoConfig.from_pretrained(str(source))
     return arch_from_hf_config(cfg, source.name if source.is_dir() else source.stem, where=str(path))
 

@@ -23,6 +23,17 @@ def model_class(config):
     return family_for(config.model_type).model_class_for(config.model_type)
 
 
+def read_config_json(path: Path) -> dict:
+    """The JSON object of a checkpoint's ``config.json``; ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object of a model config")
+    return value
+
+
 def load_config(folder: str, option: str = "--model"):
     """The Hugging Face config of a local folder with a config.json of a supported model_type; ``option`` names
     the command-line option in the errors."""
@@ -33,7 +44,7 @@ def load_config(folder: str, option: str = "--model"):
         raise ValueError(f"{option} must be a local checkpoint folder with a config.json, got {folder!r}")
     from .adapters import supported_model_types
 
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_config_json(path / "config.json").get("model_type")
     if model_type not in supported_model_types():
         raise ValueError(f"{option} is a {model_type!r} checkpoint; supported: {', '.join(supported_model_types())}")
     return transformers.AutoConfig.from_pretrained(path, local_files_only=True)

@@ -8,6 +8,8 @@ proportionally to the model's depth (the mini model's evaluation maps the papers
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +19,14 @@ class InLLMSchedule(Protocol):
     pruning_layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
     reference_depth: int | None
+
+
+# The depth the papers' layer numbers are written for (LLaVA-1.5-7B's decoder).
+PAPER_DEPTH = 32
+
+
+def _is_named_preset(config) -> bool:
+    return getattr(config, "name", "custom") in getattr(config, "presets", ())
 
 
 def _map_layer(layer: int, depth: int, reference: int) -> int:
@@ -31,10 +41,12 @@ class Schedule:
     accumulation_layers: tuple[int, ...]
     pruning_layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
-    min_keep: int = 0  # a stage keeps at least this many image tokens (V2Drop's code keeps max(1, ...))
+    min_keep: int = 1  # a stage keeps at least this many image tokens of a sample that has any
 
     def keep_count(self, n_image: int, stage: int) -> int:
-        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)``, at least ``min_keep``."""
+        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)``, at least ``min_keep``
+        (one: a small image whose ratio rounds to 0 keeps one token rather than losing the image; V2Drop's code
+        keeps max(1, ...) too)."""
         return min(n_image, max(self.min_keep, int(n_image * self.keep_ratios[stage])))
 
     @classmethod
@@ -64,16 +76,25 @@ class Schedule:
                 mapped_acc = list(range(mapped[0], mapped[-1] + 1))
             prune, acc = tuple(mapped), tuple(mapped_acc)
             written = f"{field}={getattr(config, field, prune)!r} (mapped from reference_depth={ref} to {prune})"
+        if prune and prune[-1] >= depth and ref is None and _is_named_preset(config):
+            # A named preset is the paper's setting, written for its 32-layer decoder: on a shallower model it is
+            # mapped from that depth (said in a warning) rather than refused.
+            mapped = cls.resolve(dataclasses.replace(config, reference_depth=PAPER_DEPTH), depth)
+            warnings.warn(f"preset {config.name!r}: {written} does not fit a {depth}-layer decoder; mapped from the "
+                          f"paper's {PAPER_DEPTH}-layer decoder to pruning_layers={mapped.pruning_layers} (pass "
+                          f"reference_depth=N to choose; CLI: --set reference_depth=N)", stacklevel=4)
+            return mapped
         if prune and prune[-1] >= depth:
-            hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder"
-                    if ref is None else "")
+            hint = (f"; pass reference_depth=N to map layer numbers written for an N-layer decoder (CLI: --set "
+                    f"reference_depth=N; the papers' settings are written for N={PAPER_DEPTH})" if ref is None else "")
             raise ValueError(
                 f"{written} do not fit a {depth}-layer decoder: every pruning layer must be "
                 f"<= {depth - 1} (1-indexed), because scores may use the following layer{hint}")
         if acc and acc[-1] > depth:
-            hint = "; pass reference_depth=N to map layer numbers written for an N-layer decoder" if ref is None else ""
+            hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder (CLI: --set "
+                    "reference_depth=N)" if ref is None else "")
             raise ValueError(f"accumulation_layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed){hint}")
-        return cls(depth, acc, prune, tuple(config.keep_ratios), getattr(config, "min_keep", 0))
+        return cls(depth, acc, prune, tuple(config.keep_ratios), max(1, getattr(config, "min_keep", 1)))
 
     def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:
         """Image tokens each layer processes in prefill, for a sample with ``n_image`` image tokens (after

@@ -36,6 +36,13 @@ class Layout:
         return self.valid.shape[1]
 
 
+def last_tokens(valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: each row's last real token (the one whose output predicts the next token)."""
+    cols = torch.arange(valid.shape[1], device=valid.device)
+    last = torch.where(valid, cols, -1).amax(1, keepdim=True)
+    return cols[None, :] == last
+
+
 def keep_index(keep: torch.Tensor, new_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather index (B, L_new) that packs the ``keep`` columns of each row to the right (left padding).
 

@@ -259,10 +259,23 @@ def tiny_idefics3(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch
     """Random-init ``Idefics3ForConditionalGeneration`` in eval mode (SmolVLM's architecture under its first name)."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    smol = tiny_smolvlm_config(**text_overrides)
+    smol = tiny_smolvlm_config(**{"vocab_size": len(tiny_idefics3_tokenizer()), **text_overrides})
     config = Idefics3Config(vision_config=smol.vision_config.to_dict(), text_config=smol.text_config.to_dict(),
                             image_token_id=IMAGE_ID, scale_factor=2, tie_word_embeddings=False, pad_token_id=PAD_ID)
     return _build(config, Idefics3ForConditionalGeneration, seed, attn_implementation, dtype)
+
+
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<end_of_utterance>"]  # what Idefics3's processor adds if missing
+
+
+def tiny_idefics3_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """`tiny_tokenizer`'s words plus the two tokens Idefics3's processor needs (ids 143, 144)."""
+    vocab = _vocab()
+    for token in IDEFICS3_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = word_level_tokenizer(vocab, padding_side)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"] + IDEFICS3_TOKENS})
+    return tokenizer
 
 
 def tiny_internvl_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
@@ -390,6 +403,17 @@ def tiny_smolvlm_processor():
                                 chat_template=CHAT_TEMPLATE)
 
 
+def tiny_idefics3_processor():
+    """Idefics3 processor for the tiny Idefics3 model: SmolVLM's crops (64 px, 16 tokens each, plus the global
+    view) under Idefics3's own processor class."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, max_image_size={"longest_edge": IMAGE_SIZE},
+                                                size={"longest_edge": 2 * IMAGE_SIZE})
+    return Idefics3Processor(image_processor, tiny_idefics3_tokenizer(), image_seq_len=16, chat_template=CHAT_TEMPLATE)
+
+
 def tiny_internvl_processor():
     """InternVL processor for the tiny model: 64-px tiles (up to 4, plus a thumbnail), 16 tokens each; images only
     (its video processor needs torchvision)."""
@@ -422,6 +446,8 @@ def tiny_processor(kind: str = "llava"):
         return tiny_onevision_processor()
     if kind == "smolvlm":
         return tiny_smolvlm_processor()
+    if kind == "idefics3":
+        return tiny_idefics3_processor()
     if kind == "internvl":
         return tiny_internvl_processor()
     if kind == "gemma3":
@@ -504,9 +530,21 @@ def sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, kind: str | No
             for image, prompt in zip(images, prompts)]
 
 
+def prompt_inputs(processor, prompts: list[str], images: list, padding_side: str = "left") -> BatchFeature:
+    """One batch (padded on ``padding_side``) of LLaVA-style ``prompts``, ``<image>`` where each sample's image goes,
+    for the tiny processor of any family (Qwen's and Gemma 3's placeholders are written for them)."""
+    processor.tokenizer.padding_side = padding_side
+    if "<|vision_start|>" in processor.tokenizer.get_vocab():  # Qwen: the image between its markers
+        prompts = [p.replace("<image>\n", "<image>").replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+                   for p in prompts]
+        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    return processor(images=_per_sample(processor, images), text=_placeholders(processor, prompts), padding=True,
+                     return_tensors="pt")
+
+
 def _per_sample(processor, images: list) -> list:
     """The images as the processor wants them: SmolVLM's and Gemma 3's take one list of images per prompt."""
-    nested = type(processor).__name__ in ("SmolVLMProcessor", "Gemma3Processor")
+    nested = type(processor).__name__ in ("SmolVLMProcessor", "Idefics3Processor", "Gemma3Processor")
     return [[image] for image in images] if nested else images
 
 

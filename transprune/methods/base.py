@@ -16,10 +16,12 @@ A pre-LLM method (``stage = "pre"``) instead provides ``select(adapter, image_ou
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..schedule import Schedule
 
@@ -94,10 +96,14 @@ def check_keep_ratios(ratios, pruning_layers, allow_zero: bool = False) -> tuple
     """One fraction of the original count per pruning layer, in (0, 1] (``allow_zero``: [0, 1], for a method whose
     stages keep at least one token), never increasing."""
     span = "[0, 1]" if allow_zero else "(0, 1]"
-    try:
-        ratios = tuple(float(r) for r in ratios)
-    except (TypeError, ValueError):
-        raise TypeError(f"keep_ratios must be a sequence of floats in {span}, got {ratios!r}") from None
+    if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
+        raise TypeError(f"keep_ratios must be a sequence of numbers in {span}, got {ratios!r}")
+    ratios = tuple(ratios)
+    wrong = [r for r in ratios if isinstance(r, (bool, str, bytes)) or not isinstance(r, numbers.Real)]
+    if wrong:  # a string or bool would silently become a number ("0.5" -> 0.5, True -> 1.0)
+        raise TypeError(f"keep_ratios must hold numbers in {span} (floats, fractions of the original count), got "
+                        f"{wrong[0]!r} in {ratios!r}")
+    ratios = tuple(float(r) for r in ratios)
     if len(ratios) != len(pruning_layers):
         raise ValueError(f"keep_ratios needs one ratio per pruning layer: {len(pruning_layers)} pruning_layers "
                          f"{tuple(pruning_layers)} but {len(ratios)} keep_ratios {ratios}")
@@ -191,6 +197,43 @@ def register_method(name: str, config_cls: type) -> type:
 def unregister_method(name: str) -> None:
     """Undo `register_method` (tests register methods of their own)."""
     del METHODS[name]
+
+
+# Cosine distance below which two visual tokens count as the same token: far above the rounding noise between
+# copies of one token (~1e-7 in fp32), far below the distance between different image patches.
+TIE_DISTANCE = 1e-5
+
+
+def cosine_with_ties(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, n) cosine of the (n, d) ``image`` rows with each other, where copies of one token are exactly tied,
+    and (n,) the first token each one is a copy of (itself if none).
+
+    Copies of a token (LLaVA-NeXT's repeated newline embeddings; the identical tiles of a small image, which the
+    vision tower encodes at different batch rows) differ by rounding noise that depends on the CPU's kernels (AVX2,
+    AVX-512) and on where a row falls in a matrix product's blocks, so a choice between them would differ from
+    machine to machine. Every token within ``TIE_DISTANCE`` of an earlier one takes the first such token's row,
+    products are computed once per distinct row, and the cosine of tied tokens (a token with itself included) is
+    exactly 1: ties then break by index (argmax takes the first), as in exact arithmetic, on every machine.
+    Without copies the matrix is the plain product, bit for bit, but for its diagonal."""
+    unit = F.normalize(image, dim=-1)
+    cosine = unit @ unit.T
+    tied = 1.0 - cosine <= TIE_DISTANCE
+    first = tied.int().argmax(1)  # the earliest token each one ties with (itself at worst)
+    if bool((first == torch.arange(unit.shape[0], device=unit.device)).all()):
+        return cosine.masked_fill(tied, 1.0), first
+    distinct, inverse = torch.unique(first, return_inverse=True)
+    rows = unit[distinct]
+    return (rows @ rows.T)[inverse][:, inverse].masked_fill(tied[first][:, first], 1.0), first
+
+
+def cosine_to(image: torch.Tensor, other: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(n, m) the cosine of the ``image`` rows with the ``other`` rows, the same bits for copies of one token
+    (``first``: from `cosine_with_ties`)."""
+    unit, other = F.normalize(image, dim=-1), F.normalize(other, dim=-1)
+    distinct, inverse = torch.unique(first, return_inverse=True)
+    if distinct.numel() == first.numel():
+        return unit @ other.T
+    return (unit[distinct] @ other.T)[inverse]
 
 
 class OnEmbeddings:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import OnEmbeddings, check_fraction, register_method
+from .base import OnEmbeddings, check_fraction, cosine_to, cosine_with_ties, register_method
 
 _PRESETS = {"64": 64, "128": 128, "192": 192}  # tokens of LLaVA-1.5's 576
 
@@ -49,11 +49,13 @@ class CDPrunerConfig(OnEmbeddings):
         k = self.count(n_image)  # similarity, relevance, and the greedy's k Cholesky rows of length n
         return n_image * n_image * hidden_size + n_image * text_tokens * hidden_size + n_image * k * k
 
-    def relevance(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(n,) the instruction relevance of each visual token, in [0, 1] (1 each when there is no instruction)."""
+    def relevance(self, image: torch.Tensor, text: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """(n,) the instruction relevance of each visual token, in [0, 1] (1 each when there is no instruction);
+        ``first``: each token's first copy (`cosine_with_ties`), so copies get the same bits."""
         if text.shape[0] == 0:
             return torch.ones(image.shape[0], device=image.device)
-        r = -(F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).mean(-1)
+        first = torch.arange(image.shape[0], device=image.device) if first is None else first
+        r = -cosine_to(image, text, first).mean(-1)
         span = r.max() - r.min()
         r = (r - r.min() + 1e-6) / torch.where(span > 0, span, torch.ones_like(span))
         if self.theta != 1.0:
@@ -64,21 +66,24 @@ class CDPrunerConfig(OnEmbeddings):
         n = image.shape[0]
         if k >= n:
             return torch.arange(n, device=image.device)
-        unit = F.normalize(image, dim=-1)
-        r = self.relevance(image, text)
-        kernel = r[:, None] * (unit @ unit.T) * r[None, :]
-        return greedy_dpp(kernel, k)
+        cosine, first = cosine_with_ties(image)  # copies of a token tied exactly
+        r = self.relevance(image, text, first)
+        kernel = r[:, None] * cosine * r[None, :]
+        return greedy_dpp(kernel, k, first == torch.arange(n, device=image.device))
 
 
-def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_dpp(kernel: torch.Tensor, k: int, originals: torch.Tensor | None = None) -> torch.Tensor:
     """The k items of the greedy MAP of a DPP with PSD ``kernel`` (n, n), in choice order: each step takes the item
     with the largest marginal gain (its residual variance ``d2``), then updates every item's Cholesky row. Once the
     kernel's rank is exhausted (k above the embedding width: no item adds volume) the remaining items are taken
-    by their own weight ``L_ii`` (their relevance), so exactly k distinct items come back. No host sync per step."""
+    by their own weight ``L_ii`` (their relevance), so exactly k distinct items come back. No host sync per step.
+    ``originals``: (n,) bool, False for a copy of an earlier item; a copy adds no volume once its original is taken
+    and ties with it before (exact arithmetic), so it is taken only by weight, once the rank is exhausted: rounding
+    (which differs between CPUs) never decides between copies."""
     n = kernel.shape[0]
     diag = kernel.diagonal().clone()
-    floor = 1e-6 * diag.max()  # below this a residual is rounding, not volume
-    d2 = diag.clone()
+    floor = 1e-4 * diag.max()  # below this a residual is rounding, not volume
+    d2 = diag.clone() if originals is None else diag.masked_fill(~originals, float("-inf"))
     rows = kernel.new_zeros(k, n)
     taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     chosen = []

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .base import OnEmbeddings, check_fraction, register_method
+from .base import OnEmbeddings, check_fraction, cosine_with_ties, register_method
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,7 @@ class DivPruneConfig(OnEmbeddings):
         n = image.shape[0]
         if k >= n:
             return torch.arange(n, device=image.device)
-        unit = F.normalize(image, dim=-1)
-        distance = 1.0 - unit @ unit.T
+        distance = 1.0 - cosine_with_ties(image)[0]  # copies of a token tied exactly: the greedy is elementwise
         nearest = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=image.device), float("inf")).amin(0)
         first = nearest.argmax()
         chosen = [first]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import scoring
+from ..schedule import PAPER_DEPTH
 from .base import (DEFAULT_COMPACT, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
                    choice, register_method)
 
@@ -20,7 +21,7 @@ SCORES = ("transprune", "ttv", "iga")
 PRESETS = ("high", "low", "off")
 
 # The paper's own (LLaVA-1.5-7B, 32-layer) depth: what `reference_depth=REFERENCE_DEPTH` maps from.
-REFERENCE_DEPTH = 32
+REFERENCE_DEPTH = PAPER_DEPTH
 _PRESET_FIELDS = {
     "high": dict(keep_ratios=(0.875, 0.625, 0.125)),
     # Inferred in method.md §6.1: the only 1/16-grid schedule that reproduces 1.19 and 6.41 TFLOPs.

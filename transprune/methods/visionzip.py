@@ -18,7 +18,7 @@ from ..patching import patch
 from ..scoring import select_top
 from .base import register_method
 
-# What the hooks capture at the scored attention layer (dominance scores, keys) while this call encodes.
+# What the hook captures at the scored attention layer (dominance scores, keys) while this context encodes.
 _CAPTURE: ContextVar[list | None] = ContextVar("transprune_visionzip_capture", default=None)
 
 
@@ -56,7 +56,12 @@ class VisionZipConfig:
         return VisionZipConfig(dominant, contextual)
 
     def llm_tokens(self, arch) -> int:
-        """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`): ``tokens`` per vision crop (FLOPs tool)."""
+        """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`): ``tokens`` per vision crop (FLOPs tool).
+        Raises, as `check` does on a model, when a fixed-resolution tower has fewer tokens per crop."""
+        per_crop = arch.image_tokens // max(arch.crops, 1)
+        if arch.pixels_per_token is None and self.tokens > per_crop:
+            raise ValueError(f"VisionZipConfig keeps dominant + contextual = {self.tokens} tokens per image (per tile), "
+                             f"more than {arch.name}'s {per_crop} tokens per tile")
         return min(self.tokens * arch.crops, arch.image_tokens)
 
     def check(self, adapter) -> None:
@@ -73,43 +78,46 @@ class VisionZipConfig:
                              f"tile), more than the model's {n} patches per tile")
 
     def install(self, adapter, hand_over) -> tuple[list, list]:
-        """Wrap this model instance's encoders (images; videos too where the family has them);
-        ``hand_over(modality, outputs, run)`` times ``run()`` (the selection, a bool over every token of that
-        modality in the call) and passes the result to the prefill. Returns what `PruneHandle.remove`
-        undoes: ([(module, attribute, previous instance value)], [hooks])."""
+        """Wrap this model instance's encoders (images; videos too where the family has them) and its scored
+        attention layer; ``hand_over(modality, outputs, run)`` times ``run()`` (the selection, a bool over
+        every token of that modality in the call) and passes the result to the prefill. Returns what
+        `PruneHandle.remove` undoes: ([(module, attribute, previous instance value)], [hooks])."""
         hooks = adapter.vision_hooks()
         mm = adapter.multimodal_model
-        saved = [patch(mm, name, self._wrap(getattr(mm, name), modality, hooks, hand_over))
-                 for modality, name in hooks.encoders.items()]
+        layer = hooks.attention_layer()
+
+        forward = layer.forward  # bound: the class's, or an instance override already there (accelerate's)
+
+        def capture_then_forward(*args, **kwargs):
+            """The dominance rule's inputs from the scored layer's q and k, for an encoding in flight in this
+            context (none: the tower runs unpruned), then the layer itself."""
+            found = _CAPTURE.get()
+            if found is not None:
+                found.append(hooks.capture(layer, args, kwargs))
+            return forward(*args, **kwargs)
+
+        # An instance override for as long as the pruning is applied, not a hook registered per call: registering
+        # and removing hooks raced with other threads' forwards (a hook seen without its keyword-arguments flag),
+        # and a deep copy of the model gets the layer's own forward back (patching.py).
+        saved = [patch(layer, "forward", functools.wraps(forward)(capture_then_forward))]
+        saved += [patch(mm, name, self._wrap(getattr(mm, name), modality, hooks, hand_over))
+                  for modality, name in hooks.encoders.items()]
         return saved, []
 
     def _wrap(self, encoder, modality, hooks, hand_over):
-        layer = hooks.attention_layer()
-
         @functools.wraps(encoder)
         def encode(*args, **kwargs):
             if _CAPTURE.get() is not None:  # an encoder called by another (Qwen3-VL's videos go through images)
                 return encoder(*args, **kwargs)
             kwargs["return_dict"] = True
             found: list = []
-
-            def capture(module, hook_args, hook_kwargs):
-                """Pre-hook on the scored attention layer, for this call only: the dominance rule's inputs from
-                its q and k. Concurrent calls each register one; each fills only its own list."""
-                if _CAPTURE.get() is found:
-                    found.append(hooks.capture(module, hook_args, hook_kwargs))
-
-            # Registered around this call only: nothing stays on the tower between calls (nor in a deep copy).
-            hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
             token = _CAPTURE.set(found)
             try:
                 out = encoder(*args, **kwargs)
-                captured = found
             finally:
                 _CAPTURE.reset(token)
-                hook.remove()
             geometry = hooks.geometry(modality, args, kwargs)
-            hand_over(modality, out, lambda: self.select(hooks, out, captured[-1], geometry))
+            hand_over(modality, out, lambda: self.select(hooks, out, found[-1], geometry))
             return out
 
         return encode

@@ -32,7 +32,7 @@ class DemoResult:
     kept_per_stage: list[tuple[int, int]]  # (after layer, tokens kept)
     tflops: float
     tflops_unpruned: float
-    png: str
+    png: str | None  # the picture, when one was asked for
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,10 +111,11 @@ def render_png(image, question, answers, stats, side: int, path: str | Path) -> 
     return path
 
 
-def run_demo(model, processor, image: Image.Image, question: str, out: str | Path,
+def run_demo(model, processor, image: Image.Image, question: str, out: str | Path | None = None,
              config: TransPruneConfig | None = None, expected: str | None = None,
              max_new_tokens: int = 4) -> DemoResult:
-    """Answer ``question`` about ``image`` unpruned and with ``config`` (default TransPrune high); write the PNG."""
+    """Answer ``question`` about ``image`` unpruned and with ``config`` (default TransPrune high); with ``out``,
+    draw the PNG there."""
     config = config or TransPruneConfig.preset("high", reference_depth=32)  # the paper's layers, mapped to 12
     image = image.convert("RGB")
     inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
@@ -133,7 +134,7 @@ def run_demo(model, processor, image: Image.Image, question: str, out: str | Pat
     answers = {"unpruned": unpruned, "pruned": pruned_answer}
     if expected is not None:
         answers["expected"] = expected
-    png = render_png(image.resize((side * 6, side * 6)), question, answers, stats, side, out)
+    png = None if out is None else render_png(image.resize((side * 6, side * 6)), question, answers, stats, side, out)
     return DemoResult(question, unpruned, pruned_answer, expected, stats.n_image_tokens,
                       [(layer, len(k)) for layer, k in zip(stats.kept_after_layer, stats.kept_indices)],
-                      stats.tflops, stats.tflops_unpruned, str(png))
+                      stats.tflops, stats.tflops_unpruned, None if png is None else str(png))

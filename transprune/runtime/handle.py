@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -81,6 +82,11 @@ def _generate_rows(model, args, kwargs) -> int:
         raise ValueError(f"assisted generation ({', '.join(assisted)}) is not supported while transprune prunes: it "
                          "rolls the KV cache back (cache.crop), and each pruned layer caches only the tokens it kept; "
                          "generate without it, or remove() the pruning first")
+    if setting("use_cache") is False:
+        warnings.warn("generate(use_cache=False) while transprune prunes: without a cache every step is a new prefill "
+                      "over the prompt and the tokens generated so far, so each step prunes again (those tokens then "
+                      "count as text after the image) and the answer can differ from the cached run's, which prunes "
+                      "once; generate with the cache (the default) for that", stacklevel=4)
     return max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
 
 

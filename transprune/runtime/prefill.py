@@ -14,7 +14,7 @@ import torch
 
 from .. import scoring
 from ..devices import to_device
-from ..surgery import Layout, drop_tokens, gather_tokens, scatter_to_input
+from ..surgery import Layout, drop_tokens, gather_tokens, last_tokens, scatter_to_input
 from .decode import Generation, Stage
 from .select import select
 from .stats import NO_PROFILE
@@ -69,7 +69,9 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
     if pre_keep is not None:
         # Pre-LLM stage: the LLM never sees the other image tokens; positions close up where the family's
         # positions can (1-D RoPE, as the official VisionZip), else kept tokens keep theirs.
-        keep = layout.valid & (~layout.image | pre_keep)
+        # The prompt's last token always stays (it predicts the next token): an image token there that the method
+        # drops stays beside its choice.
+        keep = layout.valid & (~layout.image | pre_keep | last_tokens(layout.valid))
         for b in range(len(n_original)):
             state.kept_ranks[b].append(layout.image_rank[b][layout.image[b] & keep[b]])
         state.drop(keep, close_up=adapter.close_up if "compact" in adapter.position_rules else None,

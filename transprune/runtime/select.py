@@ -31,7 +31,11 @@ def select(method, adapter, state, layer_index: int, stage: int, keep_counts: li
         image_cols = image_cols.to(layout.valid.device)
         view = _view(adapter, state, layer_index, stage, slice(None), slice(None), image_cols, state.rope,
                      last_image, keep_counts[0])
-        chosen = image_cols[scoring.select_top(_scored(method, view, state, range(batch)), keep_counts[0])]
+        score = _scored(method, view, state, range(batch))
+        if last_image == length - 1:  # the prompt ends with an image token: it predicts the next token, so it stays
+            score = score.clone()  # not the recorded scores
+            score[:, -1] = float("inf")
+        chosen = image_cols[scoring.select_top(score, keep_counts[0])]
         keep.scatter_(1, chosen, True)
         ranks = layout.image_rank.gather(1, chosen)
         for b in range(batch):
@@ -46,7 +50,11 @@ def select(method, adapter, state, layer_index: int, stage: int, keep_counts: li
         rope = adapter.rope_rows(state.rope, b, cols)
         view = _view(adapter, state, layer_index, stage, slice(b, b + 1), cols, image_at, rope,
                      int(image_at[-1]), k)
-        chosen = image_at[scoring.select_top(_scored(method, view, state, [b])[0], k)]
+        score = _scored(method, view, state, [b])[0]
+        if int(image_at[-1]) == cols.numel() - 1:  # the sample's last token is an image token: it stays
+            score = score.clone()
+            score[-1] = float("inf")
+        chosen = image_at[scoring.select_top(score, k)]
         keep[b, cols[chosen]] = True
         state.kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
     return keep, None

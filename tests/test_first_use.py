@@ -1,0 +1,159 @@
+"""What a new user meets first: the Quickstart on small checkpoints, clear errors instead of tracebacks, inputs
+that would be silently misread, and small images under aggressive compositions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import transprune
+from transprune import CDPrunerConfig, TransPruneConfig
+from transprune.cli import main
+from transprune.loading import load_checkpoint
+from transprune.testing import (prompt_inputs, random_image, sample_inputs, save_tiny_checkpoint, tiny_model,
+                                tiny_processor)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ck")
+    random_image(0).save(folder / "image.png")
+    return save_tiny_checkpoint(folder / "llava", "llava"), folder / "image.png"
+
+
+def test_the_quickstart_preset_runs_on_a_shallow_model_mapped_from_the_papers_depth():
+    model, processor = tiny_model("llava", seed=0), tiny_processor("llava")
+    inputs = sample_inputs(processor, n=1, seed=3)
+    with pytest.warns(UserWarning, match=r"preset 'high'.*mapped from the paper's 32-layer decoder to "
+                                         r"pruning_layers=\(2, 3, 4\).*--set reference_depth=N"):
+        handle = transprune.apply(model, TransPruneConfig.preset("high"))
+    with handle, torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        stats = handle.last_stats[0]
+    with transprune.pruned(model, TransPruneConfig.preset("high", reference_depth=32)) as explicit, torch.no_grad():
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), tokens)
+    assert stats.pruning_layers == explicit.last_stats[0].pruning_layers == (2, 3, 4)
+    assert stats.kept_indices == explicit.last_stats[0].kept_indices
+
+
+def test_a_custom_schedule_that_does_not_fit_names_both_spellings_of_the_fix():
+    model = tiny_model("llava", seed=0)
+    with pytest.raises(ValueError, match=r"pass reference_depth=N .*\(CLI: --set reference_depth=N; the papers' "
+                                         r"settings are written for N=32\)"):
+        transprune.apply(model, TransPruneConfig(accumulation_layers=(7,), pruning_layers=(7, 9, 12)))
+    assert transprune.handle_of(model) is None
+
+
+def test_run_without_a_method_works_on_a_small_checkpoint(checkpoint, capsys):
+    folder, image = checkpoint
+    with pytest.warns(UserWarning, match="preset 'high'"):
+        assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is it ?", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pruning_layers"] == [2, 3, 4] and out["n_image_tokens"] == 64
+
+
+def test_a_small_image_keeps_at_least_one_token_at_every_stage():
+    """CDPruner keeps 4 of a 64x64 image's 16 tokens on Qwen3-VL; TransPrune's last ratio (0.125) of 4 rounds to
+    0: the stage keeps 1, never 0 (which would lose the image)."""
+    model, processor = tiny_model("qwen3_vl", seed=0), tiny_processor("qwen3_vl")
+    inputs = prompt_inputs(processor, ["USER: <image>\nwhat is it ? ASSISTANT:"], [random_image(1)])
+    config = [CDPrunerConfig(), TransPruneConfig.preset("high", reference_depth=32)]
+    with transprune.pruned(model, config) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    stats = handle.last_stats[0]
+    assert stats.n_image_tokens == 16
+    assert [len(k) for k in stats.kept_indices] == [4, int(4 * 0.875), int(4 * 0.625), 1]
+    assert min(stats.visual_tokens_per_layer) == 1
+
+
+def test_an_error_inside_generate_in_run_is_an_error_line_not_a_traceback(checkpoint, tmp_path, capsys):
+    """A llava folder whose config.json says llava_next: the processor makes no image_sizes for that model."""
+    import shutil
+
+    folder, image = checkpoint
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    config = json.loads((mixed / "config.json").read_text())
+    (mixed / "config.json").write_text(json.dumps({**config, "model_type": "llava_next"}))
+    assert main(["run", "--model", str(mixed), "--image", str(image), "--prompt", "what is it ?",
+                 "--set", "reference_depth=32"]) == 1
+    err = capsys.readouterr().err
+    assert "transprune run: error: LlavaNextForConditionalGeneration failed on the inputs LlavaProcessor made" in err
+    assert "image_sizes" in err and "Traceback" not in err
+
+
+def test_a_missing_or_corrupted_config_is_named(tmp_path, capsys):
+    for text, message in ((None, f"{tmp_path} has no config.json"),
+                          ('{"model_type": "llava",', f"{tmp_path / 'config.json'} is not valid JSON")):
+        if text is not None:
+            (tmp_path / "config.json").write_text(text)
+        with pytest.raises(SystemExit) as exit_:  # --arch is checked while parsing: a usage error
+            main(["flops", "--arch", str(tmp_path)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    image = tmp_path / "image.png"
+    random_image(0).save(image)
+    assert main(["run", "--model", str(tmp_path), "--image", str(image), "--prompt", "what ?"]) == 2
+    assert f"{tmp_path / 'config.json'} is not valid JSON" in capsys.readouterr().err
+
+
+def test_demo_out_to_an_unwritable_place_is_an_error_before_anything_runs(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["demo", "--out", str(blocker / "demo.png")]) == 2
+    assert f"--out {blocker / 'demo.png'}: cannot write there ({blocker} is a file, not a folder)" in \
+        capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "a folder; give a file name" in capsys.readouterr().err
+
+
+def test_demo_writes_no_picture_unless_asked(random_mini, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--model", str(random_mini), "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["png"] is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flops_refuses_a_visionzip_setting_that_apply_refuses(capsys):
+    assert main(["flops", "--arch", "llava-1.5-7b", "--method", "visionzip", "--set", "dominant=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "dominant + contextual = 1010 tokens per image (per tile), more than llava-1.5-7b's 576" in err
+    model = tiny_model("llava", seed=0)  # the same rule on a model
+    with pytest.raises(ValueError, match="more than the model's 64 patches per tile"):
+        transprune.apply(model, transprune.VisionZipConfig(dominant=1000))
+
+
+def test_generate_without_a_cache_says_that_each_step_prunes_again():
+    model, processor = tiny_model("llava", seed=0), tiny_processor("llava")
+    inputs = sample_inputs(processor, n=1, seed=4)
+    with transprune.pruned(model, TransPruneConfig.preset("high", reference_depth=32)), torch.no_grad():
+        with pytest.warns(UserWarning, match=r"use_cache=False.*each step prunes again"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=False)
+
+
+def test_idefics3_has_a_tiny_processor_and_a_whole_checkpoint(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "idefics3", "idefics3")
+    model, processor = load_checkpoint(str(folder))
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert type(processor).__name__ == "Idefics3Processor"
+    built = prompt_inputs(tiny_processor("idefics3"), ["USER: <image>\nwhat ? ASSISTANT:"], [random_image(2)])
+    loaded = prompt_inputs(processor, ["USER: <image>\nwhat ? ASSISTANT:"], [random_image(2)])
+    assert all(torch.equal(built[k], loaded[k]) for k in built)
+    with torch.no_grad():
+        assert torch.equal(model(**loaded).logits, tiny_model("idefics3", seed=0)(**built).logits)
+
+
+@pytest.mark.parametrize("layers, ratios", [((2,), ("0.5",)), ((2,), (True,)), ((2,), "0.5"), ((2, 3), (0.5, "0.25"))])
+def test_keep_ratios_must_be_numbers(layers, ratios):
+    with pytest.raises(TypeError, match="keep_ratios must"):
+        TransPruneConfig(accumulation_layers=(2,), pruning_layers=layers, keep_ratios=ratios)
+
+
+def test_budget_takes_numpy_scalars_and_0d_tensors():
+    model = tiny_model("llava", seed=0)
+    config = TransPruneConfig.preset("high", reference_depth=32)
+    want = transprune.budget(config, model, 0.5)
+    for target in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert transprune.budget(config, model, target) == want
+    with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
+        transprune.budget(config, model, torch.tensor([0.5, 0.4]))

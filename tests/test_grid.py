@@ -1,0 +1,134 @@
+"""Every family x every registered method: what must hold whatever the model and the method.
+
+- A prompt that ends with its image (``"USER: what is this ? <image>"``): the prompt's last token predicts the next
+  token, so no stage drops it; its logits are the model's, not the zeros of a dropped row; the batch gives each
+  sample what it gives alone.
+- Four threads calling one pruned model at once get what each gets alone.
+"""
+
+import threading
+
+import pytest
+import torch
+
+import transprune
+from transprune import VisionZipConfig
+from transprune.adapters import adapter_for
+from transprune.methods import METHODS
+from transprune.testing import TINY_MODELS, prompt_inputs, random_image, tiny_model, tiny_processor
+
+KINDS = sorted(TINY_MODELS)
+
+
+def method_config(name: str):
+    """The registered method as the 8-layer tiny models take it: layer numbers mapped from the papers' 32 layers;
+    VisionZip at 6 + 2 tokens per unit (the crop / tile families have 16 per tile)."""
+    if name == "visionzip":
+        return VisionZipConfig(dominant=6, contextual=2)
+    cls = METHODS[name]
+    fields = getattr(cls, "__dataclass_fields__", {})
+    return cls(reference_depth=32) if "reference_depth" in fields else cls()
+
+
+NAMES = sorted(METHODS)
+PROMPTS = ["USER: what is this ? <image>", "USER: <image>\nwhat colour is the big car ? ASSISTANT:"]
+SIZES = [(64, 64), (128, 64)]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def family(request):
+    kind = request.param
+    return kind, tiny_model(kind, seed=0), tiny_processor(kind)
+
+
+def _inputs(processor, indices):
+    images = [random_image(40 + i, SIZES[i]) for i in indices]
+    return dict(prompt_inputs(processor, [PROMPTS[i] for i in indices], images))
+
+
+def _run(model, inputs, n=3):
+    """(the prompt's next-token logits, ``n`` greedy tokens) from generate, which numbers each sample's positions
+    from its first real token (a plain forward numbers a left-padded row's from the padding: DART's key norms,
+    rotated, would then see other positions than alone)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    return out.logits[0], out.sequences[:, -n:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_prompts_last_token_is_never_dropped(family, name):
+    kind, model, processor = family
+    config = method_config(name)
+    batch = _inputs(processor, [0, 1])
+    ends_with_image = adapter_for(model).image_token_mask(batch["input_ids"], None)[:, -1].tolist()
+    with transprune.pruned(model, config) as handle:
+        logits, tokens = _run(model, batch)
+        stats = handle.last_stats
+        for b, last_is_image in enumerate(ends_with_image):
+            if last_is_image:  # the last image token, in every stage's kept set
+                assert all(stats[b].n_image_tokens - 1 in kept for kept in stats[b].kept_indices), (kind, name)
+            assert logits[b].abs().sum() > 0 and logits[b].std() > 0, (kind, name, b)
+        for b in range(2):  # alone, as in the batch
+            alone_logits, alone_tokens = _run(model, _inputs(processor, [b]))
+            assert torch.equal(alone_tokens[0], tokens[b]), (kind, name, b)
+            assert torch.allclose(alone_logits[0], logits[b], atol=1e-4, rtol=1e-4), (kind, name, b)
+    if kind in ("llava", "llava_next", "llava_onevision"):
+        assert ends_with_image[0], "the first prompt's last token is an image token on these families"
+
+
+def _concurrently(model, config, inputs: list[dict], rounds: int = 2) -> list:
+    """Each input run by its own thread, all started together, ``rounds`` times; every thread's own results."""
+    barrier = threading.Barrier(len(inputs))
+    results, errors = [[] for _ in inputs], []
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(rounds):
+                logits, tokens = _run(model, inputs[i])
+                results[i].append((logits, tokens, [s.kept_indices for s in handle.last_stats]))
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(error)
+
+    with transprune.pruned(model, config) as handle:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _four_inputs(processor):
+    prompts = ["USER: <image>\nwhat is it ? ASSISTANT:", "USER: <image>\nhow many dogs are there ? ASSISTANT:",
+               "USER: what colour is this ? <image>", "USER: <image>\nis the car red ? ASSISTANT:"]
+    sizes = [(64, 64), (128, 64), (64, 128), (128, 128)]
+    return [dict(prompt_inputs(processor, [p], [random_image(60 + i, s)])) for i, (p, s) in
+            enumerate(zip(prompts, sizes))]
+
+
+def _check_threads_equal_one_by_one(model, processor, config):
+    inputs = _four_inputs(processor)
+    with transprune.pruned(model, config) as handle:
+        alone = []
+        for x in inputs:
+            logits, tokens = _run(model, x)
+            alone.append((logits, tokens, [s.kept_indices for s in handle.last_stats]))
+    for i, runs in enumerate(_concurrently(model, config, inputs)):
+        for logits, tokens, kept in runs:
+            assert kept == alone[i][2] and torch.equal(tokens, alone[i][1])
+            assert torch.allclose(logits, alone[i][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", NAMES)
+def test_four_threads_equal_one_by_one_for_every_method(kind, name):
+    _check_threads_equal_one_by_one(tiny_model(kind, seed=0), tiny_processor(kind), method_config(name))
+
+
+def test_four_threads_equal_one_by_one_for_visionzip_on_every_family(family):
+    kind, model, processor = family
+    _check_threads_equal_one_by_one(model, processor, VisionZipConfig(dominant=6, contextual=2))
