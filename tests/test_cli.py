@@ -87,7 +87,7 @@ def test_cli_mistakes_exit_2_with_one_line_before_any_work(tmp_path, capsys):
     run = ["run", "--model", str(ckpt), "--image", str(image), "--prompt", "hi"]
     cases = [
         (run + ["--method", "visionzip", "--set", "dominant=100"], "more than the model's 64 patches"),
-        (run, "do not fit a 8-layer decoder"),  # the paper's layers as written on an 8-layer model
+        (run + ["--method", "pdrop"], "do not fit a 8-layer decoder"),  # PDrop's layers as written, on 8 layers
         (run + ["--max-new-tokens", "0"], "--max-new-tokens"),
         (["eval", "--suite", "mini", "--model", str(mini), "--threads", "0"], "--threads"),
         (["eval", "--suite", "mini", "--model", str(ckpt), "--n", "5"], "is not a mini checkpoint"),

@@ -95,7 +95,10 @@ def test_layer_numbers_are_used_as_written_on_every_depth_they_fit():
     assert TransPruneConfig(accumulation_layers=(3, 4, 5, 6), pruning_layers=(3, 4, 6)).layers_for_depth(12).pruning_layers == (3, 4, 6)
     assert TransPruneConfig.preset("high", reference_depth=32).layers_for_depth(12).pruning_layers == (3, 4, 5)
     # every method's layer fields follow the same rule, and a schedule that does not fit names layers and depth
-    for config, written in [(TransPruneConfig.preset("low"), "pruning_layers=(7, 9, 12)"), (FastVConfig(k=12), "k=12"),
+    with pytest.warns(UserWarning, match=r"preset 'low'.*mapped from the paper's 32-layer decoder"):  # a named preset
+        assert TransPruneConfig.preset("low").layers_for_depth(12) == \
+            TransPruneConfig.preset("low", reference_depth=32).layers_for_depth(12)
+    for config, written in [(TransPruneConfig(), "pruning_layers=(7, 9, 12)"), (FastVConfig(k=12), "k=12"),
                             (PDropConfig(), "layers=(8, 16, 24)"), (RandomConfig(), "pruning_layers=(7, 9, 12)"),
                             (UniformConfig(), "pruning_layers=(7, 9, 12)")]:
         with pytest.raises(ValueError, match=rf"{re.escape(written)} \(as written\) do not fit a 12-layer decoder.*reference_depth"):

@@ -157,3 +157,26 @@ def test_budget_takes_numpy_scalars_and_0d_tensors():
         assert transprune.budget(config, model, target) == want
     with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
         transprune.budget(config, model, torch.tensor([0.5, 0.4]))
+
+
+def test_the_shipped_mini_model_answers_a_prompt_that_ends_with_the_image():
+    """The README's own prompt shape, ``"USER: what is this ? <image>"``: pruned, the last image token (which predicts
+    the answer) stays, so the answer is the unpruned model's word, never the ``<unk>`` of a dropped row."""
+    from transprune import DivPruneConfig
+    from transprune.mini import data
+    from transprune.mini.model import load_mini
+
+    model, processor = load_mini()
+    sample = data.sample("test", 0)
+    inputs = processor(images=sample.image, text=f"USER: {sample.question} <image>", return_tensors="pt")
+
+    def answer():
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        return processor.decode(out[0, inputs["input_ids"].shape[1]:])
+
+    unpruned = answer()
+    assert "<unk>" not in unpruned
+    for config in (TransPruneConfig.preset("high", reference_depth=32), DivPruneConfig()):
+        with transprune.pruned(model, config):
+            assert answer() == unpruned

@@ -19,7 +19,7 @@ from .config import PRESETS
 from .budget import budget, plan_budget
 from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
-from .methods import COMPOSITIONS, build, spelling
+from .methods import COMPOSITIONS, build, spelling, split_methods
 from .mini.options import add_train_args, train_config
 
 
@@ -91,6 +91,9 @@ def cmd_flops(args) -> int:
         if args.budget is not None:
             planned = plan_budget(config, args.arch, args.budget, text_tokens=args.text_tokens)
             config = planned.config
+        pre, _ = split_methods(config)
+        if pre is not None and hasattr(pre, "check_arch"):  # what `apply` refuses on a model of this arch
+            pre.check_arch(args.arch)
         report = estimate(config, args.arch, text_tokens=args.text_tokens)
         config = resolved_for_arch(config, args.arch)  # as described: positions as the family runs them
     except (ValueError, TypeError, OSError) as exc:  # a schedule that does not fit the arch, an unreadable config

@@ -41,13 +41,19 @@ class Schedule:
     accumulation_layers: tuple[int, ...]
     pruning_layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
-    min_keep: int = 1  # a stage keeps at least this many image tokens of a sample that has any
+    min_keep: int = 0  # a stage keeps at least this many image tokens (V2Drop's code keeps max(1, ...))
 
     def keep_count(self, n_image: int, stage: int) -> int:
-        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)``, at least ``min_keep``
-        (one: a small image whose ratio rounds to 0 keeps one token rather than losing the image; V2Drop's code
-        keeps max(1, ...) too)."""
+        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)``, at least ``min_keep``.
+        The planning count (`apply` refuses a schedule that keeps 0 of the model's nominal image; the FLOPs tool and
+        `budget` count with it); a prefill keeps at least one token of a smaller image (`runtime_keep_count`)."""
         return min(n_image, max(self.min_keep, int(n_image * self.keep_ratios[stage])))
+
+    def runtime_keep_count(self, n_image: int, stage: int) -> int:
+        """What a prefill keeps of a sample's ``n_image``: `keep_count`, but at least one token of a sample that has
+        any (a small image, or few tokens left by a pre-LLM method, whose ratio rounds to 0 keeps one rather than
+        losing the image)."""
+        return max(min(n_image, 1), self.keep_count(n_image, stage))
 
     @classmethod
     def none(cls, depth: int) -> "Schedule":
@@ -94,7 +100,7 @@ class Schedule:
             hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder (CLI: --set "
                     "reference_depth=N)" if ref is None else "")
             raise ValueError(f"accumulation_layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed){hint}")
-        return cls(depth, acc, prune, tuple(config.keep_ratios), max(1, getattr(config, "min_keep", 1)))
+        return cls(depth, acc, prune, tuple(config.keep_ratios), getattr(config, "min_keep", 0))
 
     def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:
         """Image tokens each layer processes in prefill, for a sample with ``n_image`` image tokens (after

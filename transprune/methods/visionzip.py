@@ -56,13 +56,15 @@ class VisionZipConfig:
         return VisionZipConfig(dominant, contextual)
 
     def llm_tokens(self, arch) -> int:
-        """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`): ``tokens`` per vision crop (FLOPs tool).
-        Raises, as `check` does on a model, when a fixed-resolution tower has fewer tokens per crop."""
+        """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`): ``tokens`` per vision crop (FLOPs tool)."""
+        return min(self.tokens * arch.crops, arch.image_tokens)
+
+    def check_arch(self, arch) -> None:
+        """Raise, as `check` does on a model, when ``arch``'s fixed-resolution tower has fewer tokens per crop."""
         per_crop = arch.image_tokens // max(arch.crops, 1)
         if arch.pixels_per_token is None and self.tokens > per_crop:
             raise ValueError(f"VisionZipConfig keeps dominant + contextual = {self.tokens} tokens per image (per tile), "
                              f"more than {arch.name}'s {per_crop} tokens per tile")
-        return min(self.tokens * arch.crops, arch.image_tokens)
 
     def check(self, adapter) -> None:
         """Raise before the model changes if this family or setting cannot run VisionZip."""

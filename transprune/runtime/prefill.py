@@ -77,7 +77,7 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
         state.drop(keep, close_up=adapter.close_up if "compact" in adapter.position_rules else None,
                    kind="pre_llm_drop_s")
     n_image = state.layout.image.sum(1).tolist()  # in-LLM ratios apply to what reaches the LLM
-    keep_counts = [[sched.keep_count(n, i) for i in range(len(sched.keep_ratios))] for n in n_image]
+    keep_counts = [[sched.runtime_keep_count(n, i) for i in range(len(sched.keep_ratios))] for n in n_image]
     state.ttv = torch.zeros(state.layout.valid.shape, dtype=torch.float32, device=embeds.device)
     state.scores = [[] for _ in n_original] if handle.record_scores else None
     close_up = adapter.close_up if method is not None and method.positions == "compact" else None
