@@ -75,7 +75,9 @@ def one_image(kind, seed=5, size=(128, 96)):
 
 
 # -- the choice and the merged token, against the eager reference ---------------------------------------------------
-def test_dominant_tokens_and_merged_token_match_the_eager_reference(kind, models, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "blockwise"])
+def test_dominant_tokens_and_merged_token_match_the_eager_reference(kind, models, fused, monkeypatch):
+    monkeypatch.setattr("transprune.adapters.vision._FUSED", fused)
     model = models[kind]
     inputs = one_image(kind)
     score = received_attention(kind, inputs["pixel_values"], inputs["image_grid_thw"], monkeypatch)

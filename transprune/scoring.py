@@ -96,19 +96,36 @@ def select_top(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def even_spread_priority(coords: torch.Tensor) -> torch.Tensor:
     """A score whose top-k is a spatially even subset for every k: farthest-point order on ``coords``
-    (n, c), starting from the token nearest the centre (ties go to the earlier token)."""
+    (n, c), starting from the token nearest the centre (ties go to the earlier token). It depends on the grid
+    only, so each grid's order is computed once (a sequential walk of n steps) and then reused."""
+    key = (tuple(coords.shape), str(coords.dtype), coords.detach().cpu().numpy().tobytes())
+    score = _SPREAD_CACHE.get(key)
+    if score is None:
+        score = _even_spread(coords.detach().cpu())
+        _SPREAD_CACHE[key] = score
+        while len(_SPREAD_CACHE) > 256:  # the oldest grids go first
+            _SPREAD_CACHE.pop(next(iter(_SPREAD_CACHE)))
+    return score.to(coords.device)
+
+
+# grid -> its farthest-point score (CPU). Keyed by the coordinates' bytes: a pure function of them, so sharing it
+# between models and threads is safe (a race computes the same value twice).
+_SPREAD_CACHE: dict = {}
+
+
+def _even_spread(coords: torch.Tensor) -> torch.Tensor:
     n = coords.shape[0]
     coords = coords.float()
     centre = coords.mean(0, keepdim=True)
     first = int(torch.argmin(((coords - centre) ** 2).sum(1)))
-    order = torch.empty(n, dtype=torch.long, device=coords.device)
-    nearest = torch.full((n,), float("inf"), device=coords.device)
+    order = torch.empty(n, dtype=torch.long)
+    nearest = torch.full((n,), float("inf"))
     current = first
     for step in range(n):
         order[step] = current
         nearest = torch.minimum(nearest, ((coords - coords[current]) ** 2).sum(1))
         nearest[order[: step + 1]] = -1.0
         current = int(torch.argmax(nearest))
-    score = torch.empty(n, dtype=torch.float32, device=coords.device)
-    score[order] = torch.arange(n, 0, -1, dtype=torch.float32, device=coords.device)
+    score = torch.empty(n, dtype=torch.float32)
+    score[order] = torch.arange(n, 0, -1, dtype=torch.float32)
     return score

@@ -214,6 +214,9 @@ class MethodResult:
     visual_tokens_per_layer: list[list[int]]  # per sample, from handle.last_stats
     tflops: float  # paper convention, mean per sample
     tflops_unpruned: float
+    # FLOPs of one prefill (vision tower, projector, decoder, the method's own scoring), counted by torch's
+    # FlopCounterMode (matrix products and attention; the CPU's fused attention counted as 4 L S d)
+    prefill_flops: int = 0
     rounds: dict = field(default_factory=dict)  # per timed round: prefill_s, ttft_s, decode_tokens_per_s
     ratios: dict = field(default_factory=dict)  # vs none (of the medians), filled by add_ratios
     # vs none within each round (same round, back to back): median, min, max, IQR over the rounds
@@ -312,6 +315,32 @@ class _MethodRun:
         )
 
 
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The CPU's fused attention (which FlopCounterMode leaves out): q k^T and the weights times v."""
+    b, h, length, dim = query_shape
+    return 2 * b * h * length * key_shape[-2] * dim + 2 * b * h * length * key_shape[-2] * value_shape[-1]
+
+
+def prefill_flops(model, tensors: dict, config) -> int:
+    """FLOPs of one prefill of ``model`` on ``tensors`` with ``config`` attached (None: unpruned)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..adapters import adapter_for
+    from ..runtime import apply
+
+    mapping = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_flops
+    handle = apply(model, config) if config is not None else None
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(**tensors, cache=adapter_for(model).new_cache(), use_cache=True, logits_to_keep=1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return counter.get_total_flops()
+
+
 def measure_methods(model, inputs: BenchInputs, methods: list[tuple[str, object]], *, repeats: int = 5,
                     warmup: int = 2, new_tokens: int = 64, progress: bool = False) -> list["MethodResult"]:
     """Measure every ``(name, config)`` (config None: no pruning attached) on ``inputs`` in interleaved
@@ -331,7 +360,10 @@ def measure_methods(model, inputs: BenchInputs, methods: list[tuple[str, object]
                 bar.update()
     finally:
         bar.close()
-    return [run.result() for run in runs]
+    results = [run.result() for run in runs]
+    for run, result in zip(runs, results):  # counted once, untimed: the work each method's prefill does
+        result.prefill_flops = prefill_flops(model, run.tensors, run.config)
+    return results
 
 
 def measure_method(model, inputs: BenchInputs, name: str, config, *, repeats: int = 5, warmup: int = 2,
@@ -360,7 +392,10 @@ def add_ratios(results: list[MethodResult]) -> None:
             kv_cache=_ratio(r.kv_cache_bytes, base.kv_cache_bytes),
             peak_memory_growth=_ratio(r.peak_memory_growth_bytes, base.peak_memory_growth_bytes),
             tflops=_ratio(r.tflops, base.tflops),
+            flops=_ratio(r.prefill_flops, base.prefill_flops),
         )
+        # how close the speed-up comes to the work saved: 1.0 = time falls as the FLOPs do (<= 1.1 is the goal)
+        r.ratios["prefill_per_flops"] = _ratio(r.ratios["prefill"], r.ratios["flops"])
         r.round_ratios = {
             key: summarize([_ratio(a, b) for a, b in zip(r.rounds.get(key, []), base.rounds.get(key, []))
                             if _ratio(a, b) is not None])

@@ -32,9 +32,11 @@ def format_report(report: dict) -> str:
           if report.get("budget") is not None else []),
         "times: median [min-max] ms; ratios: method / none of the medians [min-max of the per-round ratios] "
         "(decode: tokens/s ratio, > 1 is faster); methods interleaved, the order rotating every round",
+        "TFLOPs: paper convention (decoder, visual tokens); FLOPs: one whole prefill counted by torch's FlopCounterMode "
+        "(vision tower, decoder, scoring); prefill x / FLOPs x: 1.0 = time falls as the work does",
     ]
     cols = ["method", "prefill ms", "x", "scoring ms (% prefill)", "TTFT ms", "x", "decode tok/s", "x",
-            "peak MiB", "KV MiB", "x", "TFLOPs", "x"]
+            "peak MiB", "KV MiB", "x", "TFLOPs", "x", "FLOPs x", "prefill x / FLOPs x"]
     rows = []
     for r in report["methods"]:
         q, spread = r["ratios"], r.get("round_ratios") or {}
@@ -46,7 +48,8 @@ def format_report(report: dict) -> str:
             _x(q.get("ttft"), spread.get("ttft_s")), "-" if not dec else f"{dec['median']:.1f}",
             _x(q.get("decode_tokens_per_s"), spread.get("decode_tokens_per_s")),
             f"{r['peak_memory_growth_bytes'] / 2**20:.1f}", f"{r['kv_cache_bytes'] / 2**20:.2f}", _x(q.get("kv_cache")),
-            f"{r['tflops']:.4g}", _x(q.get("tflops")),
+            f"{r['tflops']:.4g}", _x(q.get("tflops")), _x(q.get("flops")),
+            "-" if q.get("prefill_per_flops") is None else f"{q['prefill_per_flops']:.2f}",
         ])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = head + ["", "  ".join(c.ljust(w) for c, w in zip(cols, widths)),

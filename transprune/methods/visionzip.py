@@ -19,7 +19,7 @@ from ..scoring import select_top
 from .base import register_method
 
 # What the hook captures at the scored attention layer (dominance scores, keys) while this context encodes.
-_CAPTURE: ContextVar[list | None] = ContextVar("transprune_visionzip_capture", default=None)
+_CAPTURE: ContextVar["_Encoding | None"] = ContextVar("transprune_visionzip_capture", default=None)
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,10 @@ class VisionZipConfig:
 
     def install(self, adapter, hand_over) -> tuple[list, list]:
         """Wrap this model instance's encoders (images; videos too where the family has them) and its scored
-        attention layer; ``hand_over(modality, outputs, run)`` times ``run()`` (the selection, a bool over
-        every token of that modality in the call) and passes the result to the prefill. Returns what
+        attention layer; ``hand_over(modality, outputs, run, profiler)`` times ``run()`` (the selection, a bool
+        over every token of that modality in the call) and passes the result to the prefill;
+        ``hand_over.profiler(device)`` is an encoding's profiler (a no-op unless the handle profiles), which times
+        the capture too. Returns what
         `PruneHandle.remove` undoes: ([(module, attribute, previous instance value)], [hooks])."""
         hooks = adapter.vision_hooks()
         mm = adapter.multimodal_model
@@ -95,7 +97,8 @@ class VisionZipConfig:
             context (none: the tower runs unpruned), then the layer itself."""
             found = _CAPTURE.get()
             if found is not None:
-                found.append(hooks.capture(layer, args, kwargs))
+                with found.profiler.span("pre_llm_s"):  # the capture is part of deciding what to drop
+                    found.append(hooks.capture(layer, args, kwargs))
             return forward(*args, **kwargs)
 
         # An instance override for as long as the pruning is applied, not a hook registered per call: registering
@@ -112,14 +115,14 @@ class VisionZipConfig:
             if _CAPTURE.get() is not None:  # an encoder called by another (Qwen3-VL's videos go through images)
                 return encoder(*args, **kwargs)
             kwargs["return_dict"] = True
-            found: list = []
+            found = _Encoding(hand_over.profiler(_device_of(args, kwargs)))
             token = _CAPTURE.set(found)
             try:
                 out = encoder(*args, **kwargs)
             finally:
                 _CAPTURE.reset(token)
             geometry = hooks.geometry(modality, args, kwargs)
-            hand_over(modality, out, lambda: self.select(hooks, out, found[-1], geometry))
+            hand_over(modality, out, lambda: self.select(hooks, out, found[-1], geometry), found.profiler)
             return out
 
         return encode
@@ -149,6 +152,19 @@ class VisionZipConfig:
         call, in order; the family may drop rows that are no patch, as NeXT's newline tokens)."""
         plans = [self.plan(score, keys) for score, keys in hooks.units(image_outputs, captured, geometry)]
         return hooks.merge(image_outputs, plans, geometry)
+
+
+class _Encoding(list):
+    """What one encoding captured at the scored layer (one entry per call of it), and the profiler timing it."""
+
+    def __init__(self, profiler):
+        super().__init__()
+        self.profiler = profiler
+
+
+def _device_of(args, kwargs) -> torch.device:
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -166,23 +166,30 @@ class PruneHandle:
                        patch(dec, "forward", functools.wraps(dec_forward)(decoder_forward)),
                        patch(self.model, "generate", functools.wraps(generate)(pruned_generate))]
         if self.pre is not None:
-            saved, hooks = self.pre.install(self.adapter, self._hand_over)
+            hand_over = functools.partial(self._hand_over)
+            hand_over.profiler = self._encoding_profiler
+            saved, hooks = self.pre.install(self.adapter, hand_over)
             self._saved += saved
             self._hooks += hooks
         self._active = True
         APPLIED[self.model] = weakref.ref(self)
 
-    def _hand_over(self, modality, encoded, choose) -> None:
-        """Run a pre-LLM method's ``choose()`` over one modality's encoded tokens (timed when profiling) and
-        pass its choice to the prefill: on the encoded outputs (generate() encodes before the forward) and
-        on the call in flight."""
-        profiler = Profiler(encoded.pooler_output[0].device) if self.profile else NO_PROFILE
+    def _hand_over(self, modality, encoded, choose, profiler=None) -> None:
+        """Run a pre-LLM method's ``choose()`` over one modality's encoded tokens (timed when profiling, on the
+        encoding's ``profiler`` if it has one: `_encoding_profiler`) and pass its choice to the prefill: on the
+        encoded outputs (generate() encodes before the forward) and on the call in flight."""
+        if profiler is None:
+            profiler = Profiler(encoded.pooler_output[0].device) if self.profile else NO_PROFILE
         with profiler.span("pre_llm_s"):
-            choice = PreLLMChoice(choose(), profiler if self.profile else None)
+            choice = PreLLMChoice(choose(), profiler if profiler is not NO_PROFILE else None)
         encoded[_PRE_LLM] = choice
         call = _CURRENT_CALL.get()
         if call is not None and call.handle is self:
             call.pre[modality] = choice
+
+    def _encoding_profiler(self, device):
+        """A profiler for one encoding by a pre-LLM method (its capture and selection), or the no-op one."""
+        return Profiler(device) if self.profile else NO_PROFILE
 
     def remove(self) -> None:
         """Restore the model exactly as it was before `apply`."""
