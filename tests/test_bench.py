@@ -264,3 +264,45 @@ def test_internvl_reduced_bench_runs_on_cpu():
                           "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
     assert report["image_tokens"] == [256, 256] and report["decoder"]["layers"] == 28
     assert report["methods"][1]["visual_tokens_per_layer"][0] == [256] * 8 + [128] * 8 + [64] * 8 + [32] * 4
+
+
+def test_prefill_flops_are_the_decoders_matrix_products_counted_by_hand():
+    """A text-only prefill of the tiny LLaVA: every layer's projections (q, k, v, o with GQA-sized k / v, the
+    3 MLP matrices) and its attention (q k^T and weights x v over the whole L x L), plus the LM head on the last
+    token (``logits_to_keep=1``): 2 FLOPs per multiply-accumulate."""
+    import torch
+
+    from transprune.bench.measure import prefill_flops
+    from transprune.testing import tiny_model
+
+    model = tiny_model("llava", seed=0)
+    text = model.config.text_config
+    length = 11
+    ids = torch.randint(5, text.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    d, m, v = text.hidden_size, text.intermediate_size, text.vocab_size
+    kv = text.num_key_value_heads * (d // text.num_attention_heads)
+    per_layer = 2 * length * d * (2 * d + 2 * kv) + 2 * length * d * m * 3 + 4 * length * length * d
+    want = text.num_hidden_layers * per_layer + 2 * d * v
+    assert prefill_flops(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None) == want
+
+
+def test_report_carries_the_flops_ratio_next_to_the_time_ratio(report):
+    none, high = report["methods"]
+    assert none["ratios"]["flops"] == 1.0 and none["prefill_flops"] > high["prefill_flops"] > 0
+    assert high["ratios"]["flops"] == pytest.approx(high["prefill_flops"] / none["prefill_flops"])
+    assert high["ratios"]["prefill_per_flops"] == pytest.approx(high["ratios"]["prefill"] / high["ratios"]["flops"])
+
+
+def test_the_efficiency_table_carries_each_reports_ratios(report, tmp_path, capsys):
+    from transprune.bench.efficiency import main as efficiency
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    assert efficiency([str(path), "--before", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    high = report["methods"][1]
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[:3] == ["llava-1.5-reduced", str(BATCH), "transprune-high"]
+    assert cells[3] == f"{high['ratios']['flops']:.3f}" and cells[5] == f"{high['ratios']['prefill']:.3f}"
+    assert cells[4].startswith(f"{high['ratios']['prefill']:.3f} [")
+    assert cells[6] == f"{high['ratios']['prefill_per_flops']:.2f}"
