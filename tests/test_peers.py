@@ -52,7 +52,8 @@ def image_rows(model, inputs):
 @torch.no_grad()
 def dart_reference(model, inputs, config, keep):
     """DART at its one pruning layer p: pivots by the L1 norm of layer p's rotated keys (from its input), then each
-    pivot in position order takes its share of the least cosine-similar image tokens (final-norm space)."""
+    pivot in the official code's order (a Python set's) takes its share of the least cosine-similar image tokens
+    (final-norm space)."""
     lm = model.get_decoder()
     _, hidden = decoder_inputs(model, inputs)
     p = config.pruning_layers[0]
@@ -74,7 +75,7 @@ def dart_reference(model, inputs, config, keep):
     chosen = list(image_pivots)
     pool = [i for i in image if i not in image_pivots]
     share = math.ceil((keep - len(chosen)) / (len(image_pivots) + len(text_pivots)))
-    for pivot in sorted(image_pivots + text_pivots):
+    for pivot in list(set(image_pivots + text_pivots)):
         sims = {i: float(F.cosine_similarity(normed[pivot], normed[i], dim=0)) for i in pool}
         picks = sorted(pool, key=lambda i: (sims[i], i))[: min(share, keep - len(chosen))]
         chosen += picks
@@ -263,3 +264,46 @@ def test_v2drop_keeps_a_token_at_every_stage_on_any_count():
     assert [[len(k) for k in s.kept_indices] for s in handle.last_stats] == [[8, 4, 1]] * 2
     with pytest.raises(ValueError, match=r"keep_ratios must lie in \[0, 1\]"):
         V2DropConfig(keep_ratios=(0.5, 0.25, -0.1))
+
+
+def official_dart(keys, states, start, length, image_pivots, text_pivots, max_num_trunction):
+    """`get_retained_image_token` of DART's LLaVA code, rewritten here on its layout (one sample, image tokens at
+    ``start .. start + length - 1``, text after): its pivots, its set, its loop, its share."""
+    per_pivot = math.ceil(max_num_trunction // (image_pivots + text_pivots))
+    image_norms = keys[start:start + length].abs().sum(-1)
+    query_norms = keys[start + length:].abs().sum(-1)
+    image_indices = (image_norms.topk(image_pivots).indices + start).tolist()
+    query_indices = (query_norms.topk(text_pivots).indices + start + length).tolist()
+    indices = set(image_indices + query_indices)
+    valid = set(range(start, start + length)) - set(image_indices)
+    valid_list = list(valid)
+    for item in list(indices):
+        similarity = -F.cosine_similarity(states[item], states[valid_list], dim=-1)
+        picks = [valid_list[i] for i in similarity.topk(per_pivot).indices]
+        indices.update(picks)
+        valid.difference_update(picks)
+        valid_list = list(valid)
+    indices.difference_update(query_indices)
+    return sorted(indices)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("point", ["192", "128", "64"])
+def test_dart_keeps_the_official_codes_tokens_on_its_layout(seed, point):
+    """LLaVA-1.5's layout (576 image tokens at 35..610, 40 text tokens after): the default DART and each preset keep
+    the official loop's set, in count and members; the position-ordered variant is another rule."""
+    from transprune.methods.dart import _PRESETS
+
+    gen = torch.Generator().manual_seed(seed)
+    start, length, total = 35, 576, 35 + 576 + 40
+    keys, states = torch.randn(total, 64, generator=gen), torch.randn(total, 32, generator=gen)
+    image_at = torch.arange(start, start + length)
+    config = DARTConfig.preset(point)
+    keep = int(length * config.keep_ratios[0])
+    assert keep == _PRESETS[point]  # 196 / 132 / 68: the code's 4 + 8 x (max_num_trunction // 8)
+    score = config._priority(keys, states, image_at, start + length - 1, keep)
+    mine = sorted((image_at[torch.topk(score, keep).indices]).tolist())
+    want = official_dart(keys, states, start, length, 4, 4, {"192": 192, "128": 128, "64": 64}[point])
+    assert len(want) == keep and mine == want
+    other = DARTConfig.preset(point, pivot_order="position")._priority(keys, states, image_at, start + length - 1, keep)
+    assert len(set(torch.topk(other, keep).indices.tolist())) == keep

@@ -69,26 +69,30 @@ class CDPrunerConfig(OnEmbeddings):
         cosine, first = cosine_with_ties(image)  # copies of a token tied exactly
         r = self.relevance(image, text, first)
         kernel = r[:, None] * cosine * r[None, :]
-        return greedy_dpp(kernel, k, first == torch.arange(n, device=image.device))
+        return greedy_dpp(kernel, k, first == torch.arange(n, device=image.device), rank=image.shape[1])
 
 
-def greedy_dpp(kernel: torch.Tensor, k: int, originals: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_dpp(kernel: torch.Tensor, k: int, originals: torch.Tensor | None = None,
+               rank: int | None = None) -> torch.Tensor:
     """The k items of the greedy MAP of a DPP with PSD ``kernel`` (n, n), in choice order: each step takes the item
     with the largest marginal gain (its residual variance ``d2``), then updates every item's Cholesky row. Once the
     kernel's rank is exhausted (k above the embedding width: no item adds volume) the remaining items are taken
     by their own weight ``L_ii`` (their relevance), so exactly k distinct items come back. No host sync per step.
     ``originals``: (n,) bool, False for a copy of an earlier item; a copy adds no volume once its original is taken
     and ties with it before (exact arithmetic), so it is taken only by weight, once the rank is exhausted: rounding
-    (which differs between CPUs) never decides between copies."""
+    (which differs between CPUs) never decides between copies. ``rank``: the kernel's rank is at most this (the
+    embedding width): once that many items are taken every residual is rounding, however large it looks."""
     n = kernel.shape[0]
     diag = kernel.diagonal().clone()
-    floor = 1e-4 * diag.max()  # below this a residual is rounding, not volume
+    floor = 1e-6 * diag.max()  # below this a residual is rounding, not volume
     d2 = diag.clone() if originals is None else diag.masked_fill(~originals, float("-inf"))
     rows = kernel.new_zeros(k, n)
     taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     chosen = []
     for i in range(k):
         exhausted = d2.max() <= floor
+        if rank is not None and i >= rank:  # exact arithmetic leaves no volume: do not pick by rounding
+            exhausted = torch.ones_like(exhausted)
         j = torch.where(exhausted, diag.masked_fill(taken, float("-inf")).argmax(), d2.argmax())
         chosen.append(j)
         taken[j] = True

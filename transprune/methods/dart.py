@@ -9,8 +9,11 @@ Our reading of the official code (`get_retained_image_token`), on the seam's ter
 * Pivots: the ``image_pivots`` image tokens and the ``text_pivots`` tokens after the last image whose keys have
   the largest L1 norm (the code's ``torch.norm(p=1)``, where the paper says K-norm). Image pivots are kept,
   text pivots only guide.
-* The pivots are visited in order of position; each takes, from the image tokens not yet taken, its share of
-  the budget with the lowest cosine similarity to it (in the final-norm space). The code's share is
+* The pivots are visited in the code's order, that of ``list(set(image_indices + query_indices))``: a set of ints
+  iterates in an order CPython fixes from their values and insertion order, so building the same set from the
+  same positions (each list in key-norm order) reproduces it exactly (``pivot_order="position"``: left to right,
+  our variant). Each takes, from the image tokens not yet taken, its share of the budget with the lowest cosine
+  similarity to it (in the final-norm space). The code's share is
   ``max_num_trunction // 8`` per pivot (192 -> 24: 4 + 8 x 24 = 196 kept); here the share is
   ``ceil((keep - image_pivots) / pivots)`` and the last pivot takes what is left, so a stage keeps exactly its
   keep ratio of the image tokens, like every method here.
@@ -28,6 +31,9 @@ import torch.nn.functional as F
 from .base import (DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers,
                    check_reference_depth, choice, register_method)
 
+# The order the pivots take their shares in: the official code's (a Python set's), or by position.
+PIVOT_ORDERS = ("official", "position")
+
 # The code's operating points on LLaVA-1.5 (576 tokens): 4 image pivots + 8 x (max_num_trunction // 8) kept.
 _PRESETS = {"192": 196, "128": 132, "64": 68}
 
@@ -41,6 +47,7 @@ class DARTConfig(InLLMMethod):
     keep_ratios: tuple[float, ...] = ((_PRESETS["128"] + 0.5) / 576,)  # 132 of LLaVA-1.5's 576 (the "128" point)
     image_pivots: int = 4
     text_pivots: int = 4
+    pivot_order: str = "official"
     positions: str = DEFAULT_ORIGINAL
     reference_depth: int | None = None
     method = "dart"
@@ -49,6 +56,7 @@ class DARTConfig(InLLMMethod):
     def __post_init__(self):
         check_reference_depth(self.reference_depth)
         choice("positions", self.positions, POSITION_RULES)
+        choice("pivot_order", self.pivot_order, PIVOT_ORDERS)
         prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
         object.__setattr__(self, "pruning_layers", prune)
         object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune))
@@ -96,7 +104,11 @@ class DARTConfig(InLLMMethod):
             order = list(pivot_set)
             pool = torch.ones(n, dtype=torch.bool, device=keys.device)
             pool[pivot_set] = False
-            pivots = sorted(image_pivots.tolist() + text_pivots.tolist())
+            pivots = image_pivots.tolist() + text_pivots.tolist()  # token positions, each list in key-norm order
+            # The code visits `list(set(image_indices + query_indices))`: CPython's order for a set of ints, fixed by
+            # their values and insertion order (so by the positions), which this reproduces exactly; "position"
+            # visits them left to right.
+            pivots = list(set(pivots)) if self.pivot_order == "official" else sorted(pivots)
             if not pivots:  # no image pivots asked and no text after the image: rank by key norm alone
                 return norms[image_at]
             share = math.ceil((keep - len(pivot_set)) / len(pivots))
