@@ -180,3 +180,37 @@ def test_the_shipped_mini_model_answers_a_prompt_that_ends_with_the_image():
     for config in (TransPruneConfig.preset("high", reference_depth=32), DivPruneConfig()):
         with transprune.pruned(model, config):
             assert answer() == unpruned
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava"])
+def test_load_processor_loads_any_supported_folder_without_torchvision(tmp_path, kind):
+    """Qwen's AutoProcessor needs torchvision for its video processor, which the install leaves out: the public
+    loader gives the same processor for images (the same inputs as the one the folder was saved from)."""
+    import importlib.util
+
+    from transprune.testing import qwen_sample_inputs
+
+    folder = save_tiny_checkpoint(tmp_path / kind, kind)
+    processor = transprune.load_processor(folder)
+    if kind == "qwen2_5_vl":
+        assert importlib.util.find_spec("torchvision") is None  # the case this loader is for
+        made = [qwen_sample_inputs(p, 2, seed=3) for p in (processor, tiny_processor(kind))]
+    else:
+        made = [sample_inputs(p, 2, seed=3) for p in (processor, tiny_processor(kind))]
+    assert set(made[0]) == set(made[1]) and all(torch.equal(made[0][k], made[1][k]) for k in made[1])
+    with pytest.raises(ValueError, match="folder must be a local checkpoint folder with a config.json"):
+        transprune.load_processor(tmp_path / "nothing")
+
+
+def test_the_readme_quickstart_runs_as_written_on_the_shipped_mini_model():
+    from pathlib import Path
+
+    from transprune.mini.model import checkpoint_path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("## Quickstart (Python)")[1].split("```python")[1].split("```")[0]
+    scope = {"path": str(checkpoint_path()), "image": random_image(0, (96, 96))}
+    with pytest.warns(UserWarning, match="preset 'high'"):
+        exec(block, scope)  # noqa: S102 - the README's own code
+    assert scope["stats"].pruning_layers == (3, 4, 5) and not scope["handle"].active
+    assert scope["stats"].visual_tokens_per_layer[:6] == [256, 256, 256, 224, 160, 32]

@@ -11,6 +11,7 @@ At equal cost: `transprune.budget(config, model, tflops=0.41)` scales any of the
 
 from .budget import budget, plan_budget
 from .config import TransPruneConfig
+from .loading import load_processor
 from .methods import (CDPrunerConfig, DARTConfig, DivPruneConfig, FastVConfig, PDropConfig, RandomConfig,
                       UniformConfig, V2DropConfig, VisionZipConfig, preset)
 from .runtime import PruneHandle, SampleStats, apply, handle_of, pruned, remove
@@ -19,5 +20,6 @@ __all__ = [
     "TransPruneConfig", "FastVConfig", "PDropConfig", "VisionZipConfig", "RandomConfig", "UniformConfig",
     "DARTConfig", "V2DropConfig", "DivPruneConfig", "CDPrunerConfig",
     "PruneHandle", "SampleStats", "apply", "pruned", "handle_of", "remove", "preset", "budget", "plan_budget",
+    "load_processor",
 ]
 __version__ = "0.1.0"

@@ -50,6 +50,16 @@ def load_config(folder: str, option: str = "--model"):
     return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
 
 
+def load_processor(folder):
+    """The processor of a local checkpoint folder of a supported family (never downloads). Where transformers'
+    `AutoProcessor` cannot build a family's video processor (Qwen2-VL / 2.5-VL / 3-VL's need torchvision, which
+    this library's install leaves out), the same processor for images only; install torchvision for videos."""
+    from .adapters import family_for
+
+    config = load_config(str(folder), option="folder")
+    return family_for(config.model_type).load_processor(Path(folder), config.model_type)
+
+
 def load_checkpoint(folder: str, dtype: str = "fp32"):
     """A local checkpoint folder of a supported family and its processor (never downloads)."""
     from .adapters import family_for
