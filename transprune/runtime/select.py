@@ -33,8 +33,7 @@ def select(method, adapter, state, layer_index: int, stage: int, keep_counts: li
                      last_image, keep_counts[0])
         score = _scored(method, view, state, range(batch))
         if last_image == length - 1:  # the prompt ends with an image token: it predicts the next token, so it stays
-            score = score.clone()  # not the recorded scores
-            score[:, -1] = float("inf")
+            score = _last_stays(score)
         chosen = image_cols[scoring.select_top(score, keep_counts[0])]
         keep.scatter_(1, chosen, True)
         ranks = layout.image_rank.gather(1, chosen)
@@ -52,12 +51,18 @@ def select(method, adapter, state, layer_index: int, stage: int, keep_counts: li
                      int(image_at[-1]), k)
         score = _scored(method, view, state, [b])[0]
         if int(image_at[-1]) == cols.numel() - 1:  # the sample's last token is an image token: it stays
-            score = score.clone()
-            score[-1] = float("inf")
+            score = _last_stays(score)
         chosen = image_at[scoring.select_top(score, k)]
         keep[b, cols[chosen]] = True
         state.kept_ranks[b].append(layout.image_rank[b, cols[chosen]])
     return keep, None
+
+
+def _last_stays(score: torch.Tensor) -> torch.Tensor:
+    """``score`` with each row's last image token ranked first (a copy: the recorded scores stay the method's)."""
+    score = score.clone()
+    score[..., -1] = float("inf")
+    return score
 
 
 def _view(adapter, state, layer_index, stage, rows, cols, image_at, rope, last_image, keep) -> StageView:
