@@ -84,7 +84,10 @@ def test_visionzip_refused_by_flops_on_a_family_without_hooks_and_image_sizes_ch
         estimate(VisionZipConfig(), "smolvlm-256m")
     assert main(["flops", "--arch", "smolvlm-256m", "--method", "visionzip"]) == 2
     assert "| smolvlm-256m | visionzip | not supported on this family |" in table(["smolvlm-256m"], [1])
-    assert estimate(VisionZipConfig(), "internvl3-8b").visual_tokens_per_layer[0] == 64
+    # the default is the paper's 64-of-576 share of each tile: 24 + 4 of 256; of each 64-token crop, 6 + 1
+    assert estimate(VisionZipConfig(), "internvl3-8b").visual_tokens_per_layer[0] == 28
+    monkeypatch.undo()
+    assert estimate(VisionZipConfig(), "smolvlm-256m").visual_tokens_per_layer[0] == 7 * 17
     from transprune.adapters import adapter_for
 
     with pytest.raises(ValueError, match="multiple of the 64-px tile"):
@@ -110,7 +113,7 @@ def test_visionzip_per_tile_matches_the_eager_cls_attention_reference(internvl):
         top = sorted(torch.topk(score[t], 6).indices.tolist())
         rest = [i for i in range(16) if i not in top]
         expected += [t * 16 + i for i in sorted(top + [rest[0]])]
-        merged.append((t, rest[0], features[t, rest].mean(0)))
+        merged.append((t, rest[0], features[t, rest[0]] + features[t, rest[1:]].mean(0)))  # the official merge
     with transprune.pruned(model, VisionZipConfig(dominant=6, contextual=1)) as handle, torch.no_grad():
         embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
     assert handle.last_stats[0].kept_indices == [expected]

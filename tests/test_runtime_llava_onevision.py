@@ -275,18 +275,18 @@ def _received(eager, pixels):
 
 
 def _zip_choice(score: torch.Tensor, dominant: int, contextual: int) -> list[int]:
-    """Unit-local kept indices of VisionZip's rule: the top ``dominant`` scores plus ``contextual`` evenly spaced
-    targets among the rest."""
+    """Unit-local kept indices of VisionZip's rule: the top ``dominant`` scores plus ``contextual`` targets spaced
+    ``len(rest) // contextual`` apart among the rest (the official spacing)."""
     top = torch.topk(score, dominant).indices.tolist()
     rest = [i for i in range(score.numel()) if i not in top]
-    return sorted(top + [rest[j * len(rest) // contextual] for j in range(contextual)])
+    return sorted(top + [rest[j * (len(rest) // contextual)] for j in range(contextual)])
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "blockwise"])
 def test_visionzip_ranks_packed_features_by_received_attention(onevision, fused, monkeypatch):
     """A 64x64 image is its base view (64 patches) and a 1x1 grid of 8 rows of 8 patches + a newline each: the
     base unit ranks patches by the attention they receive (eager reference), the grid unit its patches in
-    row order; newline tokens are dropped; a contextual token is its group's mean after the projector."""
+    row order; newline tokens are dropped; a contextual token is its target plus its members' mean, after the projector."""
     monkeypatch.setattr("transprune.adapters.vision._FUSED", fused)
     model, processor = onevision
     eager = tiny_llava_onevision(seed=0, attn_implementation="eager")
@@ -300,12 +300,12 @@ def test_visionzip_ranks_packed_features_by_received_attention(onevision, fused,
     with torch.no_grad():
         features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
     dominant = torch.topk(received[0].flatten(), 6).indices.tolist()
-    # the one contextual target of a 1-target base unit absorbs every other non-dominant patch: their mean
+    # the one contextual target of a 1-target base unit absorbs every other non-dominant patch: itself plus their mean
     with transprune.pruned(model, VisionZipConfig(6, 1)) as handle, torch.no_grad():
         embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
     rest = [i for i in range(64) if i not in dominant]
     visual = embeds[inputs["input_ids"][0] == model.config.image_token_id]
-    assert torch.allclose(visual[rest[0]], features[rest].mean(0), atol=1e-5)
+    assert torch.allclose(visual[rest[0]], features[rest[0]] + features[rest[1:]].mean(0), atol=1e-5)
 
 
 def test_visionzip_scores_follow_anyres_max_downsampling(onevision):

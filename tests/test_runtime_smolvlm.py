@@ -79,7 +79,7 @@ def test_visionzip_per_crop_matches_the_eager_received_attention_reference(smol,
         top = sorted(torch.topk(score[c], 6).indices.tolist())
         rest = [i for i in range(16) if i not in top]
         expected += [c * 16 + i for i in sorted(top + [rest[0]])]
-        merged.append((c, rest[0], features[c, rest].mean(0)))
+        merged.append((c, rest[0], features[c, rest[0]] + features[c, rest[1:]].mean(0)))  # the official merge
     with transprune.pruned(model, VisionZipConfig(dominant=6, contextual=1)) as handle, torch.no_grad():
         embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
     assert handle.last_stats[0].kept_indices == [expected]

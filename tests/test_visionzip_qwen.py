@@ -63,10 +63,11 @@ def received_attention(kind, pixel_values, grid, monkeypatch) -> torch.Tensor:
 
 
 def expected_kept(score: torch.Tensor, dominant: int, contextual: int) -> tuple[list[int], list[int]]:
-    """VisionZip's choice in one image: (dominant tokens, contextual targets evenly spaced over the rest)."""
+    """VisionZip's choice in one image, the official rule: (dominant tokens, contextual targets spaced
+    ``len(rest) // contextual`` apart over the rest, from its first)."""
     top = sorted(torch.topk(score, dominant).indices.tolist())
     rest = [i for i in range(score.numel()) if i not in top]
-    targets = [rest[j * len(rest) // contextual] for j in range(contextual)]
+    targets = [rest[j * (len(rest) // contextual)] for j in range(contextual)]
     return top, targets
 
 
@@ -92,9 +93,9 @@ def test_dominant_tokens_and_merged_token_match_the_eager_reference(kind, models
     assert stats.visual_tokens_per_layer == [11] * model.config.text_config.num_hidden_layers
     visual = embeds[inputs["input_ids"][0] == model.config.image_token_id]
     assert torch.allclose(visual[top], features[top], atol=1e-6)
-    # one contextual token: the mean of every token that is not dominant (itself included)
-    rest = [i for i in range(48) if i not in top]
-    assert torch.allclose(visual[targets[0]], features[rest].mean(0), atol=1e-5)
+    # one contextual token: the target plus the mean of every other token that is not dominant (the official merge)
+    members = [i for i in range(48) if i not in top and i != targets[0]]
+    assert torch.allclose(visual[targets[0]], features[targets[0]] + features[members].mean(0), atol=1e-5)
 
 
 def test_images_smaller_than_the_budget_keep_every_token(models):
@@ -109,7 +110,7 @@ def test_images_smaller_than_the_budget_keep_every_token(models):
 @torch.no_grad()
 def deepstack_reference_logits(model, inputs, kept: list[int], groups: dict[int, list[int]]):
     """transformers' own Qwen3-VL layers on the text + the kept visual tokens at their own mRoPE positions; each
-    contextual target's image feature and DeepStack rows are the mean over its group (``groups``)."""
+    contextual target's image feature and DeepStack rows are its own plus the mean of its members' (``groups``)."""
     mm, lm = model.model, model.model.language_model
     ids = inputs["input_ids"]
     encoded = mm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
@@ -117,7 +118,7 @@ def deepstack_reference_logits(model, inputs, kept: list[int], groups: dict[int,
     rows = [r.clone() for r in rows]
     for target, members in groups.items():
         for r in rows:
-            r[target] = r[members].mean(0)
+            r[target] = r[target] + r[members].mean(0)
     h = lm.embed_tokens(ids)
     visual = ids[0] == model.config.image_token_id
     h[0, visual] = rows[0]
@@ -142,7 +143,7 @@ def test_qwen3_deepstack_features_follow_the_kept_and_merged_tokens(models, monk
     with transprune.pruned(model, VisionZipConfig(dominant=10, contextual=1)) as handle, torch.no_grad():
         got = model(**inputs).logits[:, -1]
     assert handle.last_stats[0].kept_indices == [kept]
-    groups = {targets[0]: [i for i in range(48) if i not in top]}
+    groups = {targets[0]: [i for i in range(48) if i not in top and i != targets[0]]}
     assert torch.allclose(got, deepstack_reference_logits(model, inputs, kept, groups), atol=1e-5, rtol=1e-5)
     # the reference tells merged DeepStack rows apart from the target's own rows
     own = deepstack_reference_logits(model, inputs, kept, {})

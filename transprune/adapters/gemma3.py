@@ -149,6 +149,7 @@ class Gemma3VisionHooks:
     """
 
     encoders = {"image": "get_image_features"}
+    cls_reaches_llm = False  # no CLS token among the features the LLM gets
 
     def __init__(self, adapter: Gemma3Adapter):
         self.adapter = adapter
@@ -192,6 +193,6 @@ class Gemma3VisionHooks:
         features = image_outputs.pooler_output.clone()  # (images, tokens, d)
         for image, plan in enumerate(plans):
             if plan.targets.numel():
-                features[image, plan.targets] = plan.mean_into_targets(features[image]).to(features.dtype)
+                features[image, plan.targets] = plan.merged(features[image]).to(features.dtype)
         image_outputs.pooler_output = features
-        return torch.cat([plan.keep for plan in plans])
+        return torch.cat([plan.keep for plan in plans]), None

@@ -78,6 +78,7 @@ class InternVLVisionHooks:
     """What VisionZip reads from an InternVL tower (InternViT, CLS at row 0) and its pixel shuffle."""
 
     encoders = {"image": "get_image_features"}
+    cls_reaches_llm = False  # the model drops the CLS token before its pixel shuffle: no token to keep it in
 
     def __init__(self, adapter: InternVLAdapter):
         self.adapter = adapter
@@ -128,6 +129,6 @@ class InternVLVisionHooks:
         features = image_outputs.pooler_output.clone()  # (tiles, n, d)
         for t, plan in enumerate(plans):
             if plan.targets.numel():
-                features[t, plan.targets] = plan.mean_into_targets(features[t]).to(features.dtype)
+                features[t, plan.targets] = plan.merged(features[t]).to(features.dtype)
         image_outputs.pooler_output = features
-        return torch.cat([plan.keep for plan in plans])
+        return torch.cat([plan.keep for plan in plans]), None

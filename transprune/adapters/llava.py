@@ -82,6 +82,7 @@ class ClipVisionHooks:
     """What VisionZip reads from a LLaVA vision tower (CLIP, CLS at row 0) and its projector."""
 
     encoders = {"image": "get_image_features"}  # modality -> the multimodal model's encoder method
+    cls_reaches_llm = True  # the official code keeps each tile's CLS token, counted among the dominant ones
 
     def __init__(self, adapter: LlavaAdapter):
         self.adapter = adapter
@@ -118,41 +119,102 @@ class ClipVisionHooks:
 
     def units(self, image_outputs, captured, geometry):
         """One unit per vision tile (the image for LLaVA-1.5; base image and anyres tiles for NeXT): its
-        patches' CLS attention and unit-normalised keys, CLS dropped."""
+        patches' CLS attention and unit-normalised keys, CLS dropped (it is kept apart: `cls_reaches_llm`)."""
         cls_attention, keys = captured
         keys = torch.nn.functional.normalize(keys[:, 1:], dim=-1)
         return list(zip(cls_attention[:, 1:], keys))
 
-    def merge(self, image_outputs, plans, geometry) -> torch.Tensor:
-        """Write each contextual target as the mean of its group in vision space (the feature layer's patches),
-        projected like any patch; returns the kept rows of every image's packed features (NeXT's newline rows
-        are dropped)."""
-        patches = image_outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # (tiles, patches, d)
-        tiles, per_tile = patches.shape[:2]
-        keep = torch.stack([p.keep for p in plans]).flatten()
-        merged_ids, merged = [], []
+    def merge(self, image_outputs, plans, geometry):
+        """Write each image's tokens as the official code does, into the first rows of its features: per tile its
+        CLS token, its dominant patches in order and its contextual tokens (target + the mean of its members), in
+        the feature layer's space, then the projector; on NeXT the base tile so, then the other tiles' dominant
+        patches in reading order over the whole tile grid (no unpadding, no newline tokens), their CLS tokens and
+        their contextual tokens. Returns (keep: those rows; source: the row of the unpruned features whose patch
+        each row holds, -1 for a CLS token or a patch the unpruned packing unpadded away)."""
+        hidden = image_outputs.hidden_states[self.config.vision_feature_layer]  # (tiles, 1 + patches, d)
+        per_tile = hidden.shape[1] - 1
+        projector = self.adapter.multimodal_model.multi_modal_projector
+        tile_rows, tile_patches, sizes = [], [], []  # per tile: rows in the official order, the patch each holds
         for t, plan in enumerate(plans):
-            if plan.targets.numel():
-                merged.append(plan.mean_into_targets(patches[t]))
-                merged_ids.append(t * per_tile + plan.targets)
-        slot = torch.full((tiles * per_tile,), -1, dtype=torch.long, device=patches.device)
-        if merged:
-            merged_ids = torch.cat(merged_ids)
-            slot[merged_ids] = torch.arange(merged_ids.numel(), device=slot.device)
-            merged = self.adapter.multimodal_model.multi_modal_projector(torch.cat(merged).to(patches.dtype))
-        features, keeps = [], []
-        for feats, ids in zip(image_outputs.pooler_output, self.packed_patch_ids(tiles, per_tile, geometry)):
-            ids = ids.to(patches.device)
+            dominant = plan.dominant
+            parts, patches = [hidden[t, 1 + dominant].float(), plan.merged(hidden[t, 1:])], [dominant, plan.targets]
+            if plan.cls:
+                parts.insert(0, hidden[t, :1].float())
+                patches.insert(0, dominant.new_full((1,), -1))
+            tile_rows.append(torch.cat(parts).to(hidden.dtype))
+            tile_patches.append(torch.cat(patches))
+            sizes.append((int(plan.cls), dominant.numel()))
+        if len({r.shape[0] for r in tile_rows}) == 1:  # the official code projects (tiles, kept, d) at once
+            tile_rows = list(projector(torch.stack(tile_rows)))
+        else:
+            tile_rows = [projector(r[None])[0] for r in tile_rows]
+        features, keeps, sources, first_tile, offset = [], [], [], 0, 0
+        packed_ids = self.packed_patch_ids(len(plans), per_tile, geometry)
+        for i, (feats, ids, tiles) in enumerate(zip(image_outputs.pooler_output, packed_ids,
+                                                    self._tiles_per_image(len(plans), geometry))):
+            span = range(first_tile, first_tile + tiles)
+            rows, patch_ids = self._official_order([tile_rows[t] for t in span], [tile_patches[t] for t in span],
+                                                   [sizes[t] for t in span], per_tile,
+                                                   geometry[i] if tiles > 1 else None, feats.device)
+            n_rows, n = feats.shape[0], rows.shape[0]
+            if n > n_rows:
+                raise ValueError(f"VisionZip keeps {n} tokens of an image that has {n_rows} image tokens: lower "
+                                 "dominant or contextual")
+            ids = ids.to(feats.device)
+            ids = torch.where(ids >= 0, ids - first_tile * per_tile, -1)  # numbered within this image
+            first_tile += tiles
+            row_of = torch.full((tiles * per_tile,), -1, dtype=torch.long, device=feats.device)
             real = ids >= 0  # -1 marks rows that are no patch (NeXT's newline tokens)
-            ids = ids.clamp_min(0)
-            rows = real & (slot[ids] >= 0)
-            if rows.any():
-                feats = feats.clone()
-                feats[rows] = merged[slot[ids[rows]]].to(feats.dtype)
+            row_of[ids[real]] = real.nonzero().squeeze(1)
+            source = torch.arange(n_rows, device=feats.device)
+            source[:n] = torch.where(patch_ids >= 0, row_of[patch_ids.clamp_min(0)], -1)
+            feats = feats.clone()
+            feats[:n] = rows.to(feats.dtype)
             features.append(feats)
-            keeps.append(real & keep[ids])
+            keeps.append(torch.arange(n_rows, device=feats.device) < n)
+            sources.append(torch.where(source >= 0, source + offset, -1))
+            offset += n_rows
         image_outputs.pooler_output = features
-        return torch.cat(keeps)
+        return torch.cat(keeps), torch.cat(sources)
+
+    def _official_order(self, rows, patches, sizes, per_tile, image_size, device):
+        """One image's rows (k, d) in the official order and the ``tile * per_tile + patch`` each holds (-1: none),
+        from its tiles' rows ([CLS], dominant, contextual; ``sizes`` = (CLS rows, dominant rows) of each tile)."""
+        ids = [torch.where(p >= 0, p + t * per_tile, -1) for t, p in enumerate(patches)]
+        if image_size is None:  # one tile (LLaVA-1.5; NeXT's base-only image also gets its newline token)
+            if not self.adapter.is_anyres:
+                return rows[0], ids[0]
+            newline = self.adapter.multimodal_model.image_newline.to(device, rows[0].dtype)
+            return torch.cat([rows[0], newline[None]]), torch.cat([ids[0], ids[0].new_full((1,), -1)])
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        vision = self.config.vision_config
+        _, grid_w = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, vision.image_size)
+        side = vision.image_size // vision.patch_size
+        parts = {"grid": [], "grid_ids": [], "order": [], "cls": [], "cls_ids": [], "ctx": [], "ctx_ids": []}
+        for g, (r, i, p, (n_cls, n_dominant)) in enumerate(zip(rows[1:], ids[1:], patches[1:], sizes[1:])):
+            dominant = slice(n_cls, n_cls + n_dominant)
+            tile_row, tile_col = divmod(g, grid_w)  # the grid tiles in reading order, as the model's packing
+            py, px = torch.div(p[dominant], side, rounding_mode="floor"), p[dominant] % side
+            parts["order"].append((tile_row * side + py) * (grid_w * side) + tile_col * side + px)
+            parts["grid"].append(r[dominant])
+            parts["grid_ids"].append(i[dominant])
+            parts["cls"].append(r[:n_cls])
+            parts["cls_ids"].append(i[:n_cls])
+            parts["ctx"].append(r[dominant.stop:])
+            parts["ctx_ids"].append(i[dominant.stop:])
+        order = torch.cat(parts["order"]).argsort()
+        out = [rows[0], torch.cat(parts["grid"])[order], *parts["cls"], *parts["ctx"]]
+        out_ids = [ids[0], torch.cat(parts["grid_ids"])[order], *parts["cls_ids"], *parts["ctx_ids"]]
+        return torch.cat(out), torch.cat(out_ids)
+
+    def _tiles_per_image(self, tiles, image_sizes) -> list[int]:
+        if not self.adapter.is_anyres:
+            return [1] * tiles
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                for size in image_sizes]
 
     def packed_patch_ids(self, tiles, per_tile, image_sizes):
         """For each image, the (tile * per_tile + patch) id of every feature row, -1 for newline rows.
@@ -163,11 +225,8 @@ class ClipVisionHooks:
         ids = torch.arange(tiles * per_tile, dtype=torch.float32).view(tiles, per_tile, 1)
         if not self.adapter.is_anyres:
             return [row.flatten().long() for row in ids]
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         config = self.config
-        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                  for size in image_sizes]
+        counts = self._tiles_per_image(tiles, image_sizes)
         packed, _ = self.adapter.multimodal_model.pack_image_features(
             list(torch.split(ids, counts)), image_sizes, config.vision_feature_select_strategy,
             image_newline=torch.tensor([-1.0]))

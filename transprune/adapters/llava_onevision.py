@@ -90,6 +90,7 @@ class OnevisionVisionHooks:
     """
 
     encoders = {"image": "get_image_features", "video": "get_video_features"}
+    cls_reaches_llm = False  # no CLS token among the features the LLM gets
 
     def __init__(self, adapter: LlavaOnevisionAdapter):
         self.adapter = adapter
@@ -180,8 +181,8 @@ class OnevisionVisionHooks:
                 plan = next(pending)
                 keep[idx] = plan.keep
                 if plan.targets.numel():
-                    feats[idx[plan.targets]] = plan.mean_into_targets(feats[idx]).to(feats.dtype)
+                    feats[idx[plan.targets]] = plan.merged(feats[idx]).to(feats.dtype)
             written.append(feats)
             keeps.append(keep)
         image_outputs.pooler_output = torch.stack(written) if "videos" in geometry else written
-        return torch.cat(keeps)
+        return torch.cat(keeps), None

@@ -28,7 +28,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .vision import received_from_qk
+from .vision import received_from_qk, similarity_keys
 
 # The nominal image of the FLOPs tool and the bench: 448 x 448 pixels (16 x 16 merged tokens with 14-pixel
 # patches merged 2 x 2: 256 visual tokens on Qwen2-VL / Qwen2.5-VL-7B).
@@ -162,6 +162,7 @@ class QwenVisionHooks:
     """
 
     encoders = {"image": "get_image_features", "video": "get_video_features"}
+    cls_reaches_llm = False  # no CLS token among the features the LLM gets
     _grids = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
     def __init__(self, adapter: Qwen2VLAdapter):
@@ -193,7 +194,7 @@ class QwenVisionHooks:
         bounds = kwargs["cu_seqlens"].tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):  # each image / frame attends within itself
             received[start:end] = received_from_qk(q[None, :, start:end], k[None, :, start:end], attn.scaling)[0]
-        return received, k.float().transpose(0, 1).reshape(rows, -1)
+        return received, similarity_keys(k)
 
     def geometry(self, modality, args, kwargs):
         """The (t, h, w) patch grid of each image or video of the encoder call."""
@@ -228,9 +229,9 @@ class QwenVisionHooks:
             n = plan.keep.numel()
             if plan.targets.numel():
                 for source, out in zip(sources, written):
-                    out[offset + plan.targets] = plan.mean_into_targets(source[offset:offset + n]).to(out.dtype)
+                    out[offset + plan.targets] = plan.merged(source[offset:offset + n]).to(out.dtype)
             offset += n
         image_outputs.pooler_output = written[0].split(per_item)
         if deepstack:
             image_outputs.deepstack_features = [x.split(per_item) for x in written[1:]]
-        return torch.cat([plan.keep for plan in plans])
+        return torch.cat([plan.keep for plan in plans]), None

@@ -87,6 +87,7 @@ class SmolVLMVisionHooks:
     """
 
     encoders = {"image": "get_image_features"}
+    cls_reaches_llm = False  # no CLS token among the features the LLM gets
 
     def __init__(self, adapter: SmolVLMAdapter):
         self.adapter = adapter
@@ -125,6 +126,6 @@ class SmolVLMVisionHooks:
         features = features.clone()
         for crop, plan in enumerate(plans):
             if plan.targets.numel():
-                features[crop, plan.targets] = plan.mean_into_targets(features[crop]).to(features.dtype)
+                features[crop, plan.targets] = plan.merged(features[crop]).to(features.dtype)
         image_outputs.pooler_output = list(features.flatten(0, 1).split(per_sample))
-        return torch.cat([plan.keep for plan in plans])
+        return torch.cat([plan.keep for plan in plans]), None

@@ -17,13 +17,20 @@ def feature_layer(layers, feature: int):
 
 
 def cls_row_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float):
-    """CLS-row attention (mean over heads) and keys of one attention layer, from its q and k: ``queries`` and
-    ``keys`` project (B, T, d) inputs to (B, T, heads * head_dim), norms included."""
+    """CLS-row attention (mean over heads) and keys (mean over heads, `similarity_keys`) of one attention layer,
+    from its q and k: ``queries`` and ``keys`` project (B, T, d) inputs to (B, T, heads * head_dim), norms
+    included."""
     b, t, _ = hidden.shape
     q = queries(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2).float()
     k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
     cls = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)[:, :, 0]  # (B, H, T)
-    return cls.mean(1), k.transpose(1, 2).reshape(b, t, -1)
+    return cls.mean(1), similarity_keys(k)
+
+
+def similarity_keys(k: torch.Tensor) -> torch.Tensor:
+    """(..., T, head_dim) fp32 from keys (..., heads, T, head_dim): their mean over heads, the ``metric`` by which
+    the official VisionZip assigns each merged token to a contextual target (``raw_key_states.mean(1)``)."""
+    return k.float().mean(-3)
 
 
 _QUERY_CHUNK = 1024
@@ -31,7 +38,7 @@ _QUERY_CHUNK = 1024
 
 def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: float, mask=None):
     """The attention each row receives, (B, T): the mean over the rows of its own sample (and over heads) of their
-    attention to it; and the keys (B, T, heads * head_dim). ``queries`` / ``keys`` project (B, T, d) inputs;
+    attention to it; and the keys (B, T, head_dim), their mean over heads (`similarity_keys`). ``queries`` / ``keys`` project (B, T, d) inputs;
     ``mask``: the layer's attention mask, additive (B, 1, T, T) floats or bool (True = may attend), or None."""
     b, t, _ = hidden.shape
     q = queries(hidden).view(b, t, heads, head_dim).transpose(1, 2)
@@ -39,7 +46,7 @@ def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: 
     allowed = None
     if mask is not None:
         allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    return received_from_qk(q, k, scale, allowed), k.transpose(1, 2).reshape(b, t, -1).float()
+    return received_from_qk(q, k, scale, allowed), similarity_keys(k)
 
 
 def received_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor | None = None) -> torch.Tensor:

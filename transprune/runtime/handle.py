@@ -38,10 +38,23 @@ _PRE_LLM = "transprune_pre_llm"
 
 @dataclass
 class PreLLMChoice:
-    """A pre-LLM method's choice over all image tokens of the call (in input order), and its timing."""
+    """A pre-LLM method's choice over all image tokens of the call (in input order), and its timing. Where the
+    method wrote other tokens into the rows (LLaVA's VisionZip, in the official order): ``shift``, how far from
+    its own row (among its sample's image tokens) the token each row holds is, and ``sourceless``, the rows whose
+    token the unpruned model has none of (a CLS token); None: every row holds its own."""
 
     keep: torch.Tensor
     profiler: object = None
+    shift: torch.Tensor | None = None
+    sourceless: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, keep, source, profiler):
+        """From ``source``: the row (numbered as ``keep``) each row now holds, -1 for none; None: its own."""
+        if source is None:
+            return cls(keep, profiler)
+        rows = torch.arange(source.numel(), device=source.device)
+        return cls(keep, profiler, torch.where(source >= 0, source - rows, 0), source < 0)
 
 
 @dataclass
@@ -181,7 +194,8 @@ class PruneHandle:
         if profiler is None:
             profiler = Profiler(encoded.pooler_output[0].device) if self.profile else NO_PROFILE
         with profiler.span("pre_llm_s"):
-            choice = PreLLMChoice(choose(), profiler if profiler is not NO_PROFILE else None)
+            keep, source = choose()
+            choice = PreLLMChoice.of(keep, source, profiler if profiler is not NO_PROFILE else None)
         encoded[_PRE_LLM] = choice
         call = _CURRENT_CALL.get()
         if call is not None and call.handle is self:
@@ -294,7 +308,7 @@ class PruneHandle:
                                        hidden_states=tuple(hidden) if want_hidden else None)
 
     def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
-        pre_keep = None
+        pre_keep = pre_ranks = None
         on_embeddings = getattr(self.pre, "from_embeddings", False)
         if self.pre is not None and not on_embeddings:
             pre_keep = torch.zeros_like(image_mask)
@@ -305,7 +319,13 @@ class PruneHandle:
                     raise RuntimeError(f"{type(self.pre).__name__} found no selection for this call's {modality} tokens: "
                                        "they were encoded without transprune (pass pixel values, not precomputed "
                                        "features)")
-                pre_keep[mask] = _rows_of(call.pre[modality].keep.to(mask.device), mask)
+                choice = call.pre[modality]
+                pre_keep[mask] = _rows_of(choice.keep.to(mask.device), mask)
+                if choice.shift is not None:  # the rows hold other tokens: rank each as the token it holds
+                    if pre_ranks is None:
+                        pre_ranks = (image_mask & valid.to(image_mask.device)).long().cumsum(1) - 1
+                    ranks = pre_ranks[mask] + _rows_of(choice.shift.to(mask.device), mask)
+                    pre_ranks[mask] = torch.where(_rows_of(choice.sourceless.to(mask.device), mask), -1, ranks)
         profiler = NO_PROFILE
         if self.profile:
             timed = [c.profiler for c in call.pre.values() if c.profiler] if pre_keep is not None else []
@@ -316,6 +336,7 @@ class PruneHandle:
                 pre_keep = self.pre.keep_from_embeddings(embeds, valid, image_mask.to(embeds.device) & valid)
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
                                               hidden, pre_keep, profiler, aligned=self.batched_selection,
+                                              pre_ranks=pre_ranks,
                                               extras=extras, blocks=blocks)
         if cache is not None:
             state.generation.next_position = self.adapter.next_position(position_ids)
