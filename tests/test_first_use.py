@@ -2,6 +2,7 @@
 that would be silently misread, and small images under aggressive compositions."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -214,3 +215,74 @@ def test_the_readme_quickstart_runs_as_written_on_the_shipped_mini_model():
         exec(block, scope)  # noqa: S102 - the README's own code
     assert scope["stats"].pruning_layers == (3, 4, 5) and not scope["handle"].active
     assert scope["stats"].visual_tokens_per_layer[:6] == [256, 256, 256, 224, 160, 32]
+
+
+def test_a_base_models_chat_template_that_drops_the_image_is_named():
+    """The real Qwen2-VL-2B *base* folder's template renders role messages to an empty prompt (it expects a list of
+    content parts): the prompt builder names the template and the fix, instead of the model's later
+    "0 <|image_pad|> tokens and 1 images"; a prompt that holds the placeholder itself goes through."""
+    from transprune.loading import build_prompt
+
+    folder = real_config("qwen2-vl-2b")
+    processor = transprune.load_processor(folder)
+    with pytest.raises(ValueError, match="chat template renders a user message with 1 image.* to '', with no image "
+                                         "placeholder.*<\\|vision_start\\|><\\|image_pad\\|><\\|vision_end\\|>"):
+        build_prompt(processor, "What is in the picture?")
+    written = "<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
+    assert build_prompt(processor, written) == written
+    inputs = processor(images=[random_image(1)], text=written, return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) > 0
+
+
+def test_visionzip_defaults_prune_on_the_real_smolvlm_folder_and_a_setting_that_keeps_all_says_so(tmp_path, capsys):
+    """SmolVLM-256M (real config and processor; text and vision narrowed, random weights): a 64-token crop was
+    exactly the old default's 54 + 10, so nothing was pruned and nothing said. The default now keeps the paper's
+    share of each crop; a setting that keeps every token warns at apply and after the prefill."""
+    from transformers import AutoConfig, Idefics3ForConditionalGeneration
+
+    from transprune import VisionZipConfig
+    from transprune.loading import build_prompt
+
+    folder = real_config("smolvlm-256m")
+    config = AutoConfig.from_pretrained(folder)
+    config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers = 2, 1
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+    processor = transprune.load_processor(folder)
+    inputs = processor(images=[random_image(2)], text=build_prompt(processor, "What is it?"), return_tensors="pt")
+    crops = inputs["pixel_values"].shape[1]
+    n = int((inputs["input_ids"] == config.image_token_id).sum())
+    assert n == 64 * crops
+    with transprune.pruned(model, VisionZipConfig()) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.last_stats[0].visual_tokens_per_layer == [7 * crops] * 2  # 6 + 1 of each 64 (54 + 10 of 576)
+    with pytest.warns(UserWarning, match="keeps all 64 tokens of every smolvlm tile"):
+        handle = transprune.apply(model, VisionZipConfig(54, 10))
+    with handle, torch.no_grad(), pytest.warns(UserWarning, match=f"pruned none of the {n} image tokens"):
+        model(**inputs)
+    assert handle.last_stats[0].pruned_nothing
+
+
+def real_config(name):
+    """A real public model folder's text files (``../shared/real-configs`` beside the checkout; not shipped)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / name
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{folder} (the real model folders beside the checkout) is not here")
+    return folder
+
+
+def test_run_says_when_a_setting_pruned_nothing(checkpoint, capsys):
+    folder, image = checkpoint
+    keep_all = ["--method", "visionzip", "--set", "dominant=64", "--set", "contextual=0", "--set", "keep_cls=false"]
+    with pytest.warns(UserWarning, match="prunes nothing on this model"):
+        assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is it ?"] + keep_all) == 0
+    assert re.search(r"\nnote +pruned nothing: every layer kept all 64 image tokens", capsys.readouterr().out)
+    with pytest.warns(UserWarning):
+        assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is it ?", "--json"]
+                    + keep_all) == 0
+    assert json.loads(capsys.readouterr().out)["pruned_nothing"] is True
+    assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is it ?", "--json",
+                 "--method", "visionzip"]) == 0
+    assert json.loads(capsys.readouterr().out)["pruned_nothing"] is False

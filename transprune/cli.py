@@ -181,6 +181,9 @@ def cmd_run(args) -> int:
                                      f"{stats.tflops_unpruned:.4g} unpruned"
                                      + (f"; budget {100 * args.budget:g}%" if args.budget is not None else "") + ")"),
     ]
+    if stats.pruned_nothing:
+        rows.append(("note", f"pruned nothing: every layer kept all {stats.n_image_tokens} image tokens; this setting "
+                             "keeps everything on this model"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -73,19 +73,30 @@ def image_prompt(processor, text: str, n_images: int = 1) -> str:
     """``text`` after ``n_images`` image slots, in the checkpoint's chat template (else LLaVA-1.5's format)."""
     if not getattr(processor, "chat_template", None):
         return "USER: " + "<image>\n" * n_images + f"{text} ASSISTANT:"
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    conversation = [{"role": "user", "content": content}]
-    if hasattr(processor, "video_processor") and processor.video_processor is None:
-        # an image-only processor (`adapters.base.image_only_processor`): some processors' own
-        # apply_chat_template reads video settings, so render the template through the tokenizer
-        return processor.tokenizer.apply_chat_template(conversation, chat_template=processor.chat_template,
-                                                       tokenize=False, add_generation_prompt=True)
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    def render(content):
+        conversation = [{"role": "user", "content": content}]
+        if hasattr(processor, "video_processor") and processor.video_processor is None:
+            # an image-only processor (`adapters.base.image_only_processor`): some processors' own
+            # apply_chat_template reads video settings, so render the template through the tokenizer
+            return processor.tokenizer.apply_chat_template(conversation, chat_template=processor.chat_template,
+                                                           tokenize=False, add_generation_prompt=True)
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    prompt = render([{"type": "image"}] * n_images + [{"type": "text", "text": text}])
+    if n_images and prompt == render([{"type": "text", "text": text}]):
+        # A base model's template (Qwen2-VL-2B's renders a list of content parts, not role messages) drops the
+        # images: every method would then fail later on "0 image tokens and 1 images".
+        raise ValueError(f"the checkpoint's chat template renders a user message with {n_images} image(s) to "
+                         f"{prompt!r}, with no image placeholder: it is not a chat model's template (a base model's?). "
+                         "Write the prompt with the model's image placeholder yourself (for Qwen-VL: "
+                         "'<|vision_start|><|image_pad|><|vision_end|>' before the question), or give the folder a "
+                         "chat template that renders role messages (its instruct model's chat_template.json)")
+    return prompt
 
 
 def build_prompt(processor, question: str) -> str:
     """The question wrapped in the checkpoint's chat template (or LLaVA-1.5's), with one image slot."""
-    if "<image>" in question:
+    if "<image>" in question or "<|image_pad|>" in question:  # the placeholder written by the caller
         return question
     if getattr(processor, "chat_template", None):
         return image_prompt(processor, question)

@@ -51,11 +51,12 @@ def split_methods(config) -> tuple[object | None, object | None]:
     return (pre[0] if pre else None), (llm[0] if llm else None)
 
 
-# Paper Tables 4/5: VisionZip to 288 / 192 tokens, then TransPrune to 36 / 24 (ratios of the reduced count).
+# Paper Tables 4/5: VisionZip to 288 / 192 tokens, then TransPrune to 36 / 24 (ratios of the reduced count). The
+# counts are LLaVA-1.5's (of 576 patches): on another unit size they are that share of it (reference_tokens).
 _VZ_TRANSPRUNE = dict(keep_ratios=(0.5, 0.25, 0.125))
 COMPOSITIONS = {
-    "visionzip288+transprune": lambda: [VisionZipConfig(256, 32), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip288+transprune")],
-    "visionzip192+transprune": lambda: [VisionZipConfig(162, 30), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip192+transprune")],
+    "visionzip288+transprune": lambda: [VisionZipConfig(256, 32, reference_tokens=576), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip288+transprune")],
+    "visionzip192+transprune": lambda: [VisionZipConfig(162, 30, reference_tokens=576), TransPruneConfig(**_VZ_TRANSPRUNE, name="visionzip192+transprune")],
     # The paper's CDPruner + TransPrune rows (0.66 / 0.44 TFLOPs): CDPruner to 288 / 192 tokens, then the same ratios.
     "cdpruner288+transprune": lambda: [CDPrunerConfig(288 / 576), TransPruneConfig(**_VZ_TRANSPRUNE, name="cdpruner288+transprune")],
     "cdpruner192+transprune": lambda: [CDPrunerConfig(192 / 576), TransPruneConfig(**_VZ_TRANSPRUNE, name="cdpruner192+transprune")],
@@ -96,11 +97,12 @@ def default_preset(name: str) -> str | None:
 
 
 def _parse_value(text: str):
-    """'8,16,24' -> (8, 16, 24); '0.5' -> 0.5; '2' -> 2; 'none' -> None; anything else stays a string."""
+    """'8,16,24' -> (8, 16, 24); '0.5' -> 0.5; '2' -> 2; 'none' -> None; 'true' / 'false' -> bools; anything else
+    stays a string."""
     if "," in text:
         return tuple(_parse_value(t) for t in text.split(",") if t)
-    if text.lower() == "none":
-        return None
+    if text.lower() in ("none", "true", "false"):
+        return {"none": None, "true": True, "false": False}[text.lower()]
     for kind in (int, float):
         try:
             return kind(text)

@@ -138,6 +138,7 @@ class PruneHandle:
         self._saved: list[tuple[torch.nn.Module, str, object]] = []
         self._hooks: list = []
         self._active = False
+        self._said_nothing_pruned = False
 
     # -- attach / detach -------------------------------------------------------------------------
     def _install(self):
@@ -357,6 +358,13 @@ class PruneHandle:
         stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm,
                              self.position_rule)
         self._local.stats = stats
+        with_images = [s for s in stats if s.n_image_tokens]
+        if with_images and all(s.pruned_nothing for s in with_images) and not self._said_nothing_pruned:
+            self._said_nothing_pruned = True  # once per handle: a setting, not a call, is the cause
+            warnings.warn(f"transprune: {' + '.join(type(c).__name__ for c in (self.pre, self.llm) if c)} pruned none of the {with_images[0].n_image_tokens} image "
+                          f"tokens of this {type(self.model).__name__} prefill (every layer kept them all): its "
+                          "settings keep everything on this model; lower its keep ratios or token counts",
+                          stacklevel=2)
 
     def _record_unpruned(self, image_mask, attention_mask, tokens):
         if image_mask is None:  # the decoder was called on its own (no multimodal call around it): no images

@@ -33,12 +33,18 @@ class SampleStats:
     scores: list[dict] | None = None
 
     @property
+    def pruned_nothing(self) -> bool:
+        """Whether this sample had image tokens and every layer still saw all of them (a setting that keeps
+        everything on this model: the handle warns once, `transprune run` says so)."""
+        return self.n_image_tokens > 0 and all(n == self.n_image_tokens for n in self.visual_tokens_per_layer)
+
+    @property
     def tflops_ratio(self) -> float:
         """Paper-convention TFLOPs relative to unpruned: what a budget (`transprune.budget`) aims at."""
         return self.tflops / self.tflops_unpruned if self.tflops_unpruned else 1.0
 
     def to_dict(self) -> dict:
-        out = dict(self.__dict__)
+        out = dict(self.__dict__, pruned_nothing=self.pruned_nothing)
         if self.scores is not None:
             out["scores"] = [{k: v.tolist() for k, v in stage.items()} for stage in self.scores]
         return out
