@@ -69,6 +69,10 @@ def _bad_values(default, field_name):
         return [None, 5]
     if field_name == "reference_depth":
         return [0, 1, -3, 1.5, "32", True]
+    if default is None:  # an optional count (VisionZip's: None is the paper's share of the unit)
+        return ["2", 1.5, True, -1] + ([0] if field_name == "reference_tokens" else [])
+    if isinstance(default, bool):
+        return [None, "yes", 1, 0]
     if isinstance(default, str):
         return [None, 5, "nope"]
     if isinstance(default, int):

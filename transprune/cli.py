@@ -169,6 +169,7 @@ def cmd_run(args) -> int:
         method = [c.to_dict() for c in config] if isinstance(config, list) else config.to_dict()
         print(json.dumps({"answer": answer, "preset": args.preset or _default_preset(args.method),
                           "method": method, **stats.to_dict(), "tflops_ratio": stats.tflops_ratio,
+                          "pruned_nothing": stats.pruned_nothing,
                           "budget": args.budget}))
         return 0
     rows = [

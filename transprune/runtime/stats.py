@@ -44,7 +44,7 @@ class SampleStats:
         return self.tflops / self.tflops_unpruned if self.tflops_unpruned else 1.0
 
     def to_dict(self) -> dict:
-        out = dict(self.__dict__, pruned_nothing=self.pruned_nothing)
+        out = dict(self.__dict__)
         if self.scores is not None:
             out["scores"] = [{k: v.tolist() for k, v in stage.items()} for stage in self.scores]
         return out
