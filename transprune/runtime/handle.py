@@ -349,7 +349,7 @@ class PruneHandle:
         return h
 
     # -- statistics -------------------------------------------------------------------------------
-    def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False):
+    def _record(self, n_original, n_llm, kept_ranks, scores=None, pre_llm=False, pruning=True):
         inside = _ROWS_PER_SAMPLE.get()
         copies = inside[1] if inside is not None and inside[0] is self else 1
         if copies > 1 and len(n_original) % copies == 0:  # one entry per input sample, not per beam
@@ -359,12 +359,12 @@ class PruneHandle:
                              self.position_rule)
         self._local.stats = stats
         with_images = [s for s in stats if s.n_image_tokens]
-        if with_images and all(s.pruned_nothing for s in with_images) and not self._said_nothing_pruned:
+        if pruning and with_images and all(s.pruned_nothing for s in with_images) and not self._said_nothing_pruned:
             self._said_nothing_pruned = True  # once per handle: a setting, not a call, is the cause
-            warnings.warn(f"transprune: {' + '.join(type(c).__name__ for c in (self.pre, self.llm) if c)} pruned none of the {with_images[0].n_image_tokens} image "
-                          f"tokens of this {type(self.model).__name__} prefill (every layer kept them all): its "
-                          "settings keep everything on this model; lower its keep ratios or token counts",
-                          stacklevel=2)
+            names = " + ".join(type(c).__name__ for c in (self.pre, self.llm) if c is not None)
+            warnings.warn(f"transprune: {names} pruned none of the {with_images[0].n_image_tokens} image tokens of "
+                          f"this {type(self.model).__name__} prefill (every layer kept them all): its settings keep "
+                          "everything on this model; lower its keep ratios or token counts", stacklevel=2)
 
     def _record_unpruned(self, image_mask, attention_mask, tokens):
         if image_mask is None:  # the decoder was called on its own (no multimodal call around it): no images
@@ -372,4 +372,4 @@ class PruneHandle:
         else:
             valid = image_mask if attention_mask is None else image_mask & attention_mask[:, -image_mask.shape[1]:].bool()
             counts = valid.sum(1).tolist()
-        self._record(counts, counts, [[] for _ in counts])
+        self._record(counts, counts, [[] for _ in counts], pruning=False)  # switched off (enabled=False), or no image
