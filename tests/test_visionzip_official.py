@@ -12,7 +12,8 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 
 import transprune
 from transprune import VisionZipConfig
-from transprune.testing import IMAGE_ID, _build, tiny_llava_config, tiny_llava_next_config
+from official_layout import IMAGE_END, IMAGE_START, layout_inputs, llava_576
+from transprune.testing import IMAGE_ID, _build, tiny_llava_next_config
 
 
 def official_tile_tokens(vision_out, encoder_layer, dominant, contextual):
@@ -49,13 +50,6 @@ def official_tile_tokens(vision_out, encoder_layer, dominant, contextual):
     return torch.cat([dominant_tokens, contextual_tokens], dim=1), all_indices, targets
 
 
-def llava_576(seed):
-    config = tiny_llava_config()
-    config.vision_config.image_size, config.vision_config.patch_size = 48, 2  # 24 x 24 = 576 patches, as 336 / 14
-    config.image_seq_length = 576
-    return _build(config, LlavaForConditionalGeneration, seed, "sdpa", torch.float32)
-
-
 def run_llm(model, ids, image_at, image_tokens):
     """The LLM on the text embeddings with the image span replaced by ``image_tokens`` (the official sequence)."""
     embeds = model.get_input_embeddings()(ids)
@@ -67,18 +61,16 @@ def run_llm(model, ids, image_at, image_tokens):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dominant,contextual", [(54, 10), (108, 20), (162, 30)])
 def test_visionzip_keeps_the_official_tokens_in_order_on_llava(seed, dominant, contextual):
-    model = llava_576(seed)
-    gen = torch.Generator().manual_seed(100 + seed)
-    ids = torch.randint(5, 40, (1, 35 + 576 + 40), generator=gen)
-    ids[0, 35:611] = IMAGE_ID
-    pix = torch.randn(1, 3, 48, 48, generator=gen)
+    model = llava_576(seed, num_hidden_layers=8)
+    inputs = layout_inputs(seed)
+    ids, pix = inputs["input_ids"], inputs["pixel_values"]
     with torch.no_grad():
         eager = _build(model.config, LlavaForConditionalGeneration, seed, "eager", torch.float32)
         vis = eager.model.vision_tower(pix, output_attentions=True, output_hidden_states=True)
         layer = eager.model.vision_tower.vision_model.encoder.layers[-2] if hasattr(
             eager.model.vision_tower, "vision_model") else eager.model.vision_tower.encoder.layers[-2]
         tokens, all_indices, targets = official_tile_tokens(vis, layer, dominant, contextual)
-        want_logits = run_llm(model, ids, range(35, 611), model.model.multi_modal_projector(tokens)[0])
+        want_logits = run_llm(model, ids, range(IMAGE_START, IMAGE_END), model.model.multi_modal_projector(tokens)[0])
         with transprune.pruned(model, VisionZipConfig(dominant, contextual)) as handle:
             logits = model(input_ids=ids, pixel_values=pix).logits[:, -1]
     kept = handle.last_stats[0].kept_indices[0]
