@@ -132,8 +132,8 @@ class VisionZipConfig:
 
     def install(self, adapter, hand_over) -> tuple[list, list]:
         """Wrap this model instance's encoders (images; videos too where the family has them) and its scored
-        attention layer; ``hand_over(modality, outputs, run, profiler)`` times ``run()`` (the selection, a bool
-        over every token of that modality in the call) and passes the result to the prefill;
+        attention layer; ``hand_over(modality, outputs, run, profiler)`` times ``run()`` (the selection: `select`'s
+        (keep, source) over every token of that modality in the call) and passes the result to the prefill;
         ``hand_over.profiler(device)`` is an encoding's profiler (a no-op unless the handle profiles), which times
         the capture too. Returns what
         `PruneHandle.remove` undoes: ([(module, attribute, previous instance value)], [hooks])."""

@@ -189,7 +189,8 @@ class PruneHandle:
         APPLIED[self.model] = weakref.ref(self)
 
     def _hand_over(self, modality, encoded, choose, profiler=None) -> None:
-        """Run a pre-LLM method's ``choose()`` over one modality's encoded tokens (timed when profiling, on the
+        """Run a pre-LLM method's ``choose()`` -> (keep, source: None or the row each row now holds, -1 for none)
+        over one modality's encoded tokens (timed when profiling, on the
         encoding's ``profiler`` if it has one: `_encoding_profiler`) and pass its choice to the prefill: on the
         encoded outputs (generate() encodes before the forward) and on the call in flight."""
         if profiler is None:
