@@ -42,12 +42,15 @@ class Schedule:
     pruning_layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
     min_keep: int = 0  # a stage keeps at least this many image tokens (V2Drop's code keeps max(1, ...))
+    rounding: str = "floor"  # how n * ratio becomes a count: "floor" (int), or "round" (FastV's code: round(n (1 - R)))
 
     def keep_count(self, n_image: int, stage: int) -> int:
-        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)``, at least ``min_keep``.
+        """Image tokens stage ``stage`` keeps of a sample's ``n_image``: ``int(n * ratio)`` (``round`` for a method whose
+        code rounds), at least ``min_keep``.
         The planning count (`apply` refuses a schedule that keeps 0 of the model's nominal image; the FLOPs tool and
         `budget` count with it); a prefill keeps at least one token of a smaller image (`runtime_keep_count`)."""
-        return min(n_image, max(self.min_keep, int(n_image * self.keep_ratios[stage])))
+        share = n_image * self.keep_ratios[stage]
+        return min(n_image, max(self.min_keep, round(share) if self.rounding == "round" else int(share)))
 
     def runtime_keep_count(self, n_image: int, stage: int) -> int:
         """What a prefill keeps of a sample's ``n_image``: `keep_count`, but at least one token of a sample that has
@@ -100,7 +103,8 @@ class Schedule:
             hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder (CLI: --set "
                     "reference_depth=N)" if ref is None else "")
             raise ValueError(f"accumulation_layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed){hint}")
-        return cls(depth, acc, prune, tuple(config.keep_ratios), getattr(config, "min_keep", 0))
+        return cls(depth, acc, prune, tuple(config.keep_ratios), getattr(config, "min_keep", 0),
+                   getattr(config, "keep_rounding", "floor"))
 
     def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:
         """Image tokens each layer processes in prefill, for a sample with ``n_image`` image tokens (after

@@ -121,6 +121,7 @@ class InLLMMethod:
     accumulation_layers: tuple[int, ...] = ()
     name = "custom"
     needs_ttv = False
+    keep_rounding = "floor"  # a stage keeps int(n * ratio) tokens; "round" where the official code rounds (FastV)
 
     @property
     def enabled(self) -> bool:

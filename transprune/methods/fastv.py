@@ -21,6 +21,7 @@ class FastVConfig(InLLMMethod):
     reference_depth: int | None = None
     method = "fastv"
     layer_field = "k"
+    keep_rounding = "round"  # the official code keeps round(N (1 - R)) tokens (R = 0.7: 173 of 576, not 172)
 
     def __post_init__(self):
         check_reference_depth(self.reference_depth)
