@@ -246,7 +246,7 @@ def test_llava_onevision_reduced_bench_runs_on_cpu():
                           "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--random-weights", "--json"])
     n = 729 + 54 * 55
     assert report["image_tokens"] == [n] and report["decoder"]["layers"] == 28
-    assert report["methods"][1]["visual_tokens_per_layer"][0] == [n] * 2 + [n // 2] * 26  # FastV keeps int(n * 0.5)
+    assert report["methods"][1]["visual_tokens_per_layer"][0] == [n] * 2 + [round(n * 0.5)] * 26  # FastV keeps round(n * 0.5)
 
 
 def test_smolvlm_reduced_bench_runs_on_cpu():

@@ -19,14 +19,15 @@ def paper_ratio(counts, n, d, m):
 
 
 def tokens_per_layer(config, n, depth):
-    """Visual tokens per layer of an in-LLM schedule, by hand: int(n * ratio) after each pruning layer (at least
-    the method's ``min_keep``: V2Drop keeps one)."""
+    """Visual tokens per layer of an in-LLM schedule, by hand: int(n * ratio) after each pruning layer (round() for a
+    method whose code rounds: FastV), at least the method's ``min_keep`` (V2Drop keeps one)."""
     counts, current = [], n
     stages = dict(zip(config.pruning_layers, config.keep_ratios))
     for layer in range(1, depth + 1):
         counts.append(current)
         if layer in stages:
-            current = max(getattr(config, "min_keep", 0), int(n * stages[layer]))
+            share = n * stages[layer]
+            current = max(getattr(config, "min_keep", 0), round(share) if config.keep_rounding == "round" else int(share))
     return counts
 
 
@@ -80,7 +81,7 @@ def test_errors_name_the_range():
     with pytest.raises(ValueError, match="no pruning layers has no keep ratios"):
         plan_budget(TransPruneConfig.preset("off"), "llava-1.5-7b", 0.5)
     full = plan_budget(FastVConfig(), "llava-1.5-7b", 1.0)
-    assert full.achieved == 1.0 and full.config.r == 0.0
+    assert full.achieved == 1.0 and set(full.visual_tokens_per_layer) == {576} and full.config.r <= 0.5 / 576 + 1e-12
 
 
 def test_the_model_reports_the_achieved_ratio():
