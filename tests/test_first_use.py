@@ -286,3 +286,13 @@ def test_run_says_when_a_setting_pruned_nothing(checkpoint, capsys):
     assert main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what is it ?", "--json",
                  "--method", "visionzip"]) == 0
     assert json.loads(capsys.readouterr().out)["pruned_nothing"] is False
+
+
+def test_run_on_a_folder_of_an_unsupported_family_is_refused_at_once_with_the_list(tmp_path, capsys):
+    from transprune.adapters import supported_model_types
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    random_image(0).save(tmp_path / "image.png")
+    assert main(["run", "--model", str(tmp_path), "--image", str(tmp_path / "image.png"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "'mamba' checkpoint" in err and f"supported: {', '.join(supported_model_types())}" in err
