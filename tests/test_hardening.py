@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import cache_kwargs, cache_of
 from transprune import FastVConfig, TransPruneConfig
 from transprune.testing import qwen_sample_inputs, sample_inputs, tiny_model, tiny_processor, tiny_qwen_processor
 
@@ -58,9 +59,9 @@ def test_a_cache_cropped_behind_the_pruning_is_an_error(llava):
     inputs = sample_inputs(processor, n=1, seed=4)
     with transprune.pruned(model, CONFIG), torch.no_grad():
         out = model(**inputs, use_cache=True)
-        out.cache.crop(-2)
+        cache_of(out).crop(-2)
         with pytest.raises(RuntimeError, match="the cache was cropped or edited outside transprune"):
-            model(input_ids=inputs["input_ids"][:, -1:], cache=out.cache, use_cache=True)
+            model(input_ids=inputs["input_ids"][:, -1:], **cache_kwargs(cache_of(out)), use_cache=True)
 
 
 # -- every field of every registered method refuses bad values on construction, naming the field ---------------

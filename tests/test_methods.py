@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import cache_kwargs, cache_of
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig, VisionZipConfig
 from transprune.flops import estimate
 from transprune.methods import build, preset, split_methods
@@ -265,9 +266,9 @@ def test_manual_decode_without_positions_matches_generate(llava):
         out = llava(input_ids=ids, pixel_values=pix, use_cache=True)
         tokens = [out.logits[:, -1].argmax(-1)]
         for _ in range(5):
-            out = llava(input_ids=tokens[-1][:, None], cache=out.cache, use_cache=True)
+            out = llava(input_ids=tokens[-1][:, None], **cache_kwargs(cache_of(out)), use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
-    assert out.cache.get_seq_length(0) == ids.shape[1] - (64 - 32) + 5
+    assert cache_of(out).get_seq_length(0) == ids.shape[1] - (64 - 32) + 5
     assert torch.equal(torch.stack(tokens, 1), expected)
 
 

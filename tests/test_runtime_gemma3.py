@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 import transprune
+from transprune.compat import cache_kwargs
 from transprune import FastVConfig, VisionZipConfig
 from transprune.testing import (GEMMA3_SLIDING_WINDOW, random_image, sample_inputs, sample_inputs_unbatched,
                                 tiny_gemma3, tiny_processor)
@@ -57,7 +58,7 @@ def reference(model, inputs, cfg, kept=None):
     stages = []
 
     def masks_now():
-        return create_masks_for_vision_model(config=text, inputs_embeds=h, attention_mask=None, cache=None,
+        return create_masks_for_vision_model(config=text, inputs_embeds=h, attention_mask=None, **cache_kwargs(None),
                                              position_ids=pos[None],
                                              block_sequence_ids=get_block_sequence_ids_for_mask(types[None]))
 

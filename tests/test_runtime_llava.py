@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import transprune
+from transprune.compat import cache_of
 from transprune import TransPruneConfig
 from transprune.testing import tiny_llava
 
@@ -182,7 +183,7 @@ def test_text_never_dropped_and_cache_lengths_follow_tokens(llava):
     with transprune.pruned(llava, cfg) as handle, torch.no_grad():
         out = llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, use_cache=True)
         stats = handle.last_stats[0]
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = cache_of(out)
     lengths = [cache.get_seq_length(i) for i in range(8)]
     assert lengths == [text + c for c in stats.visual_tokens_per_layer]
     assert lengths == [text + t for t in (64, 64, 56, 32, 32, 16, 16, 16)]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import cache_of
 from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_llava_next, tiny_processor
 
 from conftest import tiny_config
@@ -73,7 +74,7 @@ def test_cache_lengths_follow_kept_tokens(next_model, processor):
     text = inputs["input_ids"].shape[1] - n
     with transprune.pruned(next_model, tiny_config()) as handle, torch.no_grad():
         out = next_model(**inputs, use_cache=True)
-    lengths = [out.cache.get_seq_length(i) for i in range(8)]
+    lengths = [cache_of(out).get_seq_length(i) for i in range(8)]
     assert lengths == [text + c for c in handle.last_stats[0].visual_tokens_per_layer]
 
 

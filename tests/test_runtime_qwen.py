@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import cache_kwargs, cache_of
 from conftest import mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig
 from transprune.testing import (qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_qwen2_5_vl, tiny_qwen2_vl,
@@ -221,10 +222,10 @@ def test_manual_decode_loop_uses_the_unpruned_positions(qwen25):
     def loop(m, inputs, steps=6):
         with torch.no_grad():
             out = m(**inputs, use_cache=True)
-            cache, tokens = out.cache, [out.logits[:, -1].argmax(-1)]
+            cache, tokens = cache_of(out), [out.logits[:, -1].argmax(-1)]
             for _ in range(steps - 1):
-                out = m(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
-                cache = out.cache
+                out = m(input_ids=tokens[-1][:, None], **cache_kwargs(cache), use_cache=True)
+                cache = cache_of(out)
                 tokens.append(out.logits[:, -1].argmax(-1))
         return torch.stack(tokens, 1)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import rows_of
 from conftest import mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, VisionZipConfig
 from transprune.adapters import adapter_for, family_for
@@ -106,7 +107,7 @@ def reference_last_logits(model, inputs, k: int, kept: list[int], deepstack_rows
     ids = inputs["input_ids"]
     image = model.config.image_token_id
     encoded = mm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    features = [torch.cat(f) for f in encoded.deepstack_features]
+    features = [rows_of(f) for f in encoded.deepstack_features]
     assert len(features) == QWEN3_DEEPSTACK_LAYERS
     h = lm.embed_tokens(ids)
     visual = ids[0] == image

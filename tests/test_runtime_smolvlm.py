@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import rows_of
 from transprune import VisionZipConfig
 from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_model, tiny_processor, tiny_smolvlm
 
@@ -69,7 +70,7 @@ def test_visionzip_per_crop_matches_the_eager_received_attention_reference(smol,
     crops = inputs["pixel_values"][0]
     with torch.no_grad():
         attentions = eager.model.vision_model(pixel_values=crops, output_attentions=True).attentions[-1]
-        features = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].view(len(crops), 16, -1)
+        features = rows_of(model.model.get_image_features(inputs["pixel_values"]).pooler_output).view(len(crops), 16, -1)
     received = attentions.mean(1).mean(1)  # (crops, 64 patches): heads, then queries
     ids = torch.arange(64.0).view(1, 64, 1)
     members = model.model.connector.pixel_shuffle(ids, 2)[0].long()  # each token's 4 patches

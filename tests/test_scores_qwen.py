@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import transprune
+from transprune.compat import rows_of
 from transprune import TransPruneConfig
 from transprune.testing import qwen_sample_inputs_unbatched, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl, tiny_qwen_processor
 
@@ -27,7 +28,7 @@ def reference(model, inputs, cfg: TransPruneConfig):
     mm, lm = model.model, model.model.language_model
     ids = inputs["input_ids"]
     encoded = mm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    deepstack = [torch.cat(f) for f in (getattr(encoded, "deepstack_features", None) or [])]
+    deepstack = [rows_of(f) for f in (getattr(encoded, "deepstack_features", None) or [])]
     visual = ids[0] == model.config.image_token_id
     h = lm.embed_tokens(ids)
     h[0, visual] = torch.cat(encoded.pooler_output)

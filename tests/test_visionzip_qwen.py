@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import transprune
+from transprune.compat import rows_of
 from conftest import mixed_batch
 from transprune import TransPruneConfig, VisionZipConfig
 from transprune.testing import (qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_qwen2_5_vl, tiny_qwen2_vl,
@@ -114,7 +115,7 @@ def deepstack_reference_logits(model, inputs, kept: list[int], groups: dict[int,
     mm, lm = model.model, model.model.language_model
     ids = inputs["input_ids"]
     encoded = mm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    rows = [torch.cat(encoded.pooler_output)] + [torch.cat(f) for f in encoded.deepstack_features]
+    rows = [torch.cat(encoded.pooler_output)] + [rows_of(f) for f in encoded.deepstack_features]
     rows = [r.clone() for r in rows]
     for target, members in groups.items():
         for r in rows:

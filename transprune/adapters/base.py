@@ -53,8 +53,13 @@ def image_only_processor_from(folder, base: type):
         settings["chat_template"] = template.read_text()
     elif (folder / "chat_template.json").is_file():  # the older layout
         settings["chat_template"] = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
-    return image_only_processor(base, transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True),
-                                transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True), **settings)
+    from ..compat import load_image_processor
+
+    image_processor = load_image_processor(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if "video_processor" not in base.get_attributes():  # nothing to leave out (Idefics3's processor has no videos)
+        return base(image_processor=image_processor, tokenizer=tokenizer, **settings)
+    return image_only_processor(base, image_processor, tokenizer, **settings)
 
 
 class ModelAdapter:

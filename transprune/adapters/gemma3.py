@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import Gemma3ForConditionalGeneration
 
 from ..accounting import ArchSpec
+from ..compat import cache_kwargs
 from ..devices import execution_device, to_device
 from . import llama
 from .base import ModelAdapter
@@ -99,7 +100,7 @@ class Gemma3Adapter(ModelAdapter):
         h, mask, position_embeddings = to_device((h, mask, position_embeddings), device)
         attn_in = layer.input_layernorm(h)
         attn_out, _ = layer.self_attn(hidden_states=attn_in, attention_mask=mask, position_ids=position_ids,
-                                      cache=cache, use_cache=use_cache, position_embeddings=position_embeddings)
+                                      **cache_kwargs(cache), use_cache=use_cache, position_embeddings=position_embeddings)
         attn_out = layer.post_attention_layernorm(attn_out)
         h = h + attn_out
         mlp_in = layer.pre_feedforward_layernorm(h)

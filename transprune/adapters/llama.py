@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from ..compat import cache_kwargs
 from ..devices import execution_device, to_device
 
 
@@ -20,7 +21,7 @@ def run_layer(layer, h, *, mask, position_embeddings, position_ids, cache, use_c
             h,
             attention_mask=mask,
             position_ids=position_ids,
-            cache=cache,
+            **cache_kwargs(cache),
             use_cache=use_cache,
             position_embeddings=position_embeddings,
         )
@@ -33,7 +34,7 @@ def run_layer(layer, h, *, mask, position_embeddings, position_ids, cache, use_c
         hidden_states=attn_in,
         attention_mask=mask,
         position_ids=position_ids,
-        cache=cache,
+        **cache_kwargs(cache),
         use_cache=use_cache,
         position_embeddings=position_embeddings,
     )

@@ -21,11 +21,13 @@ Layers of type "sliding_attention" (``use_sliding_window``) get a sliding-window
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .vision import received_from_qk, similarity_keys
@@ -33,6 +35,9 @@ from .vision import received_from_qk, similarity_keys
 # The nominal image of the FLOPs tool and the bench: 448 x 448 pixels (16 x 16 merged tokens with 14-pixel
 # patches merged 2 x 2: 256 visual tokens on Qwen2-VL / Qwen2.5-VL-7B).
 NOMINAL_GRID = 16
+
+
+_composes_mrope = functools.lru_cache(maxsize=None)(compat.attention_composes_mrope)
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -96,7 +101,19 @@ class Qwen2VLAdapter(ModelAdapter):
         return positions[0] if positions.shape[0] == 4 else None
 
     def rope(self, h, positions):
-        return self.decoder.rotary_emb(h, positions[1:] if positions.shape[0] == 4 else positions)
+        cos, sin = self.decoder.rotary_emb(h, positions[1:] if positions.shape[0] == 4 else positions)
+        if self._attention_composes_mrope:  # one row per mRoPE section (transformers before 5.17): composed here
+            cos, sin = compat.composed_mrope(cos, sin, self.decoder.config.rope_parameters["mrope_section"])
+        return cos, sin
+
+    def run_layer(self, layer, h, *, position_embeddings, **kwargs):
+        if self._attention_composes_mrope:
+            position_embeddings = compat.per_section(*position_embeddings)
+        return super().run_layer(layer, h, position_embeddings=position_embeddings, **kwargs)
+
+    @property
+    def _attention_composes_mrope(self) -> bool:
+        return _composes_mrope(sys.modules[type(self.decoder).__module__])
 
     # -- bench inputs and facts for tools ---------------------------------------------------------------
     def _factor(self) -> int:
@@ -222,7 +239,7 @@ class QwenVisionHooks:
     def merge(self, image_outputs, plans, grid) -> torch.Tensor:
         per_item = [len(x) for x in image_outputs.pooler_output]
         deepstack = getattr(image_outputs, "deepstack_features", None) or []
-        sources = [torch.cat(image_outputs.pooler_output)] + [torch.cat(f) for f in deepstack]
+        sources = [torch.cat(image_outputs.pooler_output)] + [compat.rows_of(f) for f in deepstack]
         written = [x.clone() for x in sources]
         offset = 0
         for plan in plans:
@@ -233,5 +250,5 @@ class QwenVisionHooks:
             offset += n
         image_outputs.pooler_output = written[0].split(per_item)
         if deepstack:
-            image_outputs.deepstack_features = [x.split(per_item) for x in written[1:]]
+            image_outputs.deepstack_features = [compat.like(f, x, per_item) for f, x in zip(deepstack, written[1:])]
         return torch.cat([plan.keep for plan in plans]), None

@@ -19,6 +19,7 @@ import math
 import torch
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
+from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .vision import feature_layer, received_attention
@@ -121,11 +122,10 @@ class SmolVLMVisionHooks:
         return list(zip(score, key))
 
     def merge(self, image_outputs, plans, geometry) -> torch.Tensor:
-        per_sample = [len(x) for x in image_outputs.pooler_output]
-        features = torch.cat(image_outputs.pooler_output).view(len(plans), -1, image_outputs.pooler_output[0].shape[-1])
-        features = features.clone()
+        pooled = image_outputs.pooler_output  # one (crops, tokens, d) tensor, or per sample (compat 3)
+        features = compat.rows_of(pooled).reshape(len(plans), -1, pooled[0].shape[-1]).clone()
         for crop, plan in enumerate(plans):
             if plan.targets.numel():
                 features[crop, plan.targets] = plan.merged(features[crop]).to(features.dtype)
-        image_outputs.pooler_output = list(features.flatten(0, 1).split(per_sample))
+        image_outputs.pooler_output = compat.like(pooled, features.flatten(0, 1))
         return torch.cat([plan.keep for plan in plans]), None

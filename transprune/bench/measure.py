@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import cache_kwargs
 from ..flops import arch_from_hf_config, paper_tflops
 from ..loading import load_checkpoint, load_config, torch_dtype
 from .archs import CONFIGS, REDUCED, arch_config, build_random_model
@@ -256,7 +257,7 @@ class _MethodRun:
             with torch.no_grad():
                 cache, seconds = self.adapter.new_cache(), []
                 with self.clock.time(seconds):
-                    model(**tensors, cache=cache, use_cache=True, logits_to_keep=1)
+                    model(**tensors, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
                 self.kv = kv_cache_bytes(cache)
                 del cache
                 if handle is not None:
@@ -334,7 +335,7 @@ def prefill_flops(model, tensors: dict, config) -> int:
     handle = apply(model, config) if config is not None else None
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-            model(**tensors, cache=adapter_for(model).new_cache(), use_cache=True, logits_to_keep=1)
+            model(**tensors, **cache_kwargs(adapter_for(model).new_cache()), use_cache=True, logits_to_keep=1)
     finally:
         if handle is not None:
             handle.remove()

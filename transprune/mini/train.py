@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+from ..compat import cache_kwargs, cache_of
+
 from . import data
 from .model import (BOS_ID, EOS_ID, IMAGE_TOKENS, PAD_ID, PATCH_SIZE, build_mini, load_mini, mini_config,
                     mini_processor, prompt)
@@ -211,13 +213,13 @@ def forward_losses(model, aux_heads, batch: dict, questions_per_scene: int = 5, 
     head = lm.embed_tokens(batch["head"]).unsqueeze(0).expand(b, -1, -1)
     prefix = torch.cat([head, features], dim=1)
     out = lm(inputs_embeds=prefix, use_cache=True)
-    cache = out.cache
+    cache = cache_of(out)
     cache.batch_repeat_interleave(questions_per_scene)
     p = prefix.shape[1]
     suffix, valid = batch["suffix"], batch["suffix_valid"]
     mask = torch.cat([torch.ones(suffix.shape[0], p, dtype=torch.long, device=suffix.device), valid], dim=1)
     positions = (p + torch.arange(suffix.shape[1], device=suffix.device)).unsqueeze(0).expand(suffix.shape[0], -1)
-    out = lm(input_ids=suffix, cache=cache, attention_mask=mask, position_ids=positions,
+    out = lm(input_ids=suffix, **cache_kwargs(cache), attention_mask=mask, position_ids=positions,
              output_hidden_states=deep_layer > 0 or attn_heads > 0)
     hidden = out.last_hidden_state
     rows = torch.arange(suffix.shape[0], device=suffix.device)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..compat import cache_kwargs, decoder_output
 from ..methods import split_methods
 from ..patching import patch, unpatch
 from ..schedule import Schedule
@@ -269,7 +269,7 @@ class PruneHandle:
             if fresh:
                 self._record_unpruned(image_mask, padding, inputs_embeds if input_ids is None else input_ids)
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                            inputs_embeds=inputs_embeds, use_cache=use_cache, **cache_kwargs(cache), **kwargs)
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not available while transprune prunes this model")
         if prebuilt and call is None:
@@ -306,8 +306,7 @@ class PruneHandle:
                               hidden, adapter.layer_extras(kwargs), blocks)
         else:
             h = continue_generation(adapter, generation, inputs_embeds, new_valid, position_ids, cache, hidden, blocks)
-        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None,
-                                       hidden_states=tuple(hidden) if want_hidden else None)
+        return decoder_output(h, cache if use_cache else None, tuple(hidden) if want_hidden else None)
 
     def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
         pre_keep = pre_ranks = None

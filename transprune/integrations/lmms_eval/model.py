@@ -25,6 +25,7 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 from ...adapters import adapter_for
+from ...compat import cache_kwargs, cache_of
 from ...loading import DTYPES, image_prompt, load_checkpoint
 from ...methods import METHODS, as_list, build, spelling
 from ...runtime import apply
@@ -218,8 +219,8 @@ class TransPrune(lmms):
                 logits = [first.logits[:, -1:]]
                 if target.shape[1] > 1:
                     mask = torch.cat([inputs["attention_mask"], torch.ones_like(target)], dim=1)
-                    rest = self.model(input_ids=target[:, :-1], attention_mask=mask[:, :-1], cache=first.cache,
-                                      use_cache=True)
+                    rest = self.model(input_ids=target[:, :-1], attention_mask=mask[:, :-1],
+                                      **cache_kwargs(cache_of(first)), use_cache=True)
                     logits.append(rest.logits)
             logprobs = torch.cat(logits, dim=1).float().log_softmax(-1)[0]
             picked = logprobs.gather(1, target[0][:, None]).sum()
