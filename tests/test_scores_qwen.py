@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import transprune
+import sys
+
+from transprune import compat
 from transprune.compat import rows_of
 from transprune import TransPruneConfig
 from transprune.testing import qwen_sample_inputs_unbatched, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl, tiny_qwen_processor
@@ -64,6 +67,8 @@ def reference(model, inputs, cfg: TransPruneConfig):
                 if hasattr(attn, "q_norm"):  # Qwen3-VL normalises q and k per head before RoPE
                     q, k = attn.q_norm(q), attn.k_norm(k)
                 cos, sin = lm.rotary_emb(h, pos)
+                if compat.attention_composes_mrope(sys.modules[type(lm).__module__]):  # per-section rows (< 5.17)
+                    cos, sin = compat.composed_mrope(cos, sin, lm.config.rope_parameters["mrope_section"])
                 q, k = rotate(q, cos[0], sin[0]).double(), rotate(k, cos[0], sin[0]).double()
                 groups = q.shape[1] // k.shape[1]
                 rows = list(range(int(img_now[-1]) + 1, len(x)))

@@ -11,6 +11,8 @@ functions return), never from a version string; nothing else in the tree looks a
    tensor of all rows where later releases return a tuple of per-image (per-sample) tensors.
 4. Image processors without torchvision: before 5.18 `AutoImageProcessor` is a placeholder that needs
    torchvision; the PIL class of the saved type loads the same settings.
+5. LLaVA-OneVision videos: before 5.18 `get_video_features` leaves each video's newline row for the forward to
+   append (and takes ``pixel_values``, later ``pixel_values_videos``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ def like(features, rows: torch.Tensor, sizes=None):
     if isinstance(features, torch.Tensor):
         return rows.reshape(features.shape)
     return type(features)(rows.split(sizes if sizes is not None else [len(x) for x in features]))
+
+
+# 5. ------------------------------------------------------------------------------------------------------------
+def newline_rows_left_to_the_forward(packed_rows: int, encoded_rows: int) -> int:
+    """1 where an encoder returned one row fewer than the model's packing of the same video (its newline row, which
+    the forward appends), else 0."""
+    return int(encoded_rows == packed_rows - 1)
 
 
 # 4. ------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
+from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .llava import LlavaAdapter
@@ -123,7 +124,7 @@ class OnevisionVisionHooks:
 
     def geometry(self, modality, args, kwargs):
         if modality == "video":
-            videos = kwargs.get("pixel_values_videos", args[0] if args else None)
+            videos = kwargs.get("pixel_values_videos", kwargs.get("pixel_values", args[0] if args else None))
             return {"videos": videos.shape[0], "frames": videos.shape[1]}
         return {"image_sizes": kwargs.get("image_sizes", args[1] if len(args) > 1 else None),
                 "batch_num_images": kwargs.get("batch_num_images"),
@@ -175,8 +176,11 @@ class OnevisionVisionHooks:
         markers = self._packed(torch.zeros(sum(self._crops(geometry)), self.patches_per_tile(), 0, device=device),
                                geometry)
         written, keeps, pending = [], [], iter(plans)
-        for feats, unit_rows in zip(features, self._unit_rows(markers, geometry)):
-            feats, keep = feats.clone(), torch.zeros(feats.shape[0], dtype=torch.bool, device=device)
+        for feats, unit_rows, packed in zip(features, self._unit_rows(markers, geometry), markers):
+            # the packing ends a video with its newline row; an encoder that leaves that row to the forward
+            # (compat.newline_rows_left_to_the_forward: releases before 5.18) returns one row fewer
+            missing = compat.newline_rows_left_to_the_forward(packed.shape[0], feats.shape[0])
+            feats, keep = feats.clone(), torch.zeros(feats.shape[0] + missing, dtype=torch.bool, device=device)
             for idx in unit_rows:
                 plan = next(pending)
                 keep[idx] = plan.keep

@@ -31,7 +31,7 @@ class SmolVLMAdapter(ModelAdapter):
     family = "smolvlm"
     model_classes = (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)
     model_types = ("smolvlm", "idefics3")
-    processor_classes = {"smolvlm": "SmolVLMProcessor"}
+    processor_classes = {"smolvlm": "SmolVLMProcessor", "idefics3": "Idefics3Processor"}
     images_per_prompt = True
 
     def vision_hooks(self) -> "SmolVLMVisionHooks":
