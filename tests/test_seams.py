@@ -152,3 +152,32 @@ def test_a_method_registered_outside_the_package_runs_everywhere(llava, lowest_n
                                batch[b])
     with pytest.raises(ValueError, match="already registered"):
         methods.register_method("lowest-norm", type("Other", (LowestNormConfig,), {}))
+
+
+def test_a_family_whose_classes_the_installed_transformers_lacks_is_unavailable_not_a_crash(tmp_path, monkeypatch):
+    """Loading a family module that imports a class the installed transformers does not have records the family as
+    unavailable, with the release it needs, and tools name that instead of 'not supported'."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import transformers
+
+    import transprune.adapters as adapters
+    from transprune.loading import load_config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "data"))
+    monkeypatch.setattr(adapters, "UNAVAILABLE", {})
+    before = list(adapters.FAMILIES)
+    assert adapters.load_family("family_from_the_future", "FutureAdapter", ("qwen9_vl",), "9.0") is None
+    assert adapters.FAMILIES == before and "family_from_the_future" not in sys.modules
+    reason = adapters.UNAVAILABLE["qwen9_vl"]
+    assert reason.startswith(f"needs transformers >= 9.0, and {transformers.__version__} is installed")
+    assert "Qwen9VLForConditionalGeneration" in reason
+    with pytest.raises(ValueError, match=r"model_type 'qwen9_vl' needs transformers >= 9.0"):
+        adapters.family_for("qwen9_vl")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen9_vl"}))
+    with pytest.raises(ValueError, match=r"a 'qwen9_vl' checkpoint, whose family needs transformers >= 9.0"):
+        load_config(tmp_path)
+    # every family of the registry is available on the installed release (the tested range has them all)
+    assert not {t for a in adapters.FAMILIES for t in a.model_types} & set(adapters.UNAVAILABLE)

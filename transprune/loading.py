@@ -42,9 +42,11 @@ def load_config(folder: str, option: str = "--model"):
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise ValueError(f"{option} must be a local checkpoint folder with a config.json, got {folder!r}")
-    from .adapters import supported_model_types
+    from .adapters import UNAVAILABLE, supported_model_types
 
     model_type = read_config_json(path / "config.json").get("model_type")
+    if model_type in UNAVAILABLE:
+        raise ValueError(f"{option} is a {model_type!r} checkpoint, whose family {UNAVAILABLE[model_type]}")
     if model_type not in supported_model_types():
         raise ValueError(f"{option} is a {model_type!r} checkpoint; supported: {', '.join(supported_model_types())}")
     return transformers.AutoConfig.from_pretrained(path, local_files_only=True)

@@ -3,16 +3,15 @@ bench, testing). A new family is one file: a `ModelAdapter` subclass and a `regi
 
 from __future__ import annotations
 
+import importlib
+
+import transformers
+
 from .base import ModelAdapter
-from .gemma3 import Gemma3Adapter
-from .llava import LlavaAdapter
-from .internvl import InternVLAdapter
-from .llava_onevision import LlavaOnevisionAdapter
-from .smolvlm import SmolVLMAdapter
-from .qwen2_vl import Qwen2VLAdapter
-from .qwen3_vl import Qwen3VLAdapter
 
 FAMILIES: list[type[ModelAdapter]] = []
+# model_type -> why its family is not available with the installed transformers (its classes are missing)
+UNAVAILABLE: dict[str, str] = {}
 
 
 def register_family(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -30,13 +29,30 @@ def unregister_family(adapter_cls: type[ModelAdapter]) -> None:
     FAMILIES.remove(adapter_cls)
 
 
-register_family(LlavaAdapter)
-register_family(LlavaOnevisionAdapter)
-register_family(SmolVLMAdapter)
-register_family(InternVLAdapter)
-register_family(Gemma3Adapter)
-register_family(Qwen2VLAdapter)
-register_family(Qwen3VLAdapter)
+def load_family(module: str, adapter: str, model_types: tuple[str, ...], since: str) -> type[ModelAdapter] | None:
+    """Import and register a family's adapter; where the installed transformers lacks its classes (a release
+    before ``since``), record it in `UNAVAILABLE` under its ``model_types`` instead of failing at import."""
+    try:
+        adapter_cls = getattr(importlib.import_module(module, __name__), adapter)
+    except ImportError as error:
+        for model_type in model_types:
+            UNAVAILABLE[model_type] = (f"needs transformers >= {since}, and {transformers.__version__} is installed "
+                                       f"({error})")
+        return None
+    return register_family(adapter_cls)
+
+
+# The families, in registry order, and the transformers release that first has their classes (all of them within
+# the tested range, 5.16.1-5.24: a family added later declares a later release here).
+for _module, _adapter, _types, _since in (
+        (".llava", "LlavaAdapter", ("llava", "llava_next"), "5.16.1"),
+        (".llava_onevision", "LlavaOnevisionAdapter", ("llava_onevision",), "5.16.1"),
+        (".smolvlm", "SmolVLMAdapter", ("smolvlm", "idefics3"), "5.16.1"),
+        (".internvl", "InternVLAdapter", ("internvl",), "5.16.1"),
+        (".gemma3", "Gemma3Adapter", ("gemma3",), "5.16.1"),
+        (".qwen2_vl", "Qwen2VLAdapter", ("qwen2_vl", "qwen2_5_vl"), "5.16.1"),
+        (".qwen3_vl", "Qwen3VLAdapter", ("qwen3_vl",), "5.16.1")):
+    load_family(_module, _adapter, _types, _since)
 
 
 def supported_model_classes() -> list[str]:
@@ -61,5 +77,7 @@ def family_for(model_type: str, where: str | None = None) -> type[ModelAdapter]:
     for adapter in FAMILIES:
         if model_type in adapter.model_types:
             return adapter
+    if model_type in UNAVAILABLE:
+        raise ValueError(f"{where + ': ' if where else ''}model_type {model_type!r} {UNAVAILABLE[model_type]}")
     raise ValueError(f"{where + ': ' if where else ''}model_type {model_type!r} is not supported; supported: "
                      f"{', '.join(supported_model_types())}")
