@@ -325,3 +325,14 @@ def test_one_method_grammar_for_the_api_and_every_subcommand(capsys):
     assert "compose methods with '+', e.g. 'visionzip+fastv'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="compose methods with"):
         method_config("visionzip,fastv")
+
+
+def test_visionzip_scales_to_a_budget_in_its_own_units():
+    """Absolute counts scale as counts; shares (unset counts, or reference_tokens) as shares of the same unit; one
+    count with one share is refused (no common unit)."""
+    assert VisionZipConfig(100, 20).scaled(0.5) == VisionZipConfig(50, 10)
+    assert VisionZipConfig().scaled(1.0).counts(256) == VisionZipConfig().counts(256) == (24, 4)
+    assert VisionZipConfig(24, 4, reference_tokens=256).scaled(0.5).counts(1024) == (48, 8)
+    assert VisionZipConfig(contextual=10, reference_tokens=576).scaled(1.0).counts(256) == (24, 4)
+    with pytest.raises(ValueError, match="both dominant and contextual given, or neither"):
+        VisionZipConfig(dominant=100).scaled(1.0)

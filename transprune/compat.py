@@ -104,7 +104,7 @@ def load_image_processor(folder):
         saved = json.loads((folder / "preprocessor_config.json").read_text())
     elif (folder / "processor_config.json").is_file():
         saved = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
-    name = saved.get("image_processor_type", "").removesuffix("Pil") + "Pil"
+    name = saved.get("image_processor_type", "").removesuffix("Pil").removesuffix("Fast") + "Pil"
     for model_type, names in IMAGE_PROCESSOR_MAPPING_NAMES.items():
         if name in (names.values() if isinstance(names, dict) else names):
             module = model_type_to_module_name(model_type)

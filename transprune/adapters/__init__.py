@@ -35,6 +35,8 @@ def load_family(module: str, adapter: str, model_types: tuple[str, ...], since: 
     try:
         adapter_cls = getattr(importlib.import_module(module, __name__), adapter)
     except ImportError as error:
+        if not (error.name or "").startswith("transformers"):  # not a class missing from transformers: a real error
+            raise
         for model_type in model_types:
             UNAVAILABLE[model_type] = (f"needs transformers >= {since}, and {transformers.__version__} is installed "
                                        f"({error})")

@@ -167,6 +167,7 @@ class ClipVisionHooks:
             real = ids >= 0  # -1 marks rows that are no patch (NeXT's newline tokens)
             row_of[ids[real]] = real.nonzero().squeeze(1)
             source = torch.arange(n_rows, device=feats.device)
+            patch_ids = patch_ids.to(feats.device)  # the tower's device; the features may sit elsewhere (device maps)
             source[:n] = torch.where(patch_ids >= 0, row_of[patch_ids.clamp_min(0)], -1)
             feats = feats.clone()
             feats[:n] = rows.to(feats.dtype)

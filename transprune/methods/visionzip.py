@@ -90,6 +90,10 @@ class VisionZipConfig:
     def scaled(self, factor: float) -> "VisionZipConfig":
         """Dominant and contextual tokens per image times ``factor`` (rounded; at least one token kept); None
         fields become the paper's setting on ``reference_tokens`` (576 when unset), so they scale the same way."""
+        unset = (self.dominant, self.contextual).count(None)
+        if unset and (unset == 1 and self.reference_tokens is None or self.reference_tokens not in (None, PAPER_UNIT)):
+            raise ValueError("VisionZip scales to a budget with both dominant and contextual given, or neither (a "
+                             f"count and a share of the paper's unit have no common unit): got {self!r}")
         reference = self.reference_tokens if self.reference_tokens is not None else (
             None if self.absolute else PAPER_UNIT)
         dominant, contextual = (v if v is not None else p for v, p in zip((self.dominant, self.contextual), PAPER_SETTING))

@@ -54,8 +54,9 @@ def _grid(values: np.ndarray, index: np.ndarray, side: int) -> tuple[np.ndarray,
     """Scores of the tokens ``index`` placed on the side x side patch grid; other cells are missing."""
     grid = np.zeros(side * side)
     missing = np.ones(side * side, bool)
-    grid[index] = values
-    missing[index] = False
+    on_grid = np.asarray(index) >= 0  # -1: a token that is no patch (VisionZip's CLS token)
+    grid[np.asarray(index)[on_grid]] = np.asarray(values)[on_grid]
+    missing[np.asarray(index)[on_grid]] = False
     return grid.reshape(side, side), missing.reshape(side, side)
 
 
@@ -71,7 +72,7 @@ def kept_overlay(image: Image.Image, kept: list[int], side: int) -> Image.Image:
     """The image with dropped patches washed out."""
     pixels = np.asarray(image.convert("RGB").resize((CELL, CELL)), dtype=np.float32)
     keep = np.zeros(side * side, bool)
-    keep[kept] = True
+    keep[[i for i in kept if i >= 0]] = True  # -1: a token that is no patch (VisionZip's CLS token)
     mask = np.kron(keep.reshape(side, side), np.ones((CELL // side + 1, CELL // side + 1)))[:CELL, :CELL] > 0
     pixels[~mask] = pixels[~mask] * 0.25 + 255 * 0.75
     return Image.fromarray(pixels.astype(np.uint8))

@@ -358,7 +358,7 @@ class PruneHandle:
         stats = sample_stats(self.schedule, self.adapter.decoder.config, n_original, n_llm, kept_ranks, scores, pre_llm,
                              self.position_rule)
         self._local.stats = stats
-        with_images = [s for s in stats if s.n_image_tokens]
+        with_images = [s for s in stats if s.n_image_tokens > 1]  # one token is kept whatever the settings
         if pruning and with_images and all(s.pruned_nothing for s in with_images) and not self._said_nothing_pruned:
             self._said_nothing_pruned = True  # once per handle: a setting, not a call, is the cause
             names = " + ".join(type(c).__name__ for c in (self.pre, self.llm) if c is not None)

@@ -18,7 +18,9 @@ class SampleStats:
     """What one prefill did to one sample."""
 
     n_image_tokens: int
-    kept_indices: list[list[int]]  # per pruning stage: kept image tokens, numbered 0..N-1 in input order
+    # per pruning stage, in sequence order: the image token (0..N-1 in input order) each kept token holds; -1 for one
+    # the unpruned model has none of (VisionZip's CLS token on LLaVA)
+    kept_indices: list[list[int]]
     kept_after_layer: list[int]  # the 1-indexed layer each stage pruned after (0: before the LLM)
     visual_tokens_per_layer: list[int]
     tflops: float  # paper convention (visual tokens only, 4nd^2 + 2n^2d + 3ndm per layer, prefill)
