@@ -103,6 +103,10 @@ def _generate_rows(model, args, kwargs) -> int:
     return max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
 
 
+# A pre-LLM shift that marks a row holding no token of the unpruned model (its rank becomes -1).
+_SOURCELESS = torch.iinfo(torch.long).min
+
+
 def _rows_of(keep: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """A pre-LLM choice over the image tokens of the encoded samples, for the rows of this call: generate()
     encodes images once and then repeats each sample's row (beams, num_return_sequences) next to itself."""
@@ -309,7 +313,7 @@ class PruneHandle:
         return decoder_output(h, cache if use_cache else None, tuple(hidden) if want_hidden else None)
 
     def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
-        pre_keep = pre_ranks = None
+        pre_keep = pre_shift = None
         on_embeddings = getattr(self.pre, "from_embeddings", False)
         if self.pre is not None and not on_embeddings:
             pre_keep = torch.zeros_like(image_mask)
@@ -323,10 +327,10 @@ class PruneHandle:
                 choice = call.pre[modality]
                 pre_keep[mask] = _rows_of(choice.keep.to(mask.device), mask)
                 if choice.shift is not None:  # the rows hold other tokens: rank each as the token it holds
-                    if pre_ranks is None:
-                        pre_ranks = (image_mask & valid.to(image_mask.device)).long().cumsum(1) - 1
-                    ranks = pre_ranks[mask] + _rows_of(choice.shift.to(mask.device), mask)
-                    pre_ranks[mask] = torch.where(_rows_of(choice.sourceless.to(mask.device), mask), -1, ranks)
+                    if pre_shift is None:
+                        pre_shift = torch.zeros(image_mask.shape, dtype=torch.long, device=image_mask.device)
+                    sourceless = _rows_of(choice.sourceless.to(mask.device), mask)
+                    pre_shift[mask] = torch.where(sourceless, _SOURCELESS, _rows_of(choice.shift.to(mask.device), mask))
         profiler = NO_PROFILE
         if self.profile:
             timed = [c.profiler for c in call.pre.values() if c.profiler] if pre_keep is not None else []
@@ -337,7 +341,7 @@ class PruneHandle:
                 pre_keep = self.pre.keep_from_embeddings(embeds, valid, image_mask.to(embeds.device) & valid)
         h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
                                               hidden, pre_keep, profiler, aligned=self.batched_selection,
-                                              pre_ranks=pre_ranks,
+                                              pre_shift=pre_shift,
                                               extras=extras, blocks=blocks)
         if cache is not None:
             state.generation.next_position = self.adapter.next_position(position_ids)

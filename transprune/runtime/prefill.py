@@ -50,13 +50,14 @@ class PrefillState:
 
 
 def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_keep=None, profiler=NO_PROFILE,
-            aligned: bool = True, extras=None, blocks=None, pre_ranks=None):
+            aligned: bool = True, extras=None, blocks=None, pre_shift=None):
     """Run the pruned prefill; returns the final hidden states at the caller's columns (dropped rows zero)
     and leaves the `Generation` for decode steps on ``cache``. ``extras``: the family's `layer_extras` of
     this call (None: the family adds nothing between layers). ``blocks``: (B, L) the family's
     `attention_blocks` of the call's tokens (None: causal); each stage's masks follow the tokens kept.
-    ``pre_ranks``: (B, L) where a pre-LLM method wrote other tokens into the image rows, the image token each row
-    now stands for (-1: none), which the statistics and later stages number it by."""
+    ``pre_shift``: (B, L) where a pre-LLM method wrote other tokens into the image rows, how far from its own rank
+    the image token each row now holds is (the long minimum: none, rank -1); the statistics and later stages number
+    it so."""
     method, sched, adapter = handle.llm, handle.schedule, handle.adapter
     layers = adapter.layers
     prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
@@ -65,8 +66,10 @@ def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_
     accumulate = {a - 1 for a in sched.accumulation_layers if a - 1 <= last_prune} if needs_ttv else set()
     home = embeds.device  # where the layout, scores and masks live, whatever device each layer runs on
     layout = Layout.initial(valid, image_mask, position_ids)
-    if pre_ranks is not None:
-        layout.image_rank = torch.where(layout.image, pre_ranks.to(layout.image_rank.device), -1)
+    if pre_shift is not None:
+        shift = pre_shift.to(layout.image_rank.device)
+        layout.image_rank = torch.where(layout.image & (shift != torch.iinfo(torch.long).min),
+                                        layout.image_rank + shift, -1)
     n_original = layout.image.sum(1).tolist()
     state = PrefillState(layout, embeds, [[] for _ in n_original], bool(valid.all()),
                          torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device), profiler)
