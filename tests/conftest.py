@@ -113,3 +113,17 @@ def mixed_batch(*samples) -> dict:
     for s in samples:
         batch.update({k: v for k, v in s.items() if k not in TOKEN_KEYS})
     return batch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true",
+                     help="also run the speed benchmarks (tests/test_speed_goal.py: minutes per case)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--benchmark"):
+        return
+    skip = pytest.mark.skip(reason="a benchmark: run it with pytest --benchmark tests/test_speed_goal.py")
+    for item in items:
+        if "benchmark" in item.keywords:
+            item.add_marker(skip)

@@ -226,14 +226,15 @@ def test_flops_arch_and_bench_inputs():
     assert [len(k) for k in handle.last_stats[0].kept_indices] == [14, 8, 4]
 
 
-@pytest.mark.parametrize("chunk", ["fused", 1024, 5])
+@pytest.mark.parametrize("chunk", ["shared", "two-pass", 1024, 5])
 def test_visionzip_matches_the_eager_received_attention_reference(gemma, chunk, monkeypatch):
     """Dominant tokens: the most-received attention of the tower's last layer (transformers' eager weights, mean
     over heads and queries), each visual token scored by the mean over its 2 x 2 pooled patches; one contextual
-    token = the mean of the image's other tokens after the projector. ``chunk``: the CPU's two fused passes, or the
-    query rows per block of the blockwise sum (5: 13 blocks of the 64 patches, as a 4096-patch tower takes 4)."""
-    monkeypatch.setattr("transprune.adapters.vision._FUSED", chunk == "fused")
-    if chunk != "fused":
+    token = the mean of the image's other tokens after the projector. ``chunk``: the CPU's two fused passes (the first one
+    the layer's own, or both the score's), or the query rows per block of the blockwise sum (5: 13 blocks of the 64 patches, as a 4096-patch tower takes 4)."""
+    monkeypatch.setattr("transprune.adapters.vision._FUSED", chunk in ("shared", "two-pass"))
+    monkeypatch.setattr("transprune.adapters.vision._SHARE_LAYER_PASS", chunk == "shared")
+    if isinstance(chunk, int):
         monkeypatch.setattr("transprune.adapters.vision._QUERY_CHUNK", chunk)
     model, processor = gemma
     inputs = sample_inputs_unbatched(processor, 3, seed=11)[1]

@@ -282,12 +282,13 @@ def _zip_choice(score: torch.Tensor, dominant: int, contextual: int) -> list[int
     return sorted(top + [rest[j * (len(rest) // contextual)] for j in range(contextual)])
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "blockwise"])
-def test_visionzip_ranks_packed_features_by_received_attention(onevision, fused, monkeypatch):
+@pytest.mark.parametrize("path", ["shared", "two-pass", "blockwise"])
+def test_visionzip_ranks_packed_features_by_received_attention(onevision, path, monkeypatch):
     """A 64x64 image is its base view (64 patches) and a 1x1 grid of 8 rows of 8 patches + a newline each: the
     base unit ranks patches by the attention they receive (eager reference), the grid unit its patches in
     row order; newline tokens are dropped; a contextual token is its target plus its members' mean, after the projector."""
-    monkeypatch.setattr("transprune.adapters.vision._FUSED", fused)
+    monkeypatch.setattr("transprune.adapters.vision._FUSED", path != "blockwise")
+    monkeypatch.setattr("transprune.adapters.vision._SHARE_LAYER_PASS", path == "shared")
     model, processor = onevision
     eager = tiny_llava_onevision(seed=0, attn_implementation="eager")
     inputs = sample_inputs_unbatched(processor, 1, seed=13, sizes=[(64, 64)])[0]

@@ -57,13 +57,14 @@ def test_sdpa_eager_no_image_half_precision_and_save_load(tmp_path):
     sdpa_eager_no_image_half_precision_and_save_load("smolvlm", SIZES, tmp_path)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "blockwise"])
-def test_visionzip_per_crop_matches_the_eager_received_attention_reference(smol, fused, monkeypatch):
+@pytest.mark.parametrize("path", ["shared", "two-pass", "blockwise"])
+def test_visionzip_per_crop_matches_the_eager_received_attention_reference(smol, path, monkeypatch):
     """Dominant tokens: the most-received attention of the tower's last layer (transformers' eager weights, mean
     over heads and the crop's queries), each visual token scored by the mean over its 2 x 2 shuffled patches (the
     model's pixel shuffle, run on patch ids); one contextual token = the mean of the crop's other tokens after
     the connector."""
-    monkeypatch.setattr("transprune.adapters.vision._FUSED", fused)
+    monkeypatch.setattr("transprune.adapters.vision._FUSED", path != "blockwise")
+    monkeypatch.setattr("transprune.adapters.vision._SHARE_LAYER_PASS", path == "shared")
     model, processor = smol
     inputs = sample_inputs_unbatched(processor, 3, seed=11, sizes=SIZES)[1]  # 3 crops
     eager = tiny_model(model.config.model_type, seed=0, attn_implementation="eager")

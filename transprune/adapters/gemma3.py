@@ -36,7 +36,7 @@ from ..compat import cache_kwargs
 from ..devices import execution_device, to_device
 from . import llama
 from .base import ModelAdapter
-from .vision import feature_layer, received_attention
+from .vision import feature_layer, forward_with_lse, received_attention
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -172,6 +172,13 @@ class Gemma3VisionHooks:
         """(received attention (images, patches), keys (images, patches, d)) of one SigLIP attention call."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
+
+    @staticmethod
+    def forward_with_lse(attn, args, kwargs):
+        """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None (the tower
+        passes no mask)."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
 
     @staticmethod
     def geometry(modality, args, kwargs):

@@ -28,7 +28,7 @@ from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .llava import LlavaAdapter
-from .vision import feature_layer, received_attention
+from .vision import feature_layer, forward_with_lse, received_attention
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
@@ -121,6 +121,13 @@ class OnevisionVisionHooks:
     def capture(attn, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
+
+    @staticmethod
+    def forward_with_lse(attn, args, kwargs):
+        """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None (the tower
+        passes no mask)."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
 
     def geometry(self, modality, args, kwargs):
         if modality == "video":

@@ -4,6 +4,8 @@ CLS row pays (CLIP, InternViT), and the attention each token receives (CLS-free 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -80,30 +82,99 @@ _FUSED = True
 def _received_fused(q, k, scale, allowed):
     """`received_from_qk` from two passes of the CPU's fused attention, which return each query row's log-sum-exp:
 
-    1. ``lse_i = log sum_j exp(s q_i . k_j)``, row i's softmax normaliser;
-    2. with the roles swapped, ``log sum_i exp(s k_j . q_i - lse_i) = log sum_i P_ij``, column j's received
-       attention. The ``- lse_i`` of each key i rides in one extra head dimension (``k_j`` gets 1, ``q_i`` gets
-       ``-lse_i / s``), so no per-head (T, T) bias is built; a padding mask is one (B, 1, T, T) float mask."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    1. ``lse_i = log sum_j exp(s q_i . k_j)``, row i's softmax normaliser (the pass the layer itself makes:
+       `forward_with_lse` shares it);
+    2. `received_from_lse`."""
+    q, k = q.float().contiguous(), k.float().contiguous()
+    _, lse = _FLASH(q, k, k, 0.0, False, attn_mask=_additive(allowed, q), scale=scale)  # (B, heads, T)
+    return received_from_lse(q, k, lse, scale, allowed)
+
+
+def _flash(*args, **kwargs):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **kwargs)
+
+
+_FLASH = _flash
+
+
+def _additive(allowed, like):
+    """(B, 1, T, T) float mask (0 / -inf) of a bool ``allowed`` (B, T, T), or None."""
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=like.dtype, device=like.device).masked_fill(
+        ~allowed[:, None], float("-inf"))
+
+
+def received_from_lse(q, k, lse, scale, allowed=None):
+    """(B, T) `received_from_qk` given each query row's log-sum-exp ``lse`` (B, heads, T) of its softmax over the keys:
+    with the roles swapped, ``log sum_i exp(s k_j . q_i - lse_i) = log sum_i P_ij`` is column j's received
+    attention. The ``- lse_i`` of each key i rides in one extra head dimension (``k_j`` gets 1, ``q_i`` gets
+    ``-lse_i / s``), so no per-head (T, T) bias is built; a padding mask is one (B, 1, T, T) float mask."""
     b, heads, t, _ = q.shape
     q, k = q.float().contiguous(), k.float().contiguous()
-    mask = real = None
-    if allowed is not None:
-        real = allowed.any(-2)  # (B, T): rows some row may attend to
-        mask = torch.zeros(b, 1, t, t, device=q.device).masked_fill(~allowed[:, None], float("-inf"))
-    _, lse = flash(q, k, k, 0.0, False, attn_mask=mask, scale=scale)  # (B, heads, T)
+    real = None
     paying = torch.isfinite(lse)
-    if real is not None:  # a row that may attend to nothing pays nothing (the blockwise sum's nan_to_num), nor one
-        paying = paying & (real & allowed.any(-1))[:, None, :]  # that is not real (the fused kernel's lse is finite)
-    shift = torch.where(paying, -lse, 0.0)[..., None] / scale
+    if allowed is not None:  # a row that may attend to nothing pays nothing (the blockwise sum's nan_to_num), nor
+        real = allowed.any(-2)  # one that is not real (B, T: rows some row may attend to; the kernel's lse is finite)
+        paying = paying & (real & allowed.any(-1))[:, None, :]
+    shift = torch.where(paying, -lse.float(), 0.0)[..., None] / scale
     rows = torch.cat([q, shift], -1)  # (B, heads, T, head_dim + 1): the keys of pass 2
     cols = torch.cat([k, torch.ones_like(k[..., :1])], -1)  # its queries
     hide = ~paying[:, :, None, :]  # (B, heads, 1, T): rows that do not pay, for every column
     if allowed is not None:  # and the rows that may not attend to this column
         hide = hide | ~allowed.transpose(-1, -2)[:, None]
     bias = torch.zeros(hide.shape, device=q.device).masked_fill(hide, float("-inf"))
-    _, lse2 = flash(cols, rows, rows, 0.0, False, attn_mask=bias, scale=scale)  # (B, heads, T) over columns
+    _, lse2 = _FLASH(cols, rows, rows, 0.0, False, attn_mask=bias, scale=scale)  # (B, heads, T) over columns
     seen = (~hide).any(-1)  # a column no paying row attends to receives nothing (the kernel would make it up)
     received = torch.where(seen, torch.exp(lse2), 0.0).sum(1)
     n_real = real.sum(1, keepdim=True) if real is not None else torch.full((b, 1), t, device=q.device)
     return received / (heads * n_real.clamp_min(1))
+
+
+# False: the scored layer runs as it would and the score makes both passes (tests compare both ways).
+_SHARE_LAYER_PASS = True
+
+
+@dataclass(frozen=True)
+class LayerPass:
+    """What a SigLIP-shaped attention layer computed that the received-attention score needs again: its rotated
+    q and k (B, heads, T, head_dim), each query's log-sum-exp (B, heads, T), the scale and the layer's mask."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    lse: torch.Tensor
+    scale: float
+    allowed: torch.Tensor | None
+
+    def received(self):
+        """(received attention (B, T), keys (B, T, head_dim)): what `received_attention` returns."""
+        return received_from_lse(self.q, self.k, self.lse, self.scale, self.allowed), similarity_keys(self.k)
+
+
+def forward_with_lse(attn, hidden, mask) -> tuple[tuple, LayerPass] | None:
+    """A SigLIP-shaped attention layer's own forward (q/k/v/out projections, no rotary, no dropout), run where its
+    backend is sdpa on a CPU through the fused kernel sdpa itself calls there, so its output is the layer's; the
+    kernel also returns each query's log-sum-exp, pass 1 of the received-attention score. None where the layer
+    would run another kernel (eager, a GPU, training, an unknown layer): the caller runs it as it is."""
+    if not (_FUSED and _SHARE_LAYER_PASS and hidden.device.type == "cpu" and not attn.training
+            and hidden.dtype == torch.float32 and getattr(attn.config, "_attn_implementation", None) == "sdpa"
+            and all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj", "scale", "head_dim"))
+            and not getattr(attn, "is_causal", False)):
+        return None
+    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1):
+        return None
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+    k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+    v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+    additive = mask
+    if mask is not None and mask.dtype == torch.bool:  # as sdpa converts a bool mask
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=additive, scale=attn.scale)
+    out = attn.out_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1).contiguous())
+    allowed = None
+    if mask is not None:
+        allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+        if bool(allowed.all()):
+            allowed = None
+    return (out, None), LayerPass(q, k, lse, attn.scale, allowed)

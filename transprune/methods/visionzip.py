@@ -151,9 +151,16 @@ class VisionZipConfig:
             """The dominance rule's inputs from the scored layer's q and k, for an encoding in flight in this
             context (none: the tower runs unpruned), then the layer itself."""
             found = _CAPTURE.get()
-            if found is not None:
-                with found.profiler.span("pre_llm_s"):  # the capture is part of deciding what to drop
-                    found.append(hooks.capture(layer, args, kwargs))
+            if found is None:
+                return forward(*args, **kwargs)
+            shared = hooks.forward_with_lse(layer, args, kwargs) if hasattr(hooks, "forward_with_lse") else None
+            if shared is not None:  # the layer ran, and made the score's first pass
+                output, layer_pass = shared
+                with found.profiler.span("pre_llm_s"):
+                    found.append(layer_pass.received())
+                return output
+            with found.profiler.span("pre_llm_s"):  # the capture is part of deciding what to drop
+                found.append(hooks.capture(layer, args, kwargs))
             return forward(*args, **kwargs)
 
         # An instance override for as long as the pruning is applied, not a hook registered per call: registering
