@@ -15,11 +15,10 @@ from pathlib import Path
 from .adapters import supported_model_types
 from .argtypes import budget_fraction, count, image_size, positive
 from .bench import register as register_bench
-from .config import PRESETS
 from .budget import budget, plan_budget
 from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
-from .methods import COMPOSITIONS, build, spelling, split_methods
+from .methods import COMPOSITIONS, all_presets, build, spelling, split_methods
 from .mini.options import add_train_args, train_config
 
 
@@ -34,8 +33,9 @@ def _arch(value: str):
 def _add_method_args(p, default_preset=None):
     p.add_argument("--method", default=None, metavar="METHOD",
                    help=f"the pruning method (the grammar of bench's and eval's --methods entries): {spelling()}")
-    p.add_argument("--preset", choices=[*PRESETS, *COMPOSITIONS], default=default_preset,
-                   help="TransPrune's high/low/off (default high), or a named composition")
+    p.add_argument("--preset", choices=all_presets(), default=default_preset,
+                   help="a named setting of the method that has it (TransPrune's high/low/off, default high; V2Drop's "
+                        "llava/qwen; DART's and CDPruner's token counts), or a named composition")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="params",
                    help="a method parameter, e.g. --set k=3 --set r=0.75, --set layers=8,16,24 (repeatable)")
     add_budget_arg(p)
@@ -92,7 +92,7 @@ def cmd_flops(args) -> int:
             planned = plan_budget(config, args.arch, args.budget, text_tokens=args.text_tokens)
             config = planned.config
         pre, _ = split_methods(config)
-        if pre is not None and hasattr(pre, "check_arch"):  # what `apply` refuses on a model of this arch
+        if pre is not None:  # what `apply` refuses on a model of this arch
             pre.check_arch(args.arch)
         report = estimate(config, args.arch, text_tokens=args.text_tokens)
         config = resolved_for_arch(config, args.arch)  # as described: positions as the family runs them

@@ -199,9 +199,8 @@ def resolved_for_arch(config, arch):
         return config
     family = family_for(arch.model_type)
     pre, _ = split_methods(config)
-    if pre is not None and not getattr(pre, "from_embeddings", False) and family.vision_hooks_missing:  # as `apply`
-        raise ValueError(f"{type(pre).__name__} needs vision-tower hooks that the {family.family} adapter does not "
-                         f"have: {family.vision_hooks_missing}")
+    if pre is not None:
+        pre.check_family(family)  # as `apply`
     return resolve_positions(config, family)
 
 
@@ -236,7 +235,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     scoring = 0.0 if rows is None else scoring_macs(arch, schedule, visual, text_tokens, query_tokens) / 1e12
     # the methods' own selection work (DART's pivots, DivPrune's and CDPruner's similarity matrices, ...)
     selection = 0
-    if pre is not None and hasattr(pre, "selection_macs"):
+    if pre is not None:
         selection += pre.selection_macs(arch.image_tokens, arch.hidden_size, text_tokens)
     if llm is not None:
         selection += sum(llm.selection_macs(visual[p - 1], arch.hidden_size, text_tokens) for p in schedule.pruning_layers)
@@ -248,7 +247,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     names = [c.method for c in (pre, llm) if c is not None]
     return FlopsReport(
         arch=arch.name,
-        preset=llm.name if getattr(llm, "name", "custom") != "custom" else "+".join(names) or "none",
+        preset=llm.name if llm is not None and llm.name != "custom" else "+".join(names) or "none",
         depth=schedule.depth,
         accumulation_layers=schedule.accumulation_layers,
         pruning_layers=schedule.pruning_layers,

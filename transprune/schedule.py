@@ -26,7 +26,7 @@ PAPER_DEPTH = 32
 
 
 def _is_named_preset(config) -> bool:
-    return getattr(config, "name", "custom") in getattr(config, "presets", ())
+    return config.name in config.presets
 
 
 def _map_layer(layer: int, depth: int, reference: int) -> int:
@@ -69,7 +69,7 @@ class Schedule:
         if not prune:
             acc = ()  # nothing is pruned, so nothing is scored
         ref = config.reference_depth
-        field = getattr(config, "layer_field", "pruning_layers")  # the field the user wrote (FastV: k)
+        field = config.layer_field  # the field the user wrote (FastV: k)
         written = f"{field}={getattr(config, field, prune)!r} (as written)"
         if ref is not None and depth != ref and prune:
             # Proportional map, then push collisions apart so each pruning stage keeps its own layer.
@@ -103,8 +103,7 @@ class Schedule:
             hint = ("; pass reference_depth=N to map layer numbers written for an N-layer decoder (CLI: --set "
                     "reference_depth=N)" if ref is None else "")
             raise ValueError(f"accumulation_layers {acc} do not fit a {depth}-layer decoder (1..{depth} allowed){hint}")
-        return cls(depth, acc, prune, tuple(config.keep_ratios), getattr(config, "min_keep", 0),
-                   getattr(config, "keep_rounding", "floor"))
+        return cls(depth, acc, prune, tuple(config.keep_ratios), config.min_keep, config.keep_rounding)
 
     def tokens_per_layer(self, n_image: int, kept: list[int] | None = None) -> list[int]:
         """Image tokens each layer processes in prefill, for a sample with ``n_image`` image tokens (after

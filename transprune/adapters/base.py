@@ -152,8 +152,17 @@ class ModelAdapter:
     vision_hooks_missing: str | None = None
 
     def vision_hooks(self):
-        """The vision-tower hooks a pre-LLM method needs (see `adapters.llava.ClipVisionHooks`); None: none."""
+        """The vision-tower hooks a pre-LLM method needs (`adapters.vision.VisionHooks`); None: none."""
         return None
+
+    @classmethod
+    def lacks(cls, need: str) -> str | None:
+        """Why this family cannot give a method what it declares it needs (`methods.base.NEEDS`), or None."""
+        if need == "vision_hooks":
+            if cls.vision_hooks_missing:
+                return cls.vision_hooks_missing
+            return None if cls.vision_hooks is not ModelAdapter.vision_hooks else "it has none"
+        raise ValueError(f"unknown need {need!r}")
 
     # -- the position rule (1-D) -----------------------------------------------------------------
     def prefill_positions(self, position_ids, batch: int, length: int, past: int, device) -> torch.Tensor:

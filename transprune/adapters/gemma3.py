@@ -36,7 +36,7 @@ from ..compat import cache_kwargs
 from ..devices import execution_device, to_device
 from . import llama
 from .base import ModelAdapter
-from .vision import feature_layer, forward_with_lse, received_attention
+from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -138,7 +138,7 @@ class Gemma3Adapter(ModelAdapter):
         return ArchSpec.of_decoder(cfg.text_config, name, cfg.mm_tokens_per_image, model_type=cfg.model_type)
 
 
-class Gemma3VisionHooks:
+class Gemma3VisionHooks(VisionHooks):
     """What VisionZip reads from Gemma 3's SigLIP tower and its pooling projector.
 
     The tower has no CLS token, so a patch's dominance is the attention it *receives*: the mean over its image's
@@ -150,14 +150,6 @@ class Gemma3VisionHooks:
     """
 
     encoders = {"image": "get_image_features"}
-    cls_reaches_llm = False  # no CLS token among the features the LLM gets
-
-    def __init__(self, adapter: Gemma3Adapter):
-        self.adapter = adapter
-        self.mm = adapter.multimodal_model
-
-    def check(self) -> None:
-        self.attention_layer()
 
     def patches_per_tile(self) -> int:
         return self.adapter.model.config.mm_tokens_per_image  # visual tokens per image
@@ -179,10 +171,6 @@ class Gemma3VisionHooks:
         passes no mask)."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
-
-    @staticmethod
-    def geometry(modality, args, kwargs):
-        return None
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """(images, patches, c) -> (images, tokens, c): the projector's k x k average over the patch grid."""

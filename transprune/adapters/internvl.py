@@ -22,7 +22,7 @@ from transformers import InternVLForConditionalGeneration
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .vision import cls_row_attention, feature_layer
+from .vision import VisionHooks, cls_row_attention, feature_layer
 
 
 class InternVLAdapter(ModelAdapter):
@@ -74,15 +74,13 @@ class InternVLAdapter(ModelAdapter):
         return ArchSpec.of_decoder(cfg.text_config, name, cls._per_tile(cfg), model_type=cfg.model_type)
 
 
-class InternVLVisionHooks:
+class InternVLVisionHooks(VisionHooks):
     """What VisionZip reads from an InternVL tower (InternViT, CLS at row 0) and its pixel shuffle."""
 
     encoders = {"image": "get_image_features"}
-    cls_reaches_llm = False  # the model drops the CLS token before its pixel shuffle: no token to keep it in
 
     def __init__(self, adapter: InternVLAdapter):
-        self.adapter = adapter
-        self.mm = adapter.multimodal_model
+        super().__init__(adapter)
         self.config = adapter.model.config
 
     def check(self) -> None:
@@ -104,10 +102,6 @@ class InternVLVisionHooks:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return cls_row_attention(hidden, lambda x: attn.q_norm(attn.q_proj(x)), lambda x: attn.k_norm(attn.k_proj(x)),
                                  attn.num_heads, attn.head_dim, attn.scale)
-
-    @staticmethod
-    def geometry(modality, args, kwargs):
-        return None
 
     def _patches_of_tokens(self, side: int, device) -> torch.Tensor:
         """(tokens, patches per token) patch indices of each visual token, by the model's own pixel shuffle."""

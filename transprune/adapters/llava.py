@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .vision import cls_row_attention, feature_layer
+from .vision import VisionHooks, cls_row_attention, feature_layer
 
 
 class LlavaAdapter(ModelAdapter):
@@ -78,14 +78,14 @@ class LlavaAdapter(ModelAdapter):
         return ArchSpec.of_decoder(text, name, crops * per_crop, crops=crops, model_type=cfg.model_type)
 
 
-class ClipVisionHooks:
+class ClipVisionHooks(VisionHooks):
     """What VisionZip reads from a LLaVA vision tower (CLIP, CLS at row 0) and its projector."""
 
     encoders = {"image": "get_image_features"}  # modality -> the multimodal model's encoder method
     cls_reaches_llm = True  # the official code keeps each tile's CLS token, counted among the dominant ones
 
     def __init__(self, adapter: LlavaAdapter):
-        self.adapter = adapter
+        super().__init__(adapter)
         self.model = adapter.model
         self.config = adapter.model.config
 

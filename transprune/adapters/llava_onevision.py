@@ -28,7 +28,7 @@ from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .llava import LlavaAdapter
-from .vision import feature_layer, forward_with_lse, received_attention
+from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
@@ -79,7 +79,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return ArchSpec.of_decoder(text, name, side * side + side * (side + 1), crops=2, model_type=cfg.model_type)
 
 
-class OnevisionVisionHooks:
+class OnevisionVisionHooks(VisionHooks):
     """What VisionZip reads from LLaVA-OneVision's SigLIP tower (no CLS token), its projector and its packing.
 
     A patch's dominance is the attention it receives in the feature layer (the mean over its crop's patches as
@@ -91,11 +91,9 @@ class OnevisionVisionHooks:
     """
 
     encoders = {"image": "get_image_features", "video": "get_video_features"}
-    cls_reaches_llm = False  # no CLS token among the features the LLM gets
 
     def __init__(self, adapter: LlavaOnevisionAdapter):
-        self.adapter = adapter
-        self.mm = adapter.multimodal_model
+        super().__init__(adapter)
         self.config = adapter.model.config
 
     def check(self) -> None:

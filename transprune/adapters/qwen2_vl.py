@@ -30,7 +30,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .vision import received_from_qk, similarity_keys
+from .vision import VisionHooks, received_from_qk, similarity_keys
 
 # The nominal image of the FLOPs tool and the bench: 448 x 448 pixels (16 x 16 merged tokens with 14-pixel
 # patches merged 2 x 2: 256 visual tokens on Qwen2-VL / Qwen2.5-VL-7B).
@@ -161,7 +161,7 @@ class Qwen2VLAdapter(ModelAdapter):
                                    nominal_image_size=(NOMINAL_GRID * factor,) * 2)
 
 
-class QwenVisionHooks:
+class QwenVisionHooks(VisionHooks):
     """What VisionZip reads from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower.
 
     The tower has no CLS token, so a token's dominance is the attention it *receives*: the mean over the
@@ -179,16 +179,12 @@ class QwenVisionHooks:
     """
 
     encoders = {"image": "get_image_features", "video": "get_video_features"}
-    cls_reaches_llm = False  # no CLS token among the features the LLM gets
     _grids = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
     def __init__(self, adapter: Qwen2VLAdapter):
-        self.adapter = adapter
-        self.visual = adapter.multimodal_model.visual
+        super().__init__(adapter)
+        self.visual = self.mm.visual
         self.merge_unit = self.visual.spatial_merge_size ** 2
-
-    def check(self) -> None:
-        self.attention_layer()
 
     def patches_per_tile(self):
         return None  # dynamic resolution: the count is each image's own

@@ -22,7 +22,7 @@ from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditional
 from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .vision import feature_layer, forward_with_lse, received_attention
+from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
 
 NOMINAL_SCALE = 4  # the bench's default image: 4 x 4 crops (the 512 px of SmolVLM-256M upscaled to 2048) + global
 
@@ -76,7 +76,7 @@ class SmolVLMAdapter(ModelAdapter):
                                    model_type=cfg.model_type)
 
 
-class SmolVLMVisionHooks:
+class SmolVLMVisionHooks(VisionHooks):
     """What VisionZip reads from a SmolVLM / Idefics3 tower (SigLIP-style, no CLS token) and its connector.
 
     A patch's dominance is the attention it receives in the tower's last layer (whose output the connector
@@ -88,14 +88,6 @@ class SmolVLMVisionHooks:
     """
 
     encoders = {"image": "get_image_features"}
-    cls_reaches_llm = False  # no CLS token among the features the LLM gets
-
-    def __init__(self, adapter: SmolVLMAdapter):
-        self.adapter = adapter
-        self.mm = adapter.multimodal_model
-
-    def check(self) -> None:
-        self.attention_layer()
 
     def patches_per_tile(self) -> int:
         return SmolVLMAdapter._per_crop(self.adapter.model.config)  # visual tokens per crop
@@ -114,10 +106,6 @@ class SmolVLMVisionHooks:
         """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
-
-    @staticmethod
-    def geometry(modality, args, kwargs):
-        return None
 
     def units(self, image_outputs, captured, geometry):
         received, keys = captured  # (crops, patches), (crops, patches, d)

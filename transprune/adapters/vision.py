@@ -9,6 +9,57 @@ from dataclasses import dataclass
 import torch
 
 
+class VisionHooks:
+    """What VisionZip reads from one family's vision tower: the contract each family's hooks keep (defaults here;
+    a family writes what differs). ``adapter.vision_hooks()`` returns one, or None with the reason in
+    ``adapter.vision_hooks_missing``."""
+
+    # encoder method name per modality, on the multimodal model: the calls VisionZip wraps ({"image": ...})
+    encoders: dict[str, str] = {}
+    # whether the tower's CLS token is among the features the LLM gets (LLaVA: kept as the first dominant token)
+    cls_reaches_llm = False
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.mm = adapter.multimodal_model
+
+    def check(self) -> None:
+        """Raise, before the model changes, when this model's tower cannot be read (the default: find the layer)."""
+        self.attention_layer()
+
+    def patches_per_tile(self) -> int | None:
+        """Tokens per unit VisionZip keeps a share of; None: it varies per image (dynamic resolution)."""
+        raise NotImplementedError
+
+    def attention_layer(self):
+        """The attention module whose q and k score dominance."""
+        raise NotImplementedError
+
+    @staticmethod
+    def capture(attn, args, kwargs):
+        """(score, keys) from one call of ``attention_layer`` with these arguments (before it runs)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def forward_with_lse(attn, args, kwargs):
+        """The layer's own output and the score's first pass in one call (`forward_with_lse`), or None: the layer
+        runs as it is and `capture` makes the score (the default)."""
+        return None
+
+    def geometry(self, modality, args, kwargs):
+        """What `units` and `merge` need of the encoder's arguments (grids, sizes); None when nothing."""
+        return None
+
+    def units(self, image_outputs, captured, geometry):
+        """[(score (n,), unit-norm keys (n, d))] per unit, in token order."""
+        raise NotImplementedError
+
+    def merge(self, image_outputs, plans, geometry):
+        """Write each unit's kept and merged tokens into ``image_outputs``; return (keep, source) as
+        `VisionZipConfig.select` documents."""
+        raise NotImplementedError
+
+
 def feature_layer(layers, feature: int):
     """The encoder layer whose output is ``hidden_states[feature]`` (index 0 = the embeddings), as the towers'
     ``vision_feature_layer`` counts."""

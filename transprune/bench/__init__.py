@@ -38,7 +38,7 @@ def _named() -> dict:
     from the registry at each call, so methods registered later are known too."""
     named = {"none": None}
     for name, cls in METHODS.items():
-        presets = [p for p in getattr(cls, "presets", ()) if p != "off"]
+        presets = [p for p in cls.presets if p != "off"]
         named.update({f"{name}-{p}": (name, p) for p in presets} if presets else {name: (name, None)})
     return {**named, **{name: (None, name) for name in COMPOSITIONS}}
 

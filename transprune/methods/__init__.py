@@ -26,7 +26,7 @@ from .visionzip import VisionZipConfig
 __all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "unregister_method", "TransPruneConfig",
            "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "DARTConfig", "V2DropConfig",
            "DivPruneConfig", "CDPrunerConfig", "REFERENCE_DEPTH",
-           "COMPOSITIONS", "preset", "build", "split_methods", "as_list", "default_preset"]
+           "COMPOSITIONS", "preset", "build", "split_methods", "as_list", "default_preset", "all_presets"]
 
 
 def as_list(config) -> list:
@@ -90,10 +90,15 @@ def preset(name: str):
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, PRESETS + tuple(COMPOSITIONS)))}")
 
 
+def all_presets() -> list[str]:
+    """Every registered method's preset names and the compositions, in registry order (the CLI's --preset)."""
+    names = [p for cls in METHODS.values() for p in cls.presets]
+    return list(dict.fromkeys(names + list(COMPOSITIONS)))
+
+
 def default_preset(name: str) -> str | None:
     """The preset a bare method name stands for (its first named setting), or None for a method without presets."""
-    presets = getattr(METHODS[name], "presets", ())
-    return presets[0] if presets else None
+    return METHODS[name].default_preset()
 
 
 def _parse_value(text: str):
@@ -113,7 +118,7 @@ def _parse_value(text: str):
 
 def spelling() -> str:
     """The method grammar every tool shares, for help texts and errors."""
-    with_presets = [f"{n}-{p}" for n in METHODS for p in getattr(METHODS[n], "presets", ())]
+    with_presets = [f"{n}-{p}" for n in METHODS for p in METHODS[n].presets]
     return (f"METHOD or METHOD-PRESET ({', '.join(with_presets)}), composed with '+' "
             f"(e.g. visionzip+transprune), or a named composition ({', '.join(COMPOSITIONS)}); "
             f"methods: {', '.join(METHODS)}")
@@ -132,7 +137,7 @@ def parse_spec(spec: str) -> list[tuple[str, str | None]]:
         name, _, suffix = text.rpartition("-")
         if text in METHODS:
             items.append((text, None))
-        elif name in METHODS and suffix in getattr(METHODS[name], "presets", ()):
+        elif name in METHODS and suffix in METHODS[name].presets:
             items.append((name, suffix))
         else:
             raise ValueError(f"unknown method {text!r} in {spec!r}; use {spelling()}")
@@ -141,8 +146,8 @@ def parse_spec(spec: str) -> list[tuple[str, str | None]]:
 
 def build(methods: str | None = None, preset_name: str | None = None, params: dict[str, str] | None = None):
     """A config (or composition list) from a method spec such as ``"visionzip+transprune"`` or
-    ``"transprune-low"`` (see `parse_spec`), an optional preset (TransPrune's high/low/off for the method
-    with presets, or a composition name) and ``field=value`` overrides, each applied to the method that has
+    ``"transprune-low"`` (see `parse_spec`), an optional preset (one of `all_presets`: it applies to the methods
+    that have it, as TransPrune's high/low/off or V2Drop's qwen; or a composition name) and ``field=value`` overrides, each applied to the method that has
     that field. Raises ValueError naming the allowed values."""
     params = dict(params or {})
     if preset_name in COMPOSITIONS and methods not in (None, preset_name):
@@ -155,16 +160,17 @@ def build(methods: str | None = None, preset_name: str | None = None, params: di
         configs = preset(methods if methods in COMPOSITIONS else preset_name)
     else:
         items = parse_spec(methods)
-        with_presets = [n for n, _ in items if default_preset(n) is not None]
-        if preset_name is not None and not with_presets:
-            raise ValueError(f"--preset {preset_name!r} applies to a method with presets "
-                             f"({', '.join(n for n in METHODS if default_preset(n))}); the methods are "
-                             f"{[n for n, _ in items]}")
+        if preset_name is not None and not any(preset_name in METHODS[n].presets for n, _ in items):
+            theirs = {n: list(METHODS[n].presets) for n, _ in items if METHODS[n].presets}
+            raise ValueError(f"--preset {preset_name!r} is no preset of {'+'.join(n for n, _ in items)}"
+                             + (f"; theirs: {theirs}" if theirs else " (it has none)")
+                             + f"; presets: {', '.join(all_presets())}")
         for name, own in items:
-            if own is not None and preset_name is not None and own != preset_name:
+            if own is not None and preset_name in METHODS[name].presets and own != preset_name:
                 raise ValueError(f"{name}-{own} names preset {own!r} but --preset says {preset_name!r}: give one")
-        configs = [METHODS[n].preset(own or preset_name or default_preset(n)) if default_preset(n) is not None
-                   else METHODS[n]() for n, own in items]
+        # each method takes the preset it was named with, else --preset where it is one of its own, else its first
+        configs = [METHODS[n].preset(own or (preset_name if preset_name in METHODS[n].presets else None)
+                                     or default_preset(n)) if METHODS[n].presets else METHODS[n]() for n, own in items]
     used = set()
     for i, cfg in enumerate(configs):
         names = {f.name for f in fields(cfg)}

@@ -1,17 +1,16 @@
-"""What every method shares: field validators, the in-LLM config mixin, the stage view a scorer reads, and
-the registry that every tool reads (the CLI, flops, bench, the mini suite): nothing outside a method's own
-module branches on its name.
+"""What every method shares: the `Method` contract and its kinds, field validators, the stage view a scorer
+reads, and the registry that every tool reads (the CLI, flops, bench, the mini suite): nothing outside a
+method's own module branches on its name, and no tool probes a method for optional attributes: every one is
+declared on `Method` (defaults) and set where a method differs.
 
-An in-LLM method is a frozen dataclass with the schedule fields (``accumulation_layers``,
-``pruning_layers``, ``keep_ratios``, ``reference_depth``, ``positions``) and
+Three kinds, each a base class a method's frozen dataclass subclasses:
 
-- ``rank(view) -> (score (R, n), parts)``: one score per image token of each row of the `StageView`
-  (higher = keep); ``parts`` are optional named sub-scores for ``record_scores``;
-- ``needs_ttv``: whether the runtime must accumulate TTV for it;
-- ``scoring_query_rows(query_tokens)``: attention query rows per scoring stage, for the FLOPs tool (None:
-  scoring costs nothing).
-
-A pre-LLM method (``stage = "pre"``) instead provides ``select(adapter, image_outputs, captured, geometry)``.
+- `InLLMMethod` (``stage = "in"``): the schedule fields (``pruning_layers``, ``keep_ratios``,
+  ``reference_depth``, ``positions``; ``accumulation_layers`` where TTV is needed) and
+  ``rank(view) -> (score (R, n), parts)``, one score per image token of each row of the `StageView`;
+- `OnEmbeddings` (``stage = "pre"``): ``order(image, text, k)`` on the LLM's input embeddings (any family);
+- `OnVisionTower` (``stage = "pre"``): ``install`` wraps the vision tower through the family's vision hooks
+  (``needs = {"vision_hooks"}``), ``llm_tokens(arch)`` says how many tokens reach the LLM.
 """
 
 from __future__ import annotations
@@ -114,18 +113,84 @@ def check_keep_ratios(ratios, pruning_layers, allow_zero: bool = False) -> tuple
     return ratios
 
 
-class InLLMMethod:
-    """Shared behaviour of in-LLM method configs (a mixin for frozen dataclasses)."""
+# What a method can need of a model family (`Method.needs`), as the error names it.
+NEEDS = {"vision_hooks": "vision-tower hooks"}
+
+
+class Method:
+    """The contract of every method config (a frozen dataclass subclassing one of the kinds below). Tools read
+    these attributes and call these methods; a method sets or overrides where it differs."""
+
+    method = ""  # the registry name (`register_method`)
+    stage = ""  # "in": inside the LLM; "pre": before it (the kinds set it)
+    name = "custom"  # the preset a config was built from (TransPrune records it as a field)
+    presets: dict[str, dict] = {}  # preset name -> field values, for `preset`; a bare method name means the first
+    needs: frozenset[str] = frozenset()  # what the method needs of a family (`NEEDS`), checked before any change
+    from_embeddings = False  # a pre-LLM method that chooses from the LLM's input embeddings (no vision hooks)
+    enabled = True  # False: the config prunes nothing (TransPrune "off")
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """The named setting ``name`` (one of ``presets``), with ``overrides`` on top."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.method} preset {name!r}; choose one of {', '.join(map(repr, cls.presets))}"
+                             if cls.presets else f"{cls.method} has no presets (got {name!r})")
+        return cls(**{**cls.presets[name], **overrides})
+
+    @classmethod
+    def default_preset(cls) -> str | None:
+        """The preset a bare method name stands for (the first), or None."""
+        return next(iter(cls.presets), None)
+
+    def check_family(self, family) -> None:
+        """Raise, before any change, when ``family`` (an adapter class or instance) lacks what this method needs."""
+        for need in sorted(self.needs):
+            why = family.lacks(need)
+            if why:
+                raise ValueError(f"{type(self).__name__} needs {NEEDS[need]} that the {family.family} adapter does "
+                                 f"not have: {why}")
+
+    def check(self, adapter) -> None:
+        """Raise, before the model changes, when this setting cannot run on this model (beyond `check_family`)."""
+
+    def check_arch(self, arch) -> None:
+        """Raise, as `check` would on a model, when this setting cannot run on ``arch`` (an `ArchSpec`)."""
+
+    def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
+        """Multiply-accumulates of this method's own selection at a stage that ``n_image`` tokens enter, beyond the
+        attention rows `scoring_query_rows` counts (FLOPs tool); 0: nothing worth counting."""
+        return 0
+
+    def scaled(self, factor: float):
+        """This method keeping ``factor`` times as many tokens: the knob `transprune.budget` turns."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how it scales to a budget")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+
+class InLLMMethod(Method):
+    """Shared behaviour of in-LLM method configs (a base for frozen dataclasses)."""
 
     stage = "in"
     accumulation_layers: tuple[int, ...] = ()
-    name = "custom"
     needs_ttv = False
+    layer_field = "pruning_layers"  # the field the user writes the layers in (FastV: k), for error messages
+    min_keep = 0  # tokens every stage keeps at least (V2Drop: 1)
     keep_rounding = "floor"  # a stage keeps int(n * ratio) tokens; "round" where the official code rounds (FastV)
 
     @property
     def enabled(self) -> bool:
         return bool(self.pruning_layers)
+
+    def check_schedule(self, allow_zero: bool = False) -> None:
+        """The schedule fields' validation every in-LLM method with ``pruning_layers`` and ``keep_ratios`` fields
+        shares (``allow_zero``: a ratio may be 0, for a method whose stages keep at least one token)."""
+        check_reference_depth(self.reference_depth)
+        choice("positions", self.positions, POSITION_RULES)
+        prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
+        object.__setattr__(self, "pruning_layers", prune)
+        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune, allow_zero=allow_zero))
 
     def layers_for_depth(self, depth: int) -> Schedule:
         """Resolve the layer numbers for a decoder with ``depth`` layers (raises before any change)."""
@@ -136,20 +201,33 @@ class InLLMMethod:
         after the image (FLOPs tool); None: the score costs nothing."""
         return None
 
-    def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
-        """Multiply-accumulates of this method's own selection at a stage that ``n_image`` tokens enter, beyond the
-        attention rows `scoring_query_rows` counts (FLOPs tool); 0: nothing worth counting."""
-        return 0
-
     def scaled(self, factor: float):
-        """This method with every keep ratio times ``factor`` (at most 1), its layers unchanged: the knob
-        `transprune.budget` turns. A method whose ratios derive from other fields overrides it."""
+        """This method with every keep ratio times ``factor`` (at most 1), its layers unchanged. A method whose
+        ratios derive from other fields overrides it."""
         import dataclasses
 
         return dataclasses.replace(self, keep_ratios=tuple(min(1.0, r * factor) for r in self.keep_ratios))
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
+
+class PreLLMMethod(Method):
+    """A method that chooses before the LLM: how many tokens reach it (`llm_tokens`)."""
+
+    stage = "pre"
+
+    def llm_tokens(self, arch) -> int:
+        """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`; FLOPs tool)."""
+        raise NotImplementedError
+
+    def install(self, adapter, hand_over) -> tuple[list, list]:
+        """Wrap what the method needs on this model instance; returns what `PruneHandle.remove` undoes:
+        ([(module, attribute, previous instance value)], [hooks])."""
+        return [], []
+
+
+class OnVisionTower(PreLLMMethod):
+    """A pre-LLM method that reads the vision tower through the family's vision hooks (`adapters.vision`)."""
+
+    needs = frozenset({"vision_hooks"})
 
 
 @dataclass
@@ -189,8 +267,11 @@ def register_method(name: str, config_cls: type) -> type:
     """Make a method config known to every tool by ``name`` (its ``method`` attribute)."""
     if name in METHODS and METHODS[name] is not config_cls:
         raise ValueError(f"method {name!r} is already registered to {METHODS[name].__name__}")
-    if getattr(config_cls, "stage", None) not in ("pre", "in"):
-        raise TypeError(f"{config_cls.__name__}.stage must be 'pre' (before the LLM) or 'in' (inside it)")
+    if not (isinstance(config_cls, type) and issubclass(config_cls, (InLLMMethod, PreLLMMethod))):
+        raise TypeError(f"{getattr(config_cls, '__name__', config_cls)!r} must subclass one kind of method: InLLMMethod "
+                        "(inside the LLM), OnEmbeddings or OnVisionTower (before it; transprune.methods.base)")
+    if not set(config_cls.needs) <= set(NEEDS):
+        raise TypeError(f"{config_cls.__name__}.needs {sorted(config_cls.needs)}: each one of {', '.join(NEEDS)}")
     METHODS[name] = config_cls
     return config_cls
 
@@ -237,22 +318,15 @@ def cosine_to(image: torch.Tensor, other: torch.Tensor, first: torch.Tensor) -> 
     return (unit[distinct] @ other.T)[inverse]
 
 
-class OnEmbeddings:
-    """Shared behaviour of pre-LLM methods that choose from the LLM's input embeddings (a mixin for frozen
+class OnEmbeddings(PreLLMMethod):
+    """Shared behaviour of pre-LLM methods that choose from the LLM's input embeddings (a base for frozen
     dataclasses with a ``keep_ratio`` field): the runtime calls `keep_from_embeddings` before the first layer,
     so they need no vision-tower hooks and run on every family. Each sample keeps ``round(n * keep_ratio)``
     (at least one) of its n visual tokens, all its images and videos together; the subclass's ``order(image,
     text, k)`` says which: the indices of its k choices among the (n, d) image rows, given the (t, d) text rows
     after the sample's last visual token (the instruction)."""
 
-    stage = "pre"
     from_embeddings = True
-
-    def check(self, adapter) -> None:
-        """Every family has input embeddings: nothing to refuse."""
-
-    def install(self, adapter, hand_over) -> tuple[list, list]:
-        return [], []  # nothing to wrap: the choice is made in the prefill
 
     def count(self, n: int) -> int:
         return max(1, min(n, round(n * self.keep_ratio)))
@@ -264,9 +338,6 @@ class OnEmbeddings:
         import dataclasses
 
         return dataclasses.replace(self, keep_ratio=min(1.0, self.keep_ratio * factor))
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
 
     def keep_from_embeddings(self, embeds: torch.Tensor, valid: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: the visual tokens each sample keeps (sample by sample: the same alone or in a batch)."""

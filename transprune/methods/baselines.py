@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import scoring
-from .base import (DEFAULT_COMPACT, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
-                   choice, register_method)
+from .base import DEFAULT_COMPACT, InLLMMethod, StageView, register_method
 
 
 @dataclass(frozen=True)
@@ -20,11 +19,7 @@ class _Baseline(InLLMMethod):
     reference_depth: int | None = None
 
     def __post_init__(self):
-        check_reference_depth(self.reference_depth)
-        choice("positions", self.positions, POSITION_RULES)
-        prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
-        object.__setattr__(self, "pruning_layers", prune)
-        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune))
+        self.check_schedule()
 
 
 @dataclass(frozen=True)

@@ -32,18 +32,11 @@ class CDPrunerConfig(OnEmbeddings):
     keep_ratio: float = 128 / 576
     theta: float = 1.0
     method = "cdpruner"
-    presets = tuple(_PRESETS)
+    presets = {name: {"keep_ratio": tokens / 576} for name, tokens in _PRESETS.items()}  # "64": 64 of 576, ...
 
     def __post_init__(self):
         check_fraction("keep_ratio", self.keep_ratio)
         check_fraction("theta", self.theta)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "CDPrunerConfig":
-        """The LLaVA-1.5 counts by name: "64", "128", "192" tokens of 576."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown CDPruner preset {name!r}; choose one of {', '.join(map(repr, _PRESETS))}")
-        return cls(**{"keep_ratio": _PRESETS[name] / 576, **overrides})
 
     def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
         k = self.count(n_image)  # similarity, relevance, and the greedy's k Cholesky rows of length n

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import (DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers,
-                   check_reference_depth, choice, register_method)
+from .base import DEFAULT_ORIGINAL, InLLMMethod, StageView, choice, register_method
 
 # The order the pivots take their shares in: the official code's (a Python set's), or by position.
 PIVOT_ORDERS = ("official", "position")
@@ -51,28 +50,18 @@ class DARTConfig(InLLMMethod):
     positions: str = DEFAULT_ORIGINAL
     reference_depth: int | None = None
     method = "dart"
-    presets = tuple(_PRESETS)
+    # the code's LLaVA-1.5 points by their nominal count: "192", "128", "64" (196, 132, 68 of 576 kept)
+    presets = {name: {"keep_ratios": ((kept + 0.5) / 576,)} for name, kept in _PRESETS.items()}
 
     def __post_init__(self):
-        check_reference_depth(self.reference_depth)
-        choice("positions", self.positions, POSITION_RULES)
+        self.check_schedule()
         choice("pivot_order", self.pivot_order, PIVOT_ORDERS)
-        prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
-        object.__setattr__(self, "pruning_layers", prune)
-        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune))
         for name in ("image_pivots", "text_pivots"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.image_pivots + self.text_pivots == 0:
             raise ValueError("image_pivots + text_pivots must be >= 1 (DART needs a pivot)")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "DARTConfig":
-        """The code's LLaVA-1.5 points by their nominal count: "192", "128", "64" (196, 132, 68 of 576 kept)."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown DART preset {name!r}; choose one of {', '.join(map(repr, _PRESETS))}")
-        return cls(**{"keep_ratios": ((_PRESETS[name] + 0.5) / 576,), **overrides})
 
     def scoring_query_rows(self, query_tokens: int) -> int:
         return 0  # no attention rows; the keys of the pruning layer are recomputed (counted by the FLOPs tool)

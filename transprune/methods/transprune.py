@@ -13,21 +13,22 @@ import torch
 
 from .. import scoring
 from ..schedule import PAPER_DEPTH
-from .base import (DEFAULT_COMPACT, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers, check_reference_depth,
-                   choice, register_method)
+from .base import DEFAULT_COMPACT, InLLMMethod, StageView, check_layers, choice, register_method
 
 DIRECTIONS = ("1-cos", "1-abs-cos")
 SCORES = ("transprune", "ttv", "iga")
-PRESETS = ("high", "low", "off")
 
 # The paper's own (LLaVA-1.5-7B, 32-layer) depth: what `reference_depth=REFERENCE_DEPTH` maps from.
 REFERENCE_DEPTH = PAPER_DEPTH
+# The named settings: "high" (paper defaults), "low" (ratios .625/.1875/.0625), "off" (no pruning); the paper's
+# layer numbers as written (pass reference_depth=32 to map them to another depth).
 _PRESET_FIELDS = {
-    "high": dict(keep_ratios=(0.875, 0.625, 0.125)),
+    "high": dict(keep_ratios=(0.875, 0.625, 0.125), name="high"),
     # Inferred in method.md §6.1: the only 1/16-grid schedule that reproduces 1.19 and 6.41 TFLOPs.
-    "low": dict(keep_ratios=(0.625, 0.1875, 0.0625)),
-    "off": dict(pruning_layers=(), keep_ratios=()),
+    "low": dict(keep_ratios=(0.625, 0.1875, 0.0625), name="low"),
+    "off": dict(pruning_layers=(), keep_ratios=(), name="off"),
 }
+PRESETS = tuple(_PRESET_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -49,36 +50,25 @@ class TransPruneConfig(InLLMMethod):
     reference_depth: int | None = None
     name: str = field(default="custom", compare=False)
     method = "transprune"
-    presets = PRESETS  # named settings (`preset(name)`); a bare "transprune" means the first
+    presets = _PRESET_FIELDS  # a bare "transprune" means the first
 
     def __post_init__(self):
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a str (a preset's name, or 'custom'), got {self.name!r}")
-        check_reference_depth(self.reference_depth)
+        self.check_schedule()
         object.__setattr__(self, "accumulation_layers",
                            check_layers("accumulation_layers", self.accumulation_layers, self.reference_depth,
                                         strict_top=False))
-        prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
-        object.__setattr__(self, "pruning_layers", prune)
-        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune))
+        prune = self.pruning_layers
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         choice("direction", self.direction, DIRECTIONS)
-        choice("positions", self.positions, POSITION_RULES)
         choice("score", self.score, SCORES)
         acc = self.accumulation_layers
         if prune and self.score != "iga" and (not acc or acc[0] > prune[0]):
             raise ValueError(f"accumulation_layers={acc} has no layer at or before the first pruning layer {prune[0]}, so "
                              f"TTV (score={self.score!r}) would be zero there: start it at or before {prune[0]}, or use "
                              "score='iga'")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TransPruneConfig":
-        """``high`` (paper defaults), ``low`` (ratios .625/.1875/.0625), or ``off`` (no pruning); the
-        paper's layer numbers as written (pass ``reference_depth=32`` to map them to another depth)."""
-        if name not in _PRESET_FIELDS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, PRESETS))}")
-        return cls(**{**_PRESET_FIELDS[name], "name": name, **overrides})
 
     @property
     def needs_ttv(self) -> bool:

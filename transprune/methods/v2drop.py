@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import (DEFAULT_ORIGINAL, POSITION_RULES, InLLMMethod, StageView, check_keep_ratios, check_layers,
-                   check_reference_depth, choice, register_method)
+from .base import DEFAULT_ORIGINAL, InLLMMethod, StageView, register_method
 
 # The code's schedules: LLaVA-1.5 (32 layers; 576 -> 288 -> 144 -> 1) and Qwen2-VL (28 layers: 0.25, then 0.05 of
 # the rest, then 1 token: 256 nominal tokens -> 64 -> 3 -> 1).
@@ -35,22 +34,11 @@ class V2DropConfig(InLLMMethod):
     positions: str = DEFAULT_ORIGINAL
     reference_depth: int | None = None
     method = "v2drop"
-    presets = tuple(_PRESETS)
+    presets = _PRESETS
     min_keep = 1  # every stage keeps at least one token, as the code's max(1, ...): a ratio of 0 keeps one
 
     def __post_init__(self):
-        check_reference_depth(self.reference_depth)
-        choice("positions", self.positions, POSITION_RULES)
-        prune = check_layers("pruning_layers", self.pruning_layers, self.reference_depth)
-        object.__setattr__(self, "pruning_layers", prune)
-        object.__setattr__(self, "keep_ratios", check_keep_ratios(self.keep_ratios, prune, allow_zero=True))
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "V2DropConfig":
-        """The code's schedules: "llava" (LLaVA-1.5, 32 layers) and "qwen" (Qwen2-VL, 28 layers)."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown V2Drop preset {name!r}; choose one of {', '.join(map(repr, _PRESETS))}")
-        return cls(**{**_PRESETS[name], **overrides})
+        self.check_schedule(allow_zero=True)
 
     def selection_macs(self, n_image: int, hidden_size: int, text_tokens: int) -> int:
         return n_image * hidden_size  # one difference norm per image token

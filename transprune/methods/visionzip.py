@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import warnings
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from ..patching import patch
 from ..scoring import select_top
-from .base import register_method
+from .base import OnVisionTower, register_method
 
 # What the hook captures at the scored attention layer (dominance scores, keys) while this context encodes.
 _CAPTURE: ContextVar["_Encoding | None"] = ContextVar("transprune_visionzip_capture", default=None)
@@ -30,7 +30,7 @@ PAPER_UNIT = 576
 
 
 @dataclass(frozen=True)
-class VisionZipConfig:
+class VisionZipConfig(OnVisionTower):
     """VisionZip, before the LLM: per image (tile, video frame) keep the ``dominant`` tokens the vision
     tower attends to most (CLS attention on CLIP towers, the CLS token itself counted among them where it reaches
     the LLM, as the official code; on CLS-free towers, the attention each token receives) and merge the rest into
@@ -47,7 +47,6 @@ class VisionZipConfig:
     # False: the dominant tokens are patches only (with contextual=0 and dominant = every patch, the unpruned model).
     keep_cls: bool = True
     method = "visionzip"
-    stage = "pre"
 
     def __post_init__(self):
         for name in ("dominant", "contextual", "reference_tokens"):
@@ -84,9 +83,6 @@ class VisionZipConfig:
         """Tokens a unit of ``n`` keeps (at most ``n``)."""
         return min(sum(self.counts(n)), n)
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
-
     def scaled(self, factor: float) -> "VisionZipConfig":
         """Dominant and contextual tokens per image times ``factor`` (rounded; at least one token kept); None
         fields become the paper's setting on ``reference_tokens`` (576 when unset), so they scale the same way."""
@@ -117,11 +113,8 @@ class VisionZipConfig:
     def check(self, adapter) -> None:
         """Raise before the model changes if this family or setting cannot run VisionZip; warn when the setting
         keeps every token of the model's tiles (it would prune nothing)."""
+        self.check_family(adapter)
         hooks = adapter.vision_hooks()
-        if hooks is None:
-            why = getattr(adapter, "vision_hooks_missing", None)
-            raise ValueError(f"VisionZip needs vision-tower hooks that the {adapter.family} adapter does not have"
-                             + (f": {why}" if why else ""))
         hooks.check()
         n = hooks.patches_per_tile()  # None: the count varies per image (dynamic resolution)
         if n is None:
@@ -153,7 +146,7 @@ class VisionZipConfig:
             found = _CAPTURE.get()
             if found is None:
                 return forward(*args, **kwargs)
-            shared = hooks.forward_with_lse(layer, args, kwargs) if hasattr(hooks, "forward_with_lse") else None
+            shared = hooks.forward_with_lse(layer, args, kwargs)
             if shared is not None:  # the layer ran, and made the score's first pass
                 output, layer_pass = shared
                 with found.profiler.span("pre_llm_s"):

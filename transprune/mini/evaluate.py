@@ -147,7 +147,7 @@ def at_budget(methods: dict[str, tuple[str, object]], model, budget: float) -> d
 
     out = {}
     for name, (description, config) in methods.items():
-        if config is not None and any(getattr(c, "enabled", True) for c in as_list(config)):
+        if config is not None and any(c.enabled for c in as_list(config)):
             try:
                 config = scale(config, model, budget, image_tokens=IMAGE_TOKENS)
             except ValueError as exc:

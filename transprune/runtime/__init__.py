@@ -54,6 +54,7 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
     config = resolve_positions(config, adapter)  # the family's rule for a defaulted one; raises for one it lacks
     pre, llm = split_methods(config)
     if pre is not None:
+        pre.check_family(adapter)
         pre.check(adapter)
     if llm is not None:
         _check_every_stage_keeps_a_token(llm, pre, schedule, adapter)

@@ -314,7 +314,7 @@ class PruneHandle:
 
     def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
         pre_keep = pre_shift = None
-        on_embeddings = getattr(self.pre, "from_embeddings", False)
+        on_embeddings = self.pre is not None and self.pre.from_embeddings
         if self.pre is not None and not on_embeddings:
             pre_keep = torch.zeros_like(image_mask)
             for modality, mask in call.modality_masks.items():
