@@ -12,8 +12,9 @@ import transprune
 from transprune import adapters, flops, methods
 from transprune.adapters.llava import LlavaAdapter
 from transprune.methods import InLLMMethod, StageView
-from transprune.methods.base import check_keep_ratios, check_layers
+from transprune.methods.base import OnEmbeddings, check_keep_ratios, check_layers
 from transprune.surgery import Layout, drop_tokens
+from transprune.testing import tiny_llava
 
 from conftest import greedy, left_pad, make_prompt, pixels, tiny_config
 
@@ -181,3 +182,74 @@ def test_a_family_whose_classes_the_installed_transformers_lacks_is_unavailable_
         load_config(tmp_path)
     # every family of the registry is available on the installed release (the tested range has them all)
     assert not {t for a in adapters.FAMILIES for t in a.model_types} & set(adapters.UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class FirstTokensConfig(OnEmbeddings):
+    """A pre-LLM method written in the test only, with presets declared as field values: keep the first tokens."""
+
+    keep_ratio: float = 0.5
+    method = "first-tokens"
+    presets = {"half": {"keep_ratio": 0.5}, "quarter": {"keep_ratio": 0.25}}
+
+    @staticmethod
+    def order(image, text, k):
+        return torch.arange(k, device=image.device)
+
+
+@pytest.fixture
+def first_tokens():
+    methods.register_method("first-tokens", FirstTokensConfig)
+    yield FirstTokensConfig
+    methods.unregister_method("first-tokens")
+
+
+def test_a_pre_llm_method_declares_its_presets_and_every_tool_reads_them(llava, first_tokens):
+    """Its presets reach the grammar (`first-tokens-quarter`), `--preset` (alone and composed: it applies to the
+    method that has it), bench's names and the FLOPs tool, with nothing but the declared contract."""
+    from transprune.bench import method_names
+
+    assert methods.build("first-tokens-quarter") == FirstTokensConfig(0.25)
+    assert methods.build("first-tokens", "quarter") == FirstTokensConfig(0.25)
+    assert methods.build("first-tokens") == FirstTokensConfig(0.5)  # a bare name: the first preset
+    composed = methods.build("first-tokens+transprune", "quarter")  # TransPrune has no "quarter": its default
+    assert composed == [FirstTokensConfig(0.25), methods.TransPruneConfig.preset("high")]
+    assert "quarter" in methods.all_presets() and "first-tokens-quarter" in method_names()
+    with pytest.raises(ValueError, match="no preset of first-tokens; theirs: .*'half', 'quarter'"):
+        methods.build("first-tokens", "high")
+    assert flops.estimate(FirstTokensConfig(0.25), "llava-1.5-7b").visual_tokens_per_layer[0] == 144
+    prompt = make_prompt(llava, 3, 6, seed=4)
+    with transprune.pruned(llava, FirstTokensConfig(0.25)) as handle, torch.no_grad():
+        llava(input_ids=prompt[None], pixel_values=pixels(llava, 1, seed=5))
+    assert handle.last_stats[0].kept_indices == [list(range(16))]
+
+
+def test_the_registry_takes_only_declared_kinds_and_needs():
+    @dataclass(frozen=True)
+    class Undeclared:  # the old duck-typed shape: a stage attribute, no kind
+        stage = "in"
+        method = "undeclared"
+
+    with pytest.raises(TypeError, match="must subclass one kind of method"):
+        methods.register_method("undeclared", Undeclared)
+
+    @dataclass(frozen=True)
+    class NeedsTheMoon(FirstTokensConfig):
+        needs = frozenset({"the_moon"})
+
+    with pytest.raises(TypeError, match=r"needs \['the_moon'\]: each one of vision_hooks"):
+        methods.register_method("needs-the-moon", NeedsTheMoon)
+    assert "undeclared" not in methods.METHODS and "needs-the-moon" not in methods.METHODS
+
+
+def test_a_method_that_needs_vision_hooks_is_refused_where_the_family_has_none(monkeypatch, first_tokens):
+    """`needs` is checked by one path, for a model (`apply`, before any change) and for an arch (the FLOPs tool)."""
+    monkeypatch.setattr(LlavaAdapter, "vision_hooks_missing", "its tower is a test's")
+    with pytest.raises(ValueError, match="VisionZipConfig needs vision-tower hooks that the llava adapter does not "
+                                         "have: its tower is a test's"):
+        flops.estimate(methods.VisionZipConfig(), "llava-1.5-7b")
+    model = tiny_llava(seed=0)
+    with pytest.raises(ValueError, match="needs vision-tower hooks"):
+        transprune.apply(model, methods.VisionZipConfig())
+    assert transprune.handle_of(model) is None
+    assert flops.estimate(FirstTokensConfig(0.25), "llava-1.5-7b").visual_tokens_per_layer[0] == 144  # needs none
