@@ -336,3 +336,24 @@ def test_visionzip_scales_to_a_budget_in_its_own_units():
     assert VisionZipConfig(contextual=10, reference_tokens=576).scaled(1.0).counts(256) == (24, 4)
     with pytest.raises(ValueError, match="both dominant and contextual given, or neither"):
         VisionZipConfig(dominant=100).scaled(1.0)
+
+
+def test_a_composition_is_split_once_into_a_plan_carried_by_the_handle():
+    """`Plan.of` splits and validates once; `apply` resolves the positions on the family into the plan the
+    handle carries, and the handle's `config` keeps the shape the user gave (a list stays a list)."""
+    from transprune.methods import Plan
+
+    zip_, tp = VisionZipConfig(6, 2), TransPruneConfig(**{**tiny_config().__dict__})
+    plan = Plan.of([zip_, tp])
+    assert (plan.pre, plan.llm, plan.names) == (zip_, tp, "visionzip+transprune") and Plan.of(plan) is plan
+    assert Plan.of(tp).methods == [tp] and Plan.of(tp).config is tp
+    with pytest.raises(ValueError, match="at most one pre-LLM method"):
+        Plan.of([zip_, VisionZipConfig()])
+    with pytest.raises(TypeError, match="config must be one of"):
+        Plan.of([tp, "fastv"])
+    model = tiny_llava(seed=0)
+    with transprune.pruned(model, [zip_, tp]) as handle:
+        assert isinstance(handle.config, list) and handle.plan.llm is handle.config[1] is handle.llm
+        assert handle.plan.pre is zip_ and handle.llm.positions == "compact"
+    fastv = FastVConfig(k=2, r=0.5, positions="compact")
+    assert Plan.of(fastv).with_llm(FastVConfig(k=3)).config == FastVConfig(k=3)  # one config stays one config

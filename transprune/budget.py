@@ -16,7 +16,7 @@ import numbers
 from dataclasses import dataclass
 
 from .flops import ArchSpec, arch_from_hf_config, estimate, resolve_arch
-from .methods import as_list, split_methods
+from .methods import Plan, as_list
 
 _STEPS = 60  # bisection steps: the factor to ~1e-18 of its range, far below one token's step
 
@@ -89,7 +89,8 @@ def plan_budget(config, model_or_arch, tflops: float, image_tokens: int | None =
     arch = arch_of(model_or_arch, image_tokens)
     # `apply` also refuses a stage keeping no token of the model's nominal image: stay valid for both counts
     archs = [arch] if image_tokens is None else [arch, arch_of(model_or_arch)]
-    pre, llm = split_methods(config)
+    plan = Plan.of(config)
+    pre, llm = plan.pre, plan.llm
     if llm is not None and not llm.enabled and pre is None:
         raise ValueError(f"{llm.method} with no pruning layers has no keep ratios to scale")
 

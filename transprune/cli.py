@@ -16,9 +16,9 @@ from .adapters import supported_model_types
 from .argtypes import budget_fraction, count, image_size, positive
 from .bench import register as register_bench
 from .budget import budget, plan_budget
-from .flops import ARCHS, compress_runs, estimate, resolve_arch, resolved_for_arch, with_image_size
+from .flops import ARCHS, compress_runs, estimate, plan_for_arch, resolve_arch, with_image_size
 from .loading import DTYPES, build_prompt, load_checkpoint
-from .methods import COMPOSITIONS, all_presets, build, spelling, split_methods
+from .methods import COMPOSITIONS, all_presets, build, spelling
 from .mini.options import add_train_args, train_config
 
 
@@ -91,11 +91,11 @@ def cmd_flops(args) -> int:
         if args.budget is not None:
             planned = plan_budget(config, args.arch, args.budget, text_tokens=args.text_tokens)
             config = planned.config
-        pre, _ = split_methods(config)
-        if pre is not None:  # what `apply` refuses on a model of this arch
-            pre.check_arch(args.arch)
-        report = estimate(config, args.arch, text_tokens=args.text_tokens)
-        config = resolved_for_arch(config, args.arch)  # as described: positions as the family runs them
+        plan = plan_for_arch(config, args.arch)  # as described: positions as the family runs them
+        if plan.pre is not None:  # what `apply` refuses on a model of this arch
+            plan.pre.check_arch(args.arch)
+        report = estimate(plan, args.arch, text_tokens=args.text_tokens)
+        config = plan.config
     except (ValueError, TypeError, OSError) as exc:  # a schedule that does not fit the arch, an unreadable config
         print(f"transprune flops: error: {exc}", file=sys.stderr)
         return 2

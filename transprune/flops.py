@@ -187,21 +187,25 @@ class FlopsReport:
 
 
 def resolved_for_arch(config, arch):
-    """``config`` as `apply` would run it on ``arch``'s family (its position rule; see
-    `methods.resolve_positions`); unchanged for an arch of unknown family."""
+    """``config`` as `apply` would run it on ``arch``'s family (its position rule; see `methods.Plan.resolved_for`),
+    in the shape given; unchanged for an arch of unknown family."""
+    return plan_for_arch(config, arch).config
+
+
+def plan_for_arch(config, arch):
+    """The `methods.Plan` of ``config`` as `apply` would run it on ``arch``'s family: what its methods need of the
+    family checked, positions resolved; unchecked for an arch of unknown family."""
     from .adapters import family_for
-    from .methods import resolve_positions
+    from .methods import Plan
 
-    from .methods import split_methods
-
+    plan = Plan.of(config)
     arch = resolve_arch(arch)
     if arch.model_type is None:
-        return config
+        return plan
     family = family_for(arch.model_type)
-    pre, _ = split_methods(config)
-    if pre is not None:
-        pre.check_family(family)  # as `apply`
-    return resolve_positions(config, family)
+    if plan.pre is not None:
+        plan.pre.check_family(family)  # as `apply`
+    return plan.resolved_for(family)
 
 
 def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = None) -> FlopsReport:
@@ -213,17 +217,15 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     and uniform baselines cost nothing to score. A pre-LLM method (VisionZip) sets the image-token count
     that reaches the LLM, and the in-LLM ratios apply to that count.
     """
-    from .methods import split_methods
-
     arch = resolve_arch(arch)
-    config = resolved_for_arch(config, arch)
+    plan = plan_for_arch(config, arch)
     query_tokens = text_tokens if query_tokens is None else query_tokens
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
         raise ValueError(f"text_tokens must be an int >= 0, got {text_tokens!r}")
     if isinstance(query_tokens, bool) or not isinstance(query_tokens, int) or not 0 <= query_tokens <= text_tokens:
         raise ValueError(f"query_tokens must be an int in [0, text_tokens={text_tokens}], got {query_tokens!r}")
 
-    pre, llm = split_methods(config)
+    pre, llm = plan.pre, plan.llm
     schedule = llm.layers_for_depth(arch.num_layers) if llm is not None else Schedule.none(arch.num_layers)
     n_llm = arch.image_tokens if pre is None else pre.llm_tokens(arch)
     visual = schedule.tokens_per_layer(n_llm)
@@ -244,10 +246,9 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
     def full(counts):
         return sum(full_layer_macs(n + text_tokens, arch) for n in counts) / 1e12
 
-    names = [c.method for c in (pre, llm) if c is not None]
     return FlopsReport(
         arch=arch.name,
-        preset=llm.name if llm is not None and llm.name != "custom" else "+".join(names) or "none",
+        preset=llm.name if llm is not None and llm.name != "custom" else plan.names or "none",
         depth=schedule.depth,
         accumulation_layers=schedule.accumulation_layers,
         pruning_layers=schedule.pruning_layers,

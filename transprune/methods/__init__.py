@@ -8,11 +8,12 @@ registry, so the CLI, flops, bench and the mini suite share one grammar.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 # Each module registers its method; this order is the order tools list them in.
 from . import transprune, fastv, pdrop, dart, v2drop, visionzip, divprune, cdpruner, baselines  # noqa: F401,I001
-from .base import METHODS, POSITION_RULES, InLLMMethod, StageView, register_method, unregister_method
+from .base import (METHODS, POSITION_RULES, InLLMMethod, OnEmbeddings, OnVisionTower, PreLLMMethod, StageView,
+                   register_method, unregister_method)
 from .baselines import RandomConfig, UniformConfig
 from .cdpruner import CDPrunerConfig
 from .dart import DARTConfig
@@ -26,7 +27,7 @@ from .visionzip import VisionZipConfig
 __all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_method", "unregister_method", "TransPruneConfig",
            "FastVConfig", "PDropConfig", "RandomConfig", "UniformConfig", "VisionZipConfig", "DARTConfig", "V2DropConfig",
            "DivPruneConfig", "CDPrunerConfig", "REFERENCE_DEPTH",
-           "COMPOSITIONS", "preset", "build", "split_methods", "as_list", "default_preset", "all_presets"]
+           "COMPOSITIONS", "preset", "build", "Plan", "split_methods", "PreLLMMethod", "OnEmbeddings", "OnVisionTower", "as_list", "default_preset", "all_presets"]
 
 
 def as_list(config) -> list:
@@ -34,21 +35,69 @@ def as_list(config) -> list:
     return list(config) if isinstance(config, (list, tuple)) else [config]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A composition, split once and carried everywhere (apply, the handle, flops, budget, the CLI): at most one
+    pre-LLM method and one in-LLM method. ``config`` is what the user gave (one config or a list), kept for
+    reports."""
+
+    pre: PreLLMMethod | None
+    llm: InLLMMethod | None
+    config: object
+
+    @classmethod
+    def of(cls, config) -> "Plan":
+        """The plan of one config, a list of them, or a plan (returned as it is); raises naming what is wrong."""
+        if isinstance(config, Plan):
+            return config
+        items = as_list(config)
+        known = tuple(METHODS.values())
+        unknown = [c for c in items if not isinstance(c, known)]
+        if unknown or not items:
+            names = ", ".join(c.__name__ for c in known)
+            raise TypeError(f"config must be one of {names} (or a list: at most one pre-LLM and one in-LLM), "
+                            f"got {[type(c).__name__ for c in unknown] or 'nothing'}")
+        pre = [c for c in items if c.stage == "pre"]
+        llm = [c for c in items if c.stage == "in"]
+        if len(pre) > 1 or len(llm) > 1:
+            raise ValueError("a composition takes at most one pre-LLM method (VisionZip, DivPrune, CDPruner) and one "
+                             "in-LLM method")
+        return cls(pre[0] if pre else None, llm[0] if llm else None, config)
+
+    @property
+    def methods(self) -> list:
+        """The methods in the order they run."""
+        return [c for c in (self.pre, self.llm) if c is not None]
+
+    @property
+    def names(self) -> str:
+        return "+".join(c.method for c in self.methods)
+
+    def with_llm(self, llm) -> "Plan":
+        """This plan with its in-LLM method replaced (``config`` in the same shape)."""
+        config = [llm if c is self.llm else c for c in self.config] if isinstance(self.config, (list, tuple)) else llm
+        return Plan(self.pre, llm, config)
+
+    def resolved_for(self, family) -> "Plan":
+        """This plan with its in-LLM method's position rule as it runs on ``family`` (an adapter class or
+        instance): a rule left at the method's default becomes the family's own; an explicit rule the family
+        cannot honour raises, saying why. `apply` does this; the FLOPs tool and the bench report the result."""
+        import dataclasses
+
+        from .base import is_default_rule
+
+        if self.llm is None:
+            return self
+        rule = family.resolve_position_rule(self.llm.positions, is_default_rule(self.llm.positions))
+        if rule == self.llm.positions:  # kept as given (a defaulted rule stays marked as such)
+            return self
+        return self.with_llm(dataclasses.replace(self.llm, positions=rule))
+
+
 def split_methods(config) -> tuple[object | None, object | None]:
-    """(pre-LLM config or None, in-LLM config or None) from one config or a list of them."""
-    items = as_list(config)
-    known = tuple(METHODS.values())
-    unknown = [c for c in items if not isinstance(c, known)]
-    if unknown or not items:
-        names = ", ".join(c.__name__ for c in known)
-        raise TypeError(f"config must be one of {names} (or a list: at most one pre-LLM and one in-LLM), "
-                        f"got {[type(c).__name__ for c in unknown] or 'nothing'}")
-    pre = [c for c in items if c.stage == "pre"]
-    llm = [c for c in items if c.stage == "in"]
-    if len(pre) > 1 or len(llm) > 1:
-        raise ValueError("a composition takes at most one pre-LLM method (VisionZip, DivPrune, CDPruner) and one in-LLM "
-                         "method")
-    return (pre[0] if pre else None), (llm[0] if llm else None)
+    """(pre-LLM config or None, in-LLM config or None) from one config or a list of them (`Plan.of`)."""
+    plan = Plan.of(config)
+    return plan.pre, plan.llm
 
 
 # Paper Tables 4/5: VisionZip to 288 / 192 tokens, then TransPrune to 36 / 24 (ratios of the reduced count). The
@@ -64,21 +113,8 @@ COMPOSITIONS = {
 
 
 def resolve_positions(config, family):
-    """``config`` with its in-LLM method's position rule as it runs on ``family`` (an adapter class or
-    instance): a rule left at the method's default becomes the family's own; an explicit rule the family
-    cannot honour raises, saying why. `apply` does this; the FLOPs tool and the bench report the result."""
-    import dataclasses
-
-    from .base import is_default_rule
-
-    _, llm = split_methods(config)
-    if llm is None:
-        return config
-    rule = family.resolve_position_rule(llm.positions, is_default_rule(llm.positions))
-    if rule == llm.positions:  # kept as given (a defaulted rule stays marked as such)
-        return config
-    resolved = dataclasses.replace(llm, positions=rule)
-    return [resolved if c is llm else c for c in config] if isinstance(config, (list, tuple)) else resolved
+    """``config`` (in the shape given) as it runs on ``family``: `Plan.resolved_for`."""
+    return Plan.of(config).resolved_for(family).config
 
 
 def preset(name: str):
@@ -184,5 +220,5 @@ def build(methods: str | None = None, preset_name: str | None = None, params: di
         allowed = sorted({f.name for cfg in configs for f in fields(cfg)} - {"name"})
         raise ValueError(f"unknown parameter(s) {sorted(set(params) - used)} for {'+'.join(c.method for c in configs)}; "
                          f"allowed: {', '.join(allowed)}")
-    split_methods(configs)
+    Plan.of(configs)  # at most one method of each stage
     return configs[0] if len(configs) == 1 else configs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from ..adapters import adapter_for
-from ..methods import resolve_positions, split_methods
+from ..methods import Plan
 from ..schedule import Schedule
 from .handle import APPLIED, PruneHandle
 from .stats import SampleStats
@@ -44,21 +44,20 @@ def apply(model, config, *, record_scores: bool = False, profile: bool = False) 
     off by default, so normal runs add no host syncs). Everything is validated before the model is
     touched.
     """
-    pre, llm = split_methods(config)
+    plan = Plan.of(config)
     adapter = adapter_for(model)
     if handle_of(model) is not None:
         raise ValueError("transprune is already applied to this model; call handle.remove() (or "
                          "transprune.remove(model); transprune.handle_of(model) returns the handle) before applying again")
     adapter.check_decoder()
-    schedule = llm.layers_for_depth(adapter.depth) if llm is not None else Schedule.none(adapter.depth)
-    config = resolve_positions(config, adapter)  # the family's rule for a defaulted one; raises for one it lacks
-    pre, llm = split_methods(config)
-    if pre is not None:
-        pre.check_family(adapter)
-        pre.check(adapter)
-    if llm is not None:
-        _check_every_stage_keeps_a_token(llm, pre, schedule, adapter)
-    handle = PruneHandle(model, config, adapter, schedule, record_scores, profile)
+    schedule = plan.llm.layers_for_depth(adapter.depth) if plan.llm is not None else Schedule.none(adapter.depth)
+    plan = plan.resolved_for(adapter)  # the family's rule for a defaulted one; raises for one it lacks
+    if plan.pre is not None:
+        plan.pre.check_family(adapter)
+        plan.pre.check(adapter)
+    if plan.llm is not None:
+        _check_every_stage_keeps_a_token(plan.llm, plan.pre, schedule, adapter)
+    handle = PruneHandle(model, plan, adapter, schedule, record_scores, profile)
     handle._install()
     return handle
 

@@ -26,9 +26,11 @@ class Generation:
     next_position: torch.Tensor | None = None  # (B,) position of the next token, unpruned numbering
 
 
-def continue_generation(adapter, generation: Generation, embeds, new_valid, position_ids, cache, hidden, blocks=None):
-    """Run the decoder over new tokens on a pruned cache: per-stage masks and positions. ``blocks``: (B, q_len)
-    the family's `attention_blocks` of the new tokens (None: causal; cached tokens are in no block of theirs)."""
+def continue_generation(adapter, generation: Generation, call):
+    """Run the decoder over the new tokens of ``call`` (a `prefill.DecoderCall`) on a pruned cache: per-stage masks
+    and positions (``call.blocks``: the new tokens' blocks; cached tokens are in no block of theirs)."""
+    embeds, new_valid, position_ids, cache, hidden, blocks = (call.embeds, call.valid, call.position_ids, call.cache,
+                                                              call.hidden, call.blocks)
     q_len = embeds.shape[1]
     starts = {s.first_layer: s for s in generation.stages}
     # One host check per step (HF's own mask does the same): are the new tokens all real? Stages whose

@@ -21,11 +21,11 @@ import torch
 from transformers import DynamicCache
 
 from ..compat import cache_kwargs, decoder_output
-from ..methods import split_methods
+from ..methods import Plan
 from ..patching import patch, unpatch
 from ..schedule import Schedule
 from .decode import Generation, continue_generation
-from .prefill import prefill
+from .prefill import DecoderCall, prefill
 from .stats import NO_PROFILE, Profiler, SampleStats, sample_stats
 
 # model -> weak reference to its active handle. Both weak: the handle holds the model, so a strong value
@@ -124,14 +124,15 @@ def _rows_of(keep: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
 class PruneHandle:
     """Pruning attached to one model. `remove()` (or leaving `pruned(...)`) restores the model."""
 
-    def __init__(self, model, config, adapter, schedule: Schedule, record_scores: bool = False,
+    def __init__(self, model, plan: Plan, adapter, schedule: Schedule, record_scores: bool = False,
                  profile: bool = False):
         self.model = model
         self.record_scores = record_scores
         # With profile=True each pruned prefill times its scoring steps into `last_profile` (see Profiler).
         self.profile = profile
-        self.config = config
-        self.pre, self.llm = split_methods(config)
+        self.plan = Plan.of(plan)
+        self.config = self.plan.config  # as given, positions resolved for the family
+        self.pre, self.llm = self.plan.pre, self.plan.llm
         self.adapter = adapter
         self.schedule = schedule
         # False: score every sample on its own even when a batch's rows line up (the batched path's reference).
@@ -305,14 +306,16 @@ class PruneHandle:
         blocks = call.blocks[:, -length:].to(inputs_embeds.device) if call is not None and call.blocks is not None else None
         want_hidden = kwargs.get("output_hidden_states", config.output_hidden_states)
         hidden = [] if want_hidden else None
+        inputs = DecoderCall(inputs_embeds, new_valid, position_ids, cache if use_cache else None, hidden, blocks=blocks)
         if generation is None:
-            h = self._prefill(call, inputs_embeds, new_valid, image_mask, position_ids, cache if use_cache else None,
-                              hidden, adapter.layer_extras(kwargs), blocks)
+            inputs.image_mask, inputs.extras = image_mask, adapter.layer_extras(kwargs)
+            h = self._prefill(call, inputs)
         else:
-            h = continue_generation(adapter, generation, inputs_embeds, new_valid, position_ids, cache, hidden, blocks)
+            h = continue_generation(adapter, generation, inputs)
         return decoder_output(h, cache if use_cache else None, tuple(hidden) if want_hidden else None)
 
-    def _prefill(self, call, embeds, valid, image_mask, position_ids, cache, hidden, extras=None, blocks=None):
+    def _prefill(self, call, inputs: DecoderCall):
+        embeds, valid, image_mask = inputs.embeds, inputs.valid, inputs.image_mask
         pre_keep = pre_shift = None
         on_embeddings = self.pre is not None and self.pre.from_embeddings
         if self.pre is not None and not on_embeddings:
@@ -339,13 +342,11 @@ class PruneHandle:
         if on_embeddings:  # a pre-LLM method that chooses from the LLM's input embeddings (DivPrune, CDPruner)
             with profiler.span("pre_llm_s"):
                 pre_keep = self.pre.keep_from_embeddings(embeds, valid, image_mask.to(embeds.device) & valid)
-        h, state, n_original, n_llm = prefill(self, embeds, valid, image_mask.to(embeds.device), position_ids, cache,
-                                              hidden, pre_keep, profiler, aligned=self.batched_selection,
-                                              pre_shift=pre_shift,
-                                              extras=extras, blocks=blocks)
-        if cache is not None:
-            state.generation.next_position = self.adapter.next_position(position_ids)
-            self._generations[cache] = state.generation
+        inputs.pre_keep, inputs.pre_shift = pre_keep, pre_shift
+        h, state, n_original, n_llm = prefill(self, inputs, profiler, aligned=self.batched_selection)
+        if inputs.cache is not None:
+            state.generation.next_position = self.adapter.next_position(inputs.position_ids)
+            self._generations[inputs.cache] = state.generation
         self._record(n_original, n_llm, state.kept_ranks, state.scores, pre_keep is not None)
         if self.profile:
             result = profiler.result(len(self.schedule.pruning_layers))

@@ -20,6 +20,27 @@ from .select import select
 from .stats import NO_PROFILE
 
 @dataclass
+class DecoderCall:
+    """One decoder call's inputs, filled once where the call arrives (`PruneHandle._decoder_forward`, from the
+    adapter's rules), for the prefill and the decode steps: a family quirk adds a field here, not a parameter to
+    every function on the way."""
+
+    embeds: torch.Tensor  # (B, L, d) the input embeddings
+    valid: torch.Tensor  # (B, L) bool: real tokens (not padding)
+    position_ids: torch.Tensor  # the family's layout: (B, L), or (3, B, L) under mRoPE
+    cache: object | None  # the DynamicCache the layers fill (None: no cache)
+    hidden: list | None  # collects every layer's hidden states (output_hidden_states), or None
+    image_mask: torch.Tensor | None = None  # (B, L) bool: visual tokens (a prefill's; on the input ids' device)
+    extras: object = None  # the family's `layer_extras` of this call (None: it adds nothing between layers)
+    blocks: torch.Tensor | None = None  # (B, L) the family's `attention_blocks` (None: causal)
+    # a pre-LLM method's choice: (B, L) bool, the visual tokens it keeps (None: no pre-LLM stage), and, where it
+    # wrote other tokens into the image rows, how far from its own rank the token each row holds is (the long
+    # minimum: none, rank -1), so the statistics and later stages number it so
+    pre_keep: torch.Tensor | None = None
+    pre_shift: torch.Tensor | None = None
+
+
+@dataclass
 class PrefillState:
     """Everything one prefill carries from layer to layer."""
 
@@ -49,23 +70,20 @@ class PrefillState:
         return index
 
 
-def prefill(handle, embeds, valid, image_mask, position_ids, cache, hidden, pre_keep=None, profiler=NO_PROFILE,
-            aligned: bool = True, extras=None, blocks=None, pre_shift=None):
-    """Run the pruned prefill; returns the final hidden states at the caller's columns (dropped rows zero)
-    and leaves the `Generation` for decode steps on ``cache``. ``extras``: the family's `layer_extras` of
-    this call (None: the family adds nothing between layers). ``blocks``: (B, L) the family's
-    `attention_blocks` of the call's tokens (None: causal); each stage's masks follow the tokens kept.
-    ``pre_shift``: (B, L) where a pre-LLM method wrote other tokens into the image rows, how far from its own rank
-    the image token each row now holds is (the long minimum: none, rank -1); the statistics and later stages number
-    it so."""
+def prefill(handle, call: DecoderCall, profiler=NO_PROFILE, aligned: bool = True):
+    """Run the pruned prefill of ``call``; returns the final hidden states at the caller's columns (dropped rows
+    zero) and leaves the `Generation` for decode steps on its cache. Each stage's masks follow the tokens kept
+    (``call.blocks`` included)."""
     method, sched, adapter = handle.llm, handle.schedule, handle.adapter
+    embeds, valid, cache, hidden, extras, blocks = call.embeds, call.valid, call.cache, call.hidden, call.extras, call.blocks
+    pre_keep, pre_shift = call.pre_keep, call.pre_shift
     layers = adapter.layers
     prune_at = {p - 1: i for i, p in enumerate(sched.pruning_layers)}  # 0-based layer -> stage
     last_prune = max(prune_at) if prune_at else -1
     needs_ttv = method is not None and method.needs_ttv
     accumulate = {a - 1 for a in sched.accumulation_layers if a - 1 <= last_prune} if needs_ttv else set()
     home = embeds.device  # where the layout, scores and masks live, whatever device each layer runs on
-    layout = Layout.initial(valid, image_mask, position_ids)
+    layout = Layout.initial(valid, call.image_mask.to(embeds.device), call.position_ids)
     if pre_shift is not None:
         shift = pre_shift.to(layout.image_rank.device)
         layout.image_rank = torch.where(layout.image & (shift != torch.iinfo(torch.long).min),
