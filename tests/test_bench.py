@@ -131,20 +131,44 @@ def test_llava_next_inputs_use_the_models_own_packing():
     assert result.kv_tokens_per_layer == [346] * 2 + [178] + [94] * 5
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b"])
-def test_full_size_configs_match_the_flops_archs(name):
-    import dataclasses
+# The public config.json facts of the named full-size archs, written here once as the reference the families' own
+# declarations (`ModelAdapter.archs`, read through `arch_spec`) must give: d, m, layers, heads, KV heads, head_dim, N.
+PUBLIC_FACTS = {
+    "llava-1.5-7b": (4096, 11008, 32, 32, 32, 128, 576), "llava-1.5-13b": (5120, 13824, 40, 40, 40, 128, 576),
+    "llava-next-7b": (4096, 11008, 32, 32, 32, 128, 2880), "llava-onevision-7b": (3584, 18944, 28, 28, 4, 128, 1485),
+    "smolvlm-256m": (576, 1536, 30, 9, 3, 64, 1088), "internvl3-8b": (3584, 18944, 28, 28, 4, 128, 256),
+    "gemma3-4b": (2560, 10240, 34, 8, 4, 256, 256), "qwen2-vl-7b": (3584, 18944, 28, 28, 4, 128, 256),
+    "qwen2.5-vl-7b": (3584, 18944, 28, 28, 4, 128, 256), "qwen3-vl-8b": (4096, 12288, 36, 32, 8, 128, 256),
+}
 
+
+def test_every_family_declares_its_archs_and_flops_and_bench_read_them():
+    """flops' ARCHS and bench's CONFIGS / REDUCED are the registry's (`adapters.named_archs`): each full-size arch
+    holds its public facts, each reduced arch builds a model of its family, and no arch is written twice."""
+    from transprune.adapters import FAMILIES, named_archs
+    from transprune.bench.archs import CONFIGS, REDUCED
+    from transprune.flops import ARCHS
+
+    declared = named_archs()
+    assert list(ARCHS) == [n for n, (_, _, reduced) in declared.items() if not reduced] == list(PUBLIC_FACTS)
+    assert list(CONFIGS) == list(declared) and REDUCED == tuple(n for n, (_, _, r) in declared.items() if r)
+    for name, facts in PUBLIC_FACTS.items():
+        a = ARCHS[name]
+        assert (a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim,
+                a.image_tokens) == facts, name
+    for name in REDUCED:
+        family = declared[name][0]
+        assert arch_config(name).model_type in family.model_types and family in FAMILIES
+    assert all(vars(f).get("archs") for f in FAMILIES)  # every family names a full-size model of its own
+
+
+def test_llava_1_5_7b_has_the_checkpoints_parameter_count():
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from transprune.flops import ARCHS
-
-    assert dataclasses.replace(arch_spec(name), name=name) == ARCHS[name]
-    if name == "llava-1.5-7b":  # the llava-hf/llava-1.5-7b-hf parameter count, built on the meta device
-        with torch.device("meta"):
-            model = LlavaForConditionalGeneration._from_config(arch_config(name))
-        assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
+    with torch.device("meta"):  # the llava-hf/llava-1.5-7b-hf parameter count, built on the meta device
+        model = LlavaForConditionalGeneration._from_config(arch_config("llava-1.5-7b"))
+    assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
 
 
 def _bench_json(argv):
@@ -186,16 +210,6 @@ def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(t
 
 
 # -- Qwen archs ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b", "smolvlm-256m",
-                                  "internvl3-8b"])
-def test_full_size_qwen_configs_match_the_flops_archs(name):
-    import dataclasses
-
-    from transprune.flops import ARCHS
-
-    assert dataclasses.replace(arch_spec(name), name=name) == ARCHS[name]
-
-
 def test_qwen_reduced_bench_runs_on_cpu():
     """The reduced Qwen2.5-VL (28 layers, GQA 7:1, 256 visual tokens at 448 x 448, small widths) through the CLI,
     with the model's own mRoPE positions (synthetic inputs carry mm_token_type_ids)."""

@@ -20,40 +20,17 @@ from .accounting import ArchSpec, paper_tflops_of
 from .schedule import Schedule
 
 
-ARCHS: dict[str, ArchSpec] = {
-    a.name: a
-    for a in (
-        ArchSpec("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 576, model_type="llava"),
-        ArchSpec("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 576, model_type="llava"),
-        # 2880 = 5 x 576: base image + 2x2 anyres grid, newline tokens not counted (paper number).
-        ArchSpec("llava-next-7b", 4096, 11008, 32, 32, 32, 128, 2880, crops=5, model_type="llava_next"),
-        # Qwen decoders: the text dimensions of the public config.json of Qwen/Qwen2-VL-7B-Instruct and
-        # Qwen/Qwen2.5-VL-7B-Instruct (the Qwen2-7B decoder: d 3584, m 18944, 28 layers, 28 heads / 4 KV heads,
-        # head_dim 128) and of Qwen/Qwen3-VL-8B-Instruct (the Qwen3-8B decoder: d 4096, m 12288, 36 layers,
-        # 32 heads / 8 KV heads, head_dim 128). transformers' config defaults are not these models (Qwen2-VL's
-        # text defaults are the 72B's, Qwen3-VL's a generic 32-layer MHA decoder), so they are written here.
-        # N = 256 is nominal (a 16 x 16 merged grid: a 448 x 448 image with 14-pixel patches merged 2 x 2 on
-        # Qwen2/2.5-VL, 512 x 512 with Qwen3-VL's 16-pixel patches); the paper states no count for
-        # Qwen2.5-VL, and its ratios (`ratio_token_linear`) do not depend on N.
-        # LLaVA-OneVision-7B: the Qwen2-7B decoder (as Qwen2-VL-7B's) and SigLIP-384/14 (27 x 27 patches per crop).
-        # N = 1485 is nominal: a 384 x 384 image, the base crop and one tile with a newline per row (729 + 27 x 28);
-        # larger images take larger grids, up to anyres_max_9's worth.
-        ArchSpec("llava-onevision-7b", 3584, 18944, 28, 28, 4, 128, 729 + 27 * 28, crops=2, model_type="llava_onevision"),
-        # SmolVLM-256M-Instruct: its 30-layer Llama decoder (d 576, m 1536, 9 heads / 3 KV heads, head_dim 64), as
-        # its public config.json (as known). N = 1088: a 512 x 512 image, upscaled to 2048 px by the processor,
-        # is 4 x 4 crops + the global view, 64 tokens each (512 / 16 = 32 patches per side, pixel shuffle x4).
-        ArchSpec("smolvlm-256m", 576, 1536, 30, 9, 3, 64, 17 * 64, crops=17, model_type="smolvlm"),
-        # InternVL3-8B (OpenGVLab/InternVL3-8B-hf, public config.json as known): the Qwen2.5-7B decoder; N = 256 is one
-        # 448 x 448 tile (32 x 32 patches of 14 px, pixel shuffle 0.5); larger images take more tiles + a thumbnail.
-        ArchSpec("internvl3-8b", 3584, 18944, 28, 28, 4, 128, 256, model_type="internvl"),
-        # Gemma 3 4B (google/gemma-3-4b-it, public config.json as known): d 2560, m 10240, 34 layers, 8 heads / 4 KV
-        # heads of head_dim 256 (so d != heads x head_dim); N = 256: one 896 x 896 image, 64 x 64 patches pooled 4 x 4.
-        ArchSpec("gemma3-4b", 2560, 10240, 34, 8, 4, 256, 256, model_type="gemma3"),
-        ArchSpec("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
-        ArchSpec("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 128, 256, model_type="qwen2_5_vl", pixels_per_token=28, nominal_image_size=(448, 448)),
-        ArchSpec("qwen3-vl-8b", 4096, 12288, 36, 32, 8, 128, 256, model_type="qwen3_vl", pixels_per_token=32, nominal_image_size=(512, 512)),
-    )
-}
+def _full_size_archs() -> dict[str, ArchSpec]:
+    """Every registered family's named full-size archs (`ModelAdapter.archs`: public config.json facts built in code),
+    as the family's own `arch_spec` reads their configs: the nominal N is the family's (LLaVA-NeXT's 2880 = 5 x 576
+    without newline tokens, the paper's number; Qwen's 256 for a 448 x 448 image; see each `arch_spec`)."""
+    from .adapters import named_archs
+
+    return {name: family.arch_spec(build(), name) for name, (family, build, reduced) in named_archs().items()
+            if not reduced}
+
+
+ARCHS: dict[str, ArchSpec] = _full_size_archs()
 
 
 def arch_from_config(path) -> ArchSpec:

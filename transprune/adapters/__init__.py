@@ -57,6 +57,20 @@ for _module, _adapter, _types, _since in (
     load_family(_module, _adapter, _types, _since)
 
 
+def named_archs() -> dict:
+    """{name: (family, config builder, reduced?)} of every registered family's own `archs` and `reduced_archs`, in
+    registry order: what flops (`ARCHS`) and bench (`CONFIGS`, `REDUCED`) name."""
+    out = {}
+    for family in FAMILIES:
+        own = vars(family)  # declared by this family, not inherited from the one it specialises
+        for reduced, table in ((False, own.get("archs", {})), (True, own.get("reduced_archs", {}))):
+            for name, build in table.items():
+                if name in out:
+                    raise ValueError(f"arch {name!r} is declared by {out[name][0].__name__} and {family.__name__}")
+                out[name] = (family, build, reduced)
+    return out
+
+
 def supported_model_classes() -> list[str]:
     return [cls.__name__ for a in FAMILIES for cls in a.model_classes]
 

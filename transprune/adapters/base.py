@@ -150,6 +150,11 @@ class ModelAdapter:
 
     # Why this family has no vision hooks (for the error a pre-LLM method gives); None: not written yet.
     vision_hooks_missing: str | None = None
+    # This family's named archs for flops and bench, each a builder of its transformers config from the public
+    # config.json facts (no download): full-size models, and the reduced bench archs (the family's geometry at small
+    # widths, for a CPU). A family declares its own; `named_archs` does not inherit them.
+    archs: dict = {}
+    reduced_archs: dict = {}
 
     def vision_hooks(self):
         """The vision-tower hooks a pre-LLM method needs (`adapters.vision.VisionHooks`); None: none."""

@@ -39,10 +39,39 @@ from .base import ModelAdapter
 from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
 
 
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+# Gemma 3 4B (google/gemma-3-4b-it, public config.json facts as known; written in code): SigLIP so400m at 896 px
+# (27 layers, hidden 1152, 14-px patches: 64 x 64, average-pooled 4 x 4 to 256 tokens), the Gemma 3 decoder
+# (34 layers, 5 sliding layers of window 1024 per global one, RoPE bases 10k local / 1M global scaled 8x).
+GEMMA3_IDS = dict(boi_token_index=255999, eoi_token_index=256000, image_token_index=262144)
+
+
+def _gemma3(vision_overrides=None, **text_overrides):
+    from transformers import Gemma3Config
+
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  image_size=896, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False)
+    text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                sliding_window_pattern=6, vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    return Gemma3Config(vision_config={"model_type": "siglip_vision_model", **vision, **(vision_overrides or {})},
+                        text_config={**text, **text_overrides}, mm_tokens_per_image=256, tie_word_embeddings=False,
+                        **GEMMA3_IDS)
+
+
 class Gemma3Adapter(ModelAdapter):
     family = "gemma3"
     model_classes = (Gemma3ForConditionalGeneration,)
     model_types = ("gemma3",)
+    archs = {"gemma3-4b": _gemma3}
+    reduced_archs = {"gemma3-reduced": lambda: _gemma3(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4), hidden_size=128, intermediate_size=512,
+                                                       num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                                       query_pre_attn_scalar=64)}
     images_per_prompt = True  # its processor takes one list of images per prompt
 
     def check_decoder(self) -> None:

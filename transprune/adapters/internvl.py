@@ -22,13 +22,33 @@ from transformers import InternVLForConditionalGeneration
 
 from ..accounting import ArchSpec
 from .base import ModelAdapter
+from .llama import qwen2_text
 from .vision import VisionHooks, cls_row_attention, feature_layer
+
+
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+# InternVL3-8B (OpenGVLab/InternVL3-8B-hf, public config.json facts as known; written in code): InternViT-300M at
+# 448 px (24 layers, hidden 1024, 14-px patches, CLS dropped), pixel shuffle 0.5 (256 tokens per tile), the
+# Qwen2.5-7B decoder.
+def _internvl(vision_overrides=None, text=None):
+    from transformers import InternVLConfig, Qwen2Config
+
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=[448, 448], patch_size=[14, 14], layer_norm_eps=1e-6)
+    return InternVLConfig(vision_config={**vision, **(vision_overrides or {})},
+                          text_config=Qwen2Config(**(text or qwen2_text(3584, 18944, 28, 28, 4))).to_dict(),
+                          image_token_id=151667, downsample_ratio=0.5, vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", tie_word_embeddings=False)
 
 
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
     model_classes = (InternVLForConditionalGeneration,)
     model_types = ("internvl",)
+    archs = {"internvl3-8b": _internvl}
+    reduced_archs = {"internvl-reduced": lambda: _internvl(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                num_attention_heads=4), qwen2_text(112, 592, 28, 7, 1))}
     processor_classes = {"internvl": "InternVLProcessor"}
 
     def vision_hooks(self) -> "InternVLVisionHooks":

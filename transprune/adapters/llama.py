@@ -76,3 +76,12 @@ def scoring_qk(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     n_rep = q.shape[-3] // k.shape[-3]
     k = repeat_kv(k[None], n_rep)[0] if k.dim() == 3 else repeat_kv(k, n_rep)
     return q, k, attn.scaling
+
+
+def qwen2_text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
+    """The text config fields of a Qwen2-style decoder of these sizes (the public Qwen2 / Qwen2.5 facts: vocabulary,
+    RoPE base, ids), for the named archs of the families built on it."""
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=152128,
+                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643,
+                eos_token_id=151645, tie_word_embeddings=False)

@@ -16,10 +16,61 @@ from .base import ModelAdapter
 from .vision import VisionHooks, cls_row_attention, feature_layer
 
 
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+ANYRES_GRID = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT-7B's pinpoints
+IMAGE_TOKEN_ID, PAD_TOKEN_ID, VOCAB = 32000, 32001, 32064  # llava-hf's Vicuna-based checkpoints
+
+
+def _clip_l336(**overrides):
+    from transformers import CLIPVisionConfig
+
+    fields = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return CLIPVisionConfig(**{**fields, **overrides})
+
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int | None = None, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=VOCAB,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, tie_word_embeddings=False)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def _llava(vision, text, anyres: bool):
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    common = dict(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
+                  projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_seq_length=(vision.image_size // vision.patch_size) ** 2, tie_word_embeddings=False)
+    if anyres:
+        return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in ANYRES_GRID])
+    return LlavaConfig(**common)
+
+
+# Reduced: LLaVA's geometry (336 px / 14 px patches -> 576 image tokens per crop, 32 decoder layers, MHA,
+# SwiGLU at ~2.7x) with a small hidden size and a 2-layer vision tower, so it runs on a CPU in seconds.
+_REDUCED_TEXT = dict(hidden=128, intermediate=344, layers=32, heads=4)
+_REDUCED_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       projection_dim=64)
+
+
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_classes = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
     model_types = ("llava", "llava_next")
+    archs = {
+        "llava-1.5-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=False),
+        "llava-1.5-13b": lambda: _llava(_clip_l336(), _llama(5120, 13824, 40, 40), anyres=False),
+        "llava-next-7b": lambda: _llava(_clip_l336(), _llama(4096, 11008, 32, 32), anyres=True),
+    }
+    reduced_archs = {
+        "llava-1.5-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=False),
+        "llava-next-reduced": lambda: _llava(_clip_l336(**_REDUCED_VISION), _llama(**_REDUCED_TEXT), anyres=True),
+    }
 
     @property
     def is_anyres(self) -> bool:

@@ -27,14 +27,45 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
+from .llama import qwen2_text
 from .llava import LlavaAdapter
 from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
+
+
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+# LLaVA-OneVision-7B (llava-hf/llava-onevision-qwen2-7b-ov-hf, public config.json facts, written in code): SigLIP
+# so400m-384/14 (27 x 27 patches per crop, all kept: strategy "full", last layer), the Qwen2-7B decoder, anyres
+# grids of 1 x 1 to 6 x 6 crops of 384 px, anyres_max_9 packing. Token ids are its Qwen2 vocabulary's.
+ONEVISION_GRID = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def _siglip_384(**overrides):
+    from transformers import SiglipVisionConfig
+
+    # 26 layers: as llava-hf's OneVision config.json (as known; not read from a file here: no hub)
+    fields = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                  image_size=384, patch_size=14, layer_norm_eps=1e-6)
+    return SiglipVisionConfig(**{**fields, **overrides})
+
+
+def _llava_onevision(vision, text):
+    from transformers import LlavaOnevisionConfig, Qwen2Config
+
+    return LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**text), image_token_index=151646,
+                                video_token_index=151647, vision_feature_select_strategy="full",
+                                vision_feature_layer=-1, image_grid_pinpoints=ONEVISION_GRID,
+                                vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
     family = "llava-onevision"
     model_classes = (LlavaOnevisionForConditionalGeneration,)
     model_types = ("llava_onevision",)
+    archs = {"llava-onevision-7b": lambda: _llava_onevision(_siglip_384(), qwen2_text(3584, 18944, 28, 28, 4))}
+    reduced_archs = {"llava-onevision-reduced": lambda: _llava_onevision(
+        _siglip_384(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        qwen2_text(112, 592, 28, 7, 1))}
     processor_classes = {"llava_onevision": "LlavaOnevisionProcessor"}
 
     # -- visual tokens: image and video placeholders -------------------------------------------------

@@ -40,10 +40,55 @@ NOMINAL_GRID = 16
 _composes_mrope = functools.lru_cache(maxsize=None)(compat.attention_composes_mrope)
 
 
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+# Qwen: the public config.json facts of Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct and
+# Qwen/Qwen3-VL-8B-Instruct (transformers' defaults are other sizes), written in code; the vision towers'
+# depth and widths matter only for the vision cost. Token ids are Qwen's (image 151655, video 151656).
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def _qwen_text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, mrope, **overrides):
+    fields = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=152064,
+                  max_position_embeddings=128000, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(mrope)})
+    return {**fields, **overrides}
+
+
+def _qwen2_5_vl(text, **vision_overrides):
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  out_hidden_size=text["hidden_size"], tokens_per_second=2, hidden_act="silu")
+    return Qwen2_5_VLConfig(vision_config={**vision, **vision_overrides}, text_config=text, tie_word_embeddings=False,
+                            **QWEN_IDS)
+
+
+def _qwen2_vl(text):
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=32, embed_dim=1280, hidden_size=text["hidden_size"], mlp_ratio=4, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
+
+
+
+# Reduced Qwen2.5-VL: the 7B's geometry (28 decoder layers, GQA 7:1, m/d ~ 5.3, 14-pixel patches merged 2 x 2:
+# 256 visual tokens for the default 448 x 448 image, window attention with full layers) at hidden 112 and a
+# 2-block vision tower, so it runs on a CPU in seconds.
+_QWEN_REDUCED_TEXT = (112, 592, 28, 7, 1, (2, 3, 3))
+_QWEN_REDUCED_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1])
+
+
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2-vl"
     model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    archs = {"qwen2-vl-7b": lambda: _qwen2_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24))),
+             "qwen2.5-vl-7b": lambda: _qwen2_5_vl(_qwen_text(3584, 18944, 28, 28, 4, (16, 24, 24)))}
+    reduced_archs = {"qwen2.5-vl-reduced": lambda: _qwen2_5_vl(_qwen_text(*_QWEN_REDUCED_TEXT), **_QWEN_REDUCED_VISION)}
     processor_classes = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
     position_rules = ("original",)
     position_rule_reasons = {

@@ -30,7 +30,7 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from . import llama
-from .qwen2_vl import Qwen2VLAdapter
+from .qwen2_vl import QWEN_IDS, Qwen2VLAdapter, _qwen_text
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,26 @@ class DeepStack:
     features: tuple[torch.Tensor, ...]  # per injected layer: (n_visual, d)
 
 
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+def _qwen3_vl():
+    from transformers import Qwen3VLConfig
+
+    text = _qwen_text(4096, 12288, 36, 32, 8, (24, 20, 20), head_dim=128, vocab_size=151936,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                       "mrope_interleaved": True})
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24])
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
+
+
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3-vl"
     model_classes = (Qwen3VLForConditionalGeneration,)
     model_types = ("qwen3_vl",)
+    archs = {"qwen3-vl-8b": _qwen3_vl}
+    reduced_archs = {}
     processor_classes = {"qwen3_vl": "Qwen3VLProcessor"}
     position_rule_reasons = {
         "compact": Qwen2VLAdapter.position_rule_reasons["compact"],

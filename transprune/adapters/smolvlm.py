@@ -27,10 +27,31 @@ from .vision import VisionHooks, feature_layer, forward_with_lse, received_atten
 NOMINAL_SCALE = 4  # the bench's default image: 4 x 4 crops (the 512 px of SmolVLM-256M upscaled to 2048) + global
 
 
+# -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
+
+# SmolVLM-256M-Instruct (public config.json facts, as known; written in code): SigLIP-B/16 at 512 px (12 layers,
+# hidden 768), pixel shuffle x4 (64 tokens per crop), the 30-layer SmolLM2 decoder (d 576, 9 / 3 heads).
+def _smolvlm(vision_overrides=None, **text_overrides):
+    from transformers import LlamaConfig, SmolVLMConfig
+
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=512, patch_size=16)
+    text = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3, head_dim=64, vocab_size=49280, max_position_embeddings=8192,
+                rope_theta=100000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                tie_word_embeddings=False)
+    return SmolVLMConfig(vision_config={**vision, **(vision_overrides or {})},
+                         text_config=LlamaConfig(**{**text, **text_overrides}).to_dict(), image_token_id=49190,
+                         scale_factor=4, tie_word_embeddings=False)
+
+
 class SmolVLMAdapter(ModelAdapter):
     family = "smolvlm"
     model_classes = (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)
     model_types = ("smolvlm", "idefics3")
+    archs = {"smolvlm-256m": _smolvlm}
+    reduced_archs = {"smolvlm-reduced": lambda: _smolvlm(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                              num_attention_heads=4), hidden_size=144, intermediate_size=384)}
     processor_classes = {"smolvlm": "SmolVLMProcessor", "idefics3": "Idefics3Processor"}
     images_per_prompt = True
 

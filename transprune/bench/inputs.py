@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..loading import build_prompt
-from .archs import IMAGE_TOKEN_ID
+
+# Random text ids stay below 32000 (LLaVA's image id), clear of the special ids of every family's vocabulary.
+TEXT_IDS_BELOW = 32000
 
 
 @dataclass
@@ -48,7 +52,7 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 64, image_size=None, 
     size = tuple(image_size or adapter.default_image_size())
     n_image = adapter.image_tokens_for(size)
     gen = torch.Generator().manual_seed(seed)
-    vocab = min(config.text_config.vocab_size, IMAGE_TOKEN_ID)
+    vocab = min(config.text_config.vocab_size, TEXT_IDS_BELOW)
     before = min(5, text_tokens - 1)
     rows = []
     for _ in range(batch):
@@ -73,7 +77,6 @@ def checkpoint_inputs(processor, model, batch: int, text_tokens: int = 64, image
     own processor and chat template; the question is as many filler words as keep the non-image token
     count <= ``text_tokens``."""
     from ..adapters import adapter_for
-    from ..testing import random_image
 
     size = tuple(image_size or adapter_for(model).default_image_size())
     words = "describe the image in detail and list every object you can see".split()
@@ -97,3 +100,14 @@ def checkpoint_inputs(processor, model, batch: int, text_tokens: int = 64, image
     ids = tensors["input_ids"]
     return BenchInputs(tensors, (ids == image_id).sum(1).tolist(), (ids != image_id).sum(1).tolist(), size,
                        f"checkpoint processor, synthetic images (seed {seed}), a {n_words}-word question")
+
+
+def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """RGB image of ``size`` = (width, height): a seeded coarse colour pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    blocks = rng.integers(0, 256, (max(height // 16, 1), max(width // 16, 1), 3)).astype(np.float32)
+    coarse = np.asarray(Image.fromarray(blocks.astype(np.uint8)).resize((width, height), Image.NEAREST),
+                        dtype=np.float32)
+    pixels = np.clip(coarse + rng.normal(0, 24, (height, width, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
