@@ -76,13 +76,17 @@ def test_a_family_with_3d_positions_runs_unchanged_through_the_runtime(llava, th
     ids, mask = left_pad(prompts)
     pix = pixels(llava, 2, seed=3)
     results = {}
-    for family in ("llava", "llava-3row"):
-        adapters.FAMILIES.sort(key=lambda a: a.family == family)  # the last registered match wins
-        with transprune.pruned(llava, config) as handle, torch.no_grad():
-            assert handle.adapter.family == family
-            logits = llava(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
-            results[family] = (logits, greedy(llava, ids, mask, pix, n=8),
-                               [s.kept_indices for s in handle.last_stats])
+    registry = list(adapters.FAMILIES)
+    try:
+        for family in ("llava", "llava-3row"):
+            adapters.FAMILIES.sort(key=lambda a: a.family == family)  # the last registered match wins
+            with transprune.pruned(llava, config) as handle, torch.no_grad():
+                assert handle.adapter.family == family
+                logits = llava(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+                results[family] = (logits, greedy(llava, ids, mask, pix, n=8),
+                                   [s.kept_indices for s in handle.last_stats])
+    finally:
+        adapters.FAMILIES[:] = registry  # the registry's order, for the tests after this one
     (la, ta, ka), (lb, tb, kb) = results.values()
     assert torch.equal(la, lb) and torch.equal(ta, tb) and ka == kb
 
@@ -253,3 +257,48 @@ def test_a_method_that_needs_vision_hooks_is_refused_where_the_family_has_none(m
         transprune.apply(model, methods.VisionZipConfig())
     assert transprune.handle_of(model) is None
     assert flops.estimate(FirstTokensConfig(0.25), "llava-1.5-7b").visual_tokens_per_layer[0] == 144  # needs none
+
+
+class Reduced3Row(ThreeRowPositions):
+    """A family defined in this test that declares its facts the way a family file does: a named full-size arch, a
+    reduced bench arch and (through `testing.register_tiny`, as its testing file's ``TINY`` would) a tiny model."""
+
+    family = "llava-3row-declared"
+    model_types = ("llava_3row_declared",)
+    archs = {"llava-3row-7b": LlavaAdapter.archs["llava-1.5-7b"]}
+    reduced_archs = {"llava-3row-reduced": LlavaAdapter.reduced_archs["llava-1.5-reduced"]}
+
+
+def test_a_family_declares_its_archs_and_tiny_model_and_every_tool_reads_them():
+    from transprune import testing
+    from transprune.bench.archs import CONFIGS, REDUCED, arch_config
+
+    assert "llava-3row-7b" not in flops.ARCHS
+    adapters.register_family(Reduced3Row)
+    testing.register_tiny("llava_3row_declared", tiny_llava, lambda: testing.tiny_processor("llava"))
+    try:
+        arch = flops.ARCHS["llava-3row-7b"]
+        assert (arch.name, arch.num_layers, arch.image_tokens) == ("llava-3row-7b", 32, 576)
+        assert flops.estimate(tiny_config(reference_depth=8), "llava-3row-7b").depth == 32  # the FLOPs tool names it
+        assert "llava-3row-reduced" in list(REDUCED) and arch_config("llava-3row-reduced").text_config.hidden_size == 128
+        assert list(CONFIGS).count("llava-3row-7b") == 1
+        model = testing.tiny_model("llava_3row_declared", seed=0)
+        assert type(model).__name__ == "LlavaForConditionalGeneration"
+        with pytest.raises(ValueError, match="already declared"):
+            testing.register_tiny("llava_3row_declared", tiny_llava, None)
+    finally:
+        testing.unregister_tiny("llava_3row_declared")
+        adapters.unregister_family(Reduced3Row)
+    assert "llava-3row-7b" not in flops.ARCHS and "llava-3row-reduced" not in CONFIGS  # the views follow the registry
+
+
+def test_every_family_module_is_found_by_its_declaration_and_it_matches_the_adapter():
+    """`adapters.discover` reads each family file's FAMILY without importing it; what it declares is what the adapter
+    class says, and every declared family is registered, in the declared order."""
+    import importlib
+
+    found = adapters.discover()
+    assert [m for m, _ in found] == [f".{f.__module__.rsplit('.', 1)[1]}" for f in adapters.FAMILIES]
+    for module, facts in found:
+        adapter = getattr(importlib.import_module(module, "transprune.adapters"), facts["adapter"])
+        assert adapter in adapters.FAMILIES and tuple(facts["model_types"]) == adapter.model_types, module

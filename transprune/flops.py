@@ -13,6 +13,7 @@ Two numbers are reported, and kept apart on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,17 +21,16 @@ from .accounting import ArchSpec, paper_tflops_of
 from .schedule import Schedule
 
 
-def _full_size_archs() -> dict[str, ArchSpec]:
-    """Every registered family's named full-size archs (`ModelAdapter.archs`: public config.json facts built in code),
-    as the family's own `arch_spec` reads their configs: the nominal N is the family's (LLaVA-NeXT's 2880 = 5 x 576
-    without newline tokens, the paper's number; Qwen's 256 for a 448 x 448 image; see each `arch_spec`)."""
-    from .adapters import named_archs
+def _arch_table():
+    from .adapters import ArchTable
 
-    return {name: family.arch_spec(build(), name) for name, (family, build, reduced) in named_archs().items()
-            if not reduced}
+    # the nominal N is the family's (LLaVA-NeXT's 2880 = 5 x 576 without newline tokens, the paper's number; Qwen's
+    # 256 for a 448 x 448 image; see each `arch_spec`)
+    return ArchTable(lambda family, build, name: family.arch_spec(build(), name), "full")
 
 
-ARCHS: dict[str, ArchSpec] = _full_size_archs()
+# name -> ArchSpec of every registered family's named full-size archs (`ModelAdapter.archs`), a live view
+ARCHS: Mapping[str, ArchSpec] = _arch_table()
 
 
 def arch_from_config(path) -> ArchSpec:

@@ -1,9 +1,14 @@
 """Model families, one adapter each, behind one registry that every tool reads (runtime, CLI, flops,
-bench, testing). A new family is one file: a `ModelAdapter` subclass and a `register_family` call."""
+bench, testing). A new family is one file: a `ModelAdapter` subclass and a ``FAMILY`` declaration, which
+`discover` finds (plus its tiny model in ``testing/<family>.py``)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import pkgutil
+from collections.abc import Mapping
+from pathlib import Path
 
 import transformers
 
@@ -44,17 +49,24 @@ def load_family(module: str, adapter: str, model_types: tuple[str, ...], since: 
     return register_family(adapter_cls)
 
 
-# The families, in registry order, and the transformers release that first has their classes (all of them within
-# the tested range, 5.16.1-5.24: a family added later declares a later release here).
-for _module, _adapter, _types, _since in (
-        (".llava", "LlavaAdapter", ("llava", "llava_next"), "5.16.1"),
-        (".llava_onevision", "LlavaOnevisionAdapter", ("llava_onevision",), "5.16.1"),
-        (".smolvlm", "SmolVLMAdapter", ("smolvlm", "idefics3"), "5.16.1"),
-        (".internvl", "InternVLAdapter", ("internvl",), "5.16.1"),
-        (".gemma3", "Gemma3Adapter", ("gemma3",), "5.16.1"),
-        (".qwen2_vl", "Qwen2VLAdapter", ("qwen2_vl", "qwen2_5_vl"), "5.16.1"),
-        (".qwen3_vl", "Qwen3VLAdapter", ("qwen3_vl",), "5.16.1")):
-    load_family(_module, _adapter, _types, _since)
+def discover() -> list[tuple[str, dict]]:
+    """(module, its ``FAMILY`` declaration) of every family module in this package, in their declared order, read
+    from the source (not imported: a module whose transformers classes are missing is still named)."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        source = Path(__path__[0], f"{info.name}.py")
+        if not source.is_file():
+            continue
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["FAMILY"]:
+                found.append((f".{info.name}", ast.literal_eval(node.value)))
+    return sorted(found, key=lambda item: (item[1].get("order", 1000), item[0]))
+
+
+# Every family module with a FAMILY declaration, registered in its declared order (all within the tested range,
+# 5.16.1-5.24: a family added later declares a later release): adding a family is its file, nothing here.
+for _module, _facts in discover():
+    load_family(_module, _facts["adapter"], tuple(_facts["model_types"]), _facts["since"])
 
 
 def named_archs() -> dict:
@@ -69,6 +81,34 @@ def named_archs() -> dict:
                     raise ValueError(f"arch {name!r} is declared by {out[name][0].__name__} and {family.__name__}")
                 out[name] = (family, build, reduced)
     return out
+
+
+class ArchTable(Mapping):
+    """A live, read-only view of `named_archs` (so a family registered later is named too): ``kind`` "full" or
+    "reduced" (None: both), each entry ``convert(family, build, name)``; recomputed when the registry changes."""
+
+    def __init__(self, convert, kind: str | None = None):
+        self._convert, self._kind, self._cache = convert, kind, (None, {})
+
+    def _table(self) -> dict:
+        key = tuple(FAMILIES)
+        if self._cache[0] != key:
+            wanted = {None: (False, True), "full": (False,), "reduced": (True,)}[self._kind]
+            self._cache = (key, {name: self._convert(family, build, name)
+                                 for name, (family, build, reduced) in named_archs().items() if reduced in wanted})
+        return self._cache[1]
+
+    def __getitem__(self, name):
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self):
+        return len(self._table())
+
+    def __repr__(self):
+        return f"ArchTable({list(self)})"
 
 
 def supported_model_classes() -> list[str]:

@@ -25,6 +25,10 @@ What the family brings that the others do not, and where it is handled here:
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "Gemma3Adapter", "model_types": ('gemma3',), "since": "5.16.1", "order": 50}
+
 from functools import partial
 
 import torch

@@ -15,6 +15,10 @@ on patch ids), per tile; a contextual group is averaged after the projector (in 
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "InternVLAdapter", "model_types": ('internvl',), "since": "5.16.1", "order": 40}
+
 import math
 
 import torch

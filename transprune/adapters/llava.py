@@ -8,6 +8,10 @@ CLS token, which is what VisionZip's dominance rule reads.
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "LlavaAdapter", "model_types": ('llava', 'llava_next'), "since": "5.16.1", "order": 10}
+
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 

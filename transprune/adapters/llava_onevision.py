@@ -21,6 +21,10 @@ What differs:
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "LlavaOnevisionAdapter", "model_types": ('llava_onevision',), "since": "5.16.1", "order": 20}
+
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 

@@ -21,6 +21,10 @@ Layers of type "sliding_attention" (``use_sliding_window``) get a sliding-window
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "Qwen2VLAdapter", "model_types": ('qwen2_vl', 'qwen2_5_vl'), "since": "5.16.1", "order": 60}
+
 import functools
 import sys
 

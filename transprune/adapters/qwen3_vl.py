@@ -23,6 +23,10 @@ What differs:
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "Qwen3VLAdapter", "model_types": ('qwen3_vl',), "since": "5.16.1", "order": 70}
+
 from dataclasses import dataclass
 from functools import partial
 

@@ -14,6 +14,10 @@ patches receive (the pixel shuffle folds 4 x 4 patches into one token on SmolVLM
 
 from __future__ import annotations
 
+# What the registry reads without importing this module (`adapters.discover`): the adapter class, its model
+# types, the transformers release that first has their classes, and its place in the registry's order.
+FAMILY = {"adapter": "SmolVLMAdapter", "model_types": ('smolvlm', 'idefics3'), "since": "5.16.1", "order": 30}
+
 import math
 
 import torch

@@ -14,13 +14,13 @@ from ..loading import model_class
 
 
 def _tables():
-    from ..adapters import named_archs
+    from ..adapters import ArchTable
 
-    archs = named_archs()
-    return {name: build for name, (_, build, _) in archs.items()}, tuple(n for n, (_, _, r) in archs.items() if r)
+    return ArchTable(lambda family, build, name: build), ArchTable(lambda family, build, name: build, "reduced")
 
 
-# name -> config builder (each family's `archs` and `reduced_archs`, `adapters.named_archs`), and the reduced ones
+# name -> config builder of each family's `archs` and `reduced_archs` (live views of `adapters.named_archs`), and
+# the reduced ones; REDUCED iterates as names
 CONFIGS, REDUCED = _tables()
 
 

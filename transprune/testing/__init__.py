@@ -62,6 +62,20 @@ _TINY = _tables()
 TINY_MODELS = {kind: model for kind, (model, _) in _TINY.items()}
 
 
+def register_tiny(kind: str, model, processor) -> None:
+    """Declare the tiny model and processor builders of ``kind`` (a model_type) from outside the package, as a family
+    defined in a test does; a family of the package declares them in its file's ``TINY``."""
+    if kind in _TINY:
+        raise ValueError(f"tiny model type {kind!r} is already declared")
+    _TINY[kind] = (model, processor)
+    TINY_MODELS[kind] = model
+
+
+def unregister_tiny(kind: str) -> None:
+    """Undo `register_tiny`."""
+    del _TINY[kind], TINY_MODELS[kind]
+
+
 def _check_kind(kind: str, kinds=TINY_MODELS) -> str:
     if kind not in kinds:
         raise ValueError(f"kind must be one of {', '.join(map(repr, kinds))}, not {kind!r}")
