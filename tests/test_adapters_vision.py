@@ -67,7 +67,8 @@ def test_a_padding_mask_is_applied_as_sdpa_applies_it():
 
 
 def test_other_backends_run_the_layer_as_it_is():
-    """Eager attention (or a half-precision or training layer) is left to its own forward: no shared pass."""
+    """Eager attention (or half precision, sdpa's flash kernel switched off, CPU autocast, a training layer) is left
+    to its own forward: no shared pass."""
     model = tiny_model("gemma3", seed=0, attn_implementation="eager")
     inputs = sample_inputs(tiny_processor("gemma3"), 1, seed=5, sizes=[(64, 64)])
     attn, args, kwargs = layer_call(model, inputs)
@@ -76,6 +77,11 @@ def test_other_backends_run_the_layer_as_it_is():
     sdpa = tiny_model("gemma3", seed=0)
     attn = adapter_for(sdpa).vision_hooks().attention_layer()
     assert vision.forward_with_lse(attn, hidden.half(), None) is None
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):  # sdpa would not run flash
+        assert vision.forward_with_lse(attn, hidden, None) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vision.forward_with_lse(attn, hidden, None) is None
+    assert vision.forward_with_lse(attn, hidden, None) is not None
     attn.train()
     assert vision.forward_with_lse(attn, hidden, None) is None
 

@@ -4,8 +4,10 @@
   token, so no stage drops it; its logits are the model's, not the zeros of a dropped row; the batch gives each
   sample what it gives alone.
 - Four threads calling one pruned model at once get what each gets alone.
+- A method at its keep-everything setting is the unpruned model (declared opt-outs, with their reasons).
 """
 
+import dataclasses
 import threading
 
 import pytest
@@ -132,3 +134,41 @@ def test_four_threads_equal_one_by_one_for_every_method(kind, name):
 def test_four_threads_equal_one_by_one_for_visionzip_on_every_family(family):
     kind, model, processor = family
     _check_threads_equal_one_by_one(model, processor, VisionZipConfig(dominant=6, contextual=2))
+
+
+# Declared opt-outs of the keep-everything check, each with its reason: (kind, method) -> why it cannot hold.
+KEEP_ALL_OPT_OUTS = {
+    ("llava_next", "visionzip"): "the official VisionZip writes NeXT's kept tokens in its own anyres order (base tile, "
+                                 "then every tile's patches over the whole grid, no newline rows): not the model's order",
+    ("llava_onevision", "visionzip"): "VisionZip drops the anyres grid's newline rows (they are no patch it can score; "
+                                      "the official code has none), so even at every patch it is not the model",
+}
+
+
+def keep_everything(name: str, model):
+    """The registered method at the setting that keeps every token, through its declared contract: `scaled` past 1
+    (every keep ratio 1, FastV's r 0); VisionZip at every patch of the family's unit, no CLS, no contextual token."""
+    if name == "visionzip":
+        per_tile = adapter_for(model).vision_hooks().patches_per_tile()
+        return VisionZipConfig(dominant=per_tile or 10 ** 6, contextual=0, keep_cls=False)
+    config = method_config(name)
+    if name == "v2drop":  # its default's last stage is ratio 0 (one token kept), which no scale lifts
+        config = dataclasses.replace(config, keep_ratios=(0.5, 0.25, 0.125))
+    return config.scaled(10 ** 6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keeping_everything_equals_the_unpruned_model(family, name):
+    """Every method that keeps every token gives the unpruned model's greedy tokens and (up to rounding) its logits,
+    on a batch of two prompts, and says that it pruned nothing."""
+    kind, model, processor = family
+    if (kind, name) in KEEP_ALL_OPT_OUTS:
+        pytest.skip(KEEP_ALL_OPT_OUTS[kind, name])
+    batch = _inputs(processor, [0, 1])
+    ref_logits, ref_tokens = _run(model, batch)
+    with pytest.warns(UserWarning, match="prune"):  # "prunes nothing" / "pruned none": said, not silent
+        with transprune.pruned(model, keep_everything(name, model)) as handle:
+            logits, tokens = _run(model, batch)
+            assert all(s.pruned_nothing for s in handle.last_stats), (kind, name)
+    assert torch.equal(tokens, ref_tokens), (kind, name)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4), (kind, name)

@@ -357,3 +357,17 @@ def test_a_composition_is_split_once_into_a_plan_carried_by_the_handle():
         assert handle.plan.pre is zip_ and handle.llm.positions == "compact"
     fastv = FastVConfig(k=2, r=0.5, positions="compact")
     assert Plan.of(fastv).with_llm(FastVConfig(k=3)).config == FastVConfig(k=3)  # one config stays one config
+
+
+def test_a_preset_name_finds_its_method_and_a_plan_goes_through_the_budget():
+    from transprune.budget import plan_budget
+    from transprune.methods import Plan, V2DropConfig
+
+    assert preset("qwen") == V2DropConfig.preset("qwen") and preset("low") == TransPruneConfig.preset("low")
+    with pytest.raises(ValueError, match="one of dart and cdpruner's: name the method, e.g. build\\('dart-64'\\)"):
+        preset("64")
+    with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of 'high'"):
+        preset("huge")
+    planned = plan_budget(Plan.of(TransPruneConfig.preset("high")), "llava-1.5-7b", 0.3)
+    assert planned.achieved == pytest.approx(0.3, abs=0.01)
+    assert planned.to_dict()["method"][0]["method"] == "transprune"

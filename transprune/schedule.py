@@ -70,7 +70,7 @@ class Schedule:
             acc = ()  # nothing is pruned, so nothing is scored
         ref = config.reference_depth
         field = config.layer_field  # the field the user wrote (FastV: k)
-        written = f"{field}={getattr(config, field, prune)!r} (as written)"
+        written = f"{field}={getattr(config, field)!r} (as written)"
         if ref is not None and depth != ref and prune:
             # Proportional map, then push collisions apart so each pruning stage keeps its own layer.
             mapped = []
@@ -84,7 +84,7 @@ class Schedule:
                 # The paper's window spans exactly the pruning layers (7..12 for 7, 9, 12): keep that shape.
                 mapped_acc = list(range(mapped[0], mapped[-1] + 1))
             prune, acc = tuple(mapped), tuple(mapped_acc)
-            written = f"{field}={getattr(config, field, prune)!r} (mapped from reference_depth={ref} to {prune})"
+            written = f"{field}={getattr(config, field)!r} (mapped from reference_depth={ref} to {prune})"
         if prune and prune[-1] >= depth and ref is None and _is_named_preset(config):
             # A named preset is the paper's setting, written for its 32-layer decoder: on a shallower model it is
             # mapped from that depth (said in a warning) rather than refused.

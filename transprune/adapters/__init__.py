@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Mapping
-from pathlib import Path
 
 import transformers
 
@@ -51,15 +51,19 @@ def load_family(module: str, adapter: str, model_types: tuple[str, ...], since: 
 
 def discover() -> list[tuple[str, dict]]:
     """(module, its ``FAMILY`` declaration) of every family module in this package, in their declared order, read
-    from the source (not imported: a module whose transformers classes are missing is still named)."""
+    from the module's source through its loader (not imported: a module whose transformers classes are missing is
+    still named; any install the loader reads from works, a wheel or a zip)."""
     found = []
     for info in pkgutil.iter_modules(__path__):
-        source = Path(__path__[0], f"{info.name}.py")
-        if not source.is_file():
-            continue
-        for node in ast.parse(source.read_text()).body:
+        spec = importlib.util.find_spec(f"{__name__}.{info.name}")
+        source = spec.loader.get_source(spec.name) if spec is not None and spec.loader is not None else None
+        if source is None:
+            raise RuntimeError(f"{__name__}.{info.name}: its source cannot be read, so its FAMILY declaration is unknown")
+        for node in ast.parse(source).body:
             if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["FAMILY"]:
                 found.append((f".{info.name}", ast.literal_eval(node.value)))
+    if not found:
+        raise RuntimeError(f"no family module declares FAMILY in {__name__}")
     return sorted(found, key=lambda item: (item[1].get("order", 1000), item[0]))
 
 

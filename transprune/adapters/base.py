@@ -1,6 +1,6 @@
 """The model-family seam: everything the runtime asks of a family, with the defaults of a Llama-style
-decoder under 1-D RoPE. A family subclasses `ModelAdapter`, overrides what differs, and registers
-itself (`adapters.register_family`); the runtime never looks at a position's shape, a mask's form, a
+decoder under 1-D RoPE. A family subclasses `ModelAdapter`, overrides what differs, and declares
+itself in its file (``FAMILY``, which `adapters.discover` registers); the runtime never looks at a position's shape, a mask's form, a
 decoder attribute or a vision tower itself.
 
 Positions keep the token axis last ((B, L) here; (3, B, L) under mRoPE): `surgery` gathers them

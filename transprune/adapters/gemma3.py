@@ -203,7 +203,9 @@ class Gemma3VisionHooks(VisionHooks):
         """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None (the tower
         passes no mask)."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+        if kwargs.get("attention_mask", args[1] if len(args) > 1 else None) is not None:
+            return None  # `capture` reads no mask here: with one, the layer and the score go their own ways
+        return forward_with_lse(attn, hidden, None)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """(images, patches, c) -> (images, tokens, c): the projector's k x k average over the patch grid."""

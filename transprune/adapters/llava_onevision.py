@@ -160,7 +160,9 @@ class OnevisionVisionHooks(VisionHooks):
         """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None (the tower
         passes no mask)."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+        if kwargs.get("attention_mask", args[1] if len(args) > 1 else None) is not None:
+            return None  # `capture` reads no mask here: with one, the layer and the score go their own ways
+        return forward_with_lse(attn, hidden, None)
 
     def geometry(self, modality, args, kwargs):
         if modality == "video":

@@ -210,7 +210,11 @@ def forward_with_lse(attn, hidden, mask) -> tuple[tuple, LayerPass] | None:
     if not (_FUSED and _SHARE_LAYER_PASS and hidden.device.type == "cpu" and not attn.training
             and hidden.dtype == torch.float32 and getattr(attn.config, "_attn_implementation", None) == "sdpa"
             and all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj", "scale", "head_dim"))
-            and not getattr(attn, "is_causal", False)):
+            and not getattr(attn, "is_causal", False)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            and torch.backends.cuda.flash_sdp_enabled()  # sdpa's flash switch (it governs the CPU kernel too)
+            and not torch.is_autocast_enabled("cpu")  # the raw kernel is not autocast's
+            and getattr(attn, "_hf_hook", None) is None):  # accelerate's hook moves / loads what the module gets
         return None
     if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1):
         return None

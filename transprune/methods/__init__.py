@@ -31,7 +31,9 @@ __all__ = ["METHODS", "POSITION_RULES", "InLLMMethod", "StageView", "register_me
 
 
 def as_list(config) -> list:
-    """One config or a composition, as a list."""
+    """One config, a composition or a `Plan`, as a list of its methods."""
+    if isinstance(config, Plan):
+        return config.methods
     return list(config) if isinstance(config, (list, tuple)) else [config]
 
 
@@ -112,18 +114,18 @@ COMPOSITIONS = {
 }
 
 
-def resolve_positions(config, family):
-    """``config`` (in the shape given) as it runs on ``family``: `Plan.resolved_for`."""
-    return Plan.of(config).resolved_for(family).config
-
-
 def preset(name: str):
-    """A named method setting: TransPrune's high/low/off, or a composition (returns a list)."""
+    """A named setting: a composition (returns a list), or the preset of the one method that has it (TransPrune's
+    high/low/off, V2Drop's llava/qwen, ...); a name two methods share asks for ``METHOD-PRESET`` (`build`)."""
     if name in COMPOSITIONS:
         return COMPOSITIONS[name]()
-    if name in PRESETS:
-        return TransPruneConfig.preset(name)
-    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, PRESETS + tuple(COMPOSITIONS)))}")
+    owners = [cls for cls in METHODS.values() if name in cls.presets]
+    if len(owners) == 1:
+        return owners[0].preset(name)
+    if owners:
+        raise ValueError(f"preset {name!r} is one of {' and '.join(c.method for c in owners)}'s: name the method, e.g. "
+                         f"build({owners[0].method + '-' + name!r})")
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, all_presets()))}")
 
 
 def all_presets() -> list[str]:

@@ -115,6 +115,9 @@ class VisionZipConfig(OnVisionTower):
         keeps every token of the model's tiles (it would prune nothing)."""
         self.check_family(adapter)
         hooks = adapter.vision_hooks()
+        if hooks is None:  # a family whose hooks depend on the model (its config) and this one has none
+            raise ValueError(f"VisionZip needs vision-tower hooks that this {adapter.family} model does not have"
+                             + (f": {adapter.vision_hooks_missing}" if adapter.vision_hooks_missing else ""))
         hooks.check()
         n = hooks.patches_per_tile()  # None: the count varies per image (dynamic resolution)
         if n is None:

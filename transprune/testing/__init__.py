@@ -10,12 +10,14 @@ non-uniform (the transformers default of std 0.02 gives near-uniform attention a
                        return_tensors="pt")
     model.generate(**inputs, max_new_tokens=5)
 
-One file per family (``testing/<family>.py``) builds its tiny model and processor and declares them in its
-``TINY`` table ({model_type: (model builder, processor builder)}); `common.py` holds what they share. The
+One file per family (``testing/<family>.py``; `qwen.py` for the three Qwen model types) builds its tiny models
+and processors and declares them in its ``TINY`` table ({model_type: (model builder, processor builder)});
+`common.py` holds what they share. The
 lm_head rows of the special tokens (ids 0-4: <unk> <s> </s> <pad> <image>) are zero, so their logit is exactly 0
 while the top logit is ~+4: greedy decoding never emits them, ``generate`` always runs to ``max_new_tokens``
 (pass another ``eos_token_id`` to test early stopping) and a generated token is never mistaken for an image
-placeholder or padding. Shipped code (the runtime, the CLI, bench) never imports this package.
+placeholder or padding. The runtime, flops and bench never import this package; the mini testbed (`transprune.mini`,
+the CLI's mini commands) builds its tokenizer with it.
 """
 
 from __future__ import annotations
