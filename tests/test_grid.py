@@ -5,6 +5,8 @@
   sample what it gives alone.
 - Four threads calling one pruned model at once get what each gets alone.
 - A method at its keep-everything setting is the unpruned model (declared opt-outs, with their reasons).
+- Each sample keeps exactly its share at every stage; sdpa and eager keep the same tokens; a prompt without an
+  image is the unpruned model.
 """
 
 import dataclasses
@@ -172,3 +174,65 @@ def test_keeping_everything_equals_the_unpruned_model(family, name):
             assert all(s.pruned_nothing for s in handle.last_stats), (kind, name)
     assert torch.equal(tokens, ref_tokens), (kind, name)
     assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4), (kind, name)
+
+
+def _expected_counts(config, n: int, depth: int) -> list[int]:
+    """What each stage keeps of a sample's ``n`` visual tokens, from the method's declared settings alone: an
+    embeddings method ``round(n * keep_ratio)`` (at least 1) before the LLM; an in-LLM method ``int`` (or, where it
+    declares so, ``round``) of ``n * ratio`` per stage, at least its ``min_keep`` and at least one."""
+    if config.stage == "pre":
+        return [max(1, min(n, round(n * config.keep_ratio)))]
+    schedule = config.layers_for_depth(depth)
+    counts = []
+    for ratio in schedule.keep_ratios:
+        share = n * ratio
+        kept = round(share) if config.keep_rounding == "round" else int(share)
+        counts.append(max(1, config.min_keep, min(n, kept)))
+    return counts
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "visionzip"])  # VisionZip: per unit, in each family's tests
+def test_each_sample_keeps_exactly_its_share(family, name):
+    kind, model, processor = family
+    config = method_config(name)
+    batch = _inputs(processor, [0, 1])
+    image = adapter_for(model).image_token_mask(batch["input_ids"], None)
+    with transprune.pruned(model, config) as handle:
+        _run(model, batch, n=1)
+        for n, ends_with_image, stats in zip(image.sum(1).tolist(), image[:, -1].tolist(), handle.last_stats):
+            assert stats.n_image_tokens == n
+            expected = _expected_counts(config, n, adapter_for(model).depth)
+            got = [len(k) for k in stats.kept_indices]
+            if ends_with_image and config.stage == "pre":  # the prompt's last token stays beside the method's choice
+                assert got[0] in (expected[0], expected[0] + 1) and n - 1 in stats.kept_indices[0], (kind, name)
+            else:
+                assert got == expected, (kind, name)
+            assert all(k == sorted(set(k)) for k in stats.kept_indices)  # original order, no repeats
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sdpa_and_eager_keep_the_same_tokens(family, name):
+    """The attention backend changes nothing transprune chooses: the scores are computed from q and k."""
+    kind, model, processor = family
+    eager = tiny_model(kind, seed=0, attn_implementation="eager")
+    batch = _inputs(processor, [0, 1])
+    runs = []
+    for m in (model, eager):
+        with transprune.pruned(m, method_config(name)) as handle:
+            _, tokens = _run(m, batch)
+            runs.append((tokens, [s.kept_indices for s in handle.last_stats]))
+    assert runs[0][1] == runs[1][1], (kind, name)
+    assert torch.equal(runs[0][0], runs[1][0]), (kind, name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_prompt_without_an_image_is_the_unpruned_model(family, name):
+    kind, model, processor = family
+    processor.tokenizer.padding_side = "left"
+    text = dict(processor(text=["USER: what is the colour ? ASSISTANT:", "USER: how many ? ASSISTANT:"], padding=True,
+                          return_tensors="pt"))
+    ref_logits, ref_tokens = _run(model, text)
+    with transprune.pruned(model, method_config(name)) as handle:
+        logits, tokens = _run(model, text)
+        assert [s.n_image_tokens for s in handle.last_stats] == [0, 0]
+    assert torch.equal(tokens, ref_tokens) and torch.allclose(logits, ref_logits, atol=1e-5, rtol=1e-5), (kind, name)
