@@ -1,7 +1,7 @@
 """Command line: ``python -m transprune.cli SUBCOMMAND ...`` (or the ``transprune`` script).
 
-One small function per subcommand, registered on argparse subparsers in `build_parser`. The work lives
-below: checkpoints and prompts in `loading`, the train-mini options in `mini.options`, `transprune bench` in
+Each subcommand is a ``register_<name>(subparsers)`` beside its ``cmd_<name>(args)``, listed in `SUBCOMMANDS`
+(`build_parser` registers them in that order). The work lives below: checkpoints and prompts in `loading`, the train-mini options in `mini.options`, `transprune bench` in
 `bench` (which registers its own subcommand); no module of the package imports this one.
 """
 
@@ -350,10 +350,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transprune", description="TransPrune visual-token pruning tools.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register_flops(sub) -> None:
+    """Add the ``flops`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("flops", help="TFLOPs of a pruning preset (paper convention and full prefill)",
                        description="Prefill TFLOPs of a preset: the paper's convention (visual tokens only) and, "
                                    "labelled separately, the full prefill with text tokens and scoring overhead.")
@@ -369,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_flops)
 
+
+def register_run(sub) -> None:
+    """Add the ``run`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("run", help="answer one image + prompt with a local checkpoint, with pruning",
                        description=f"Load a local checkpoint folder ({', '.join(supported_model_types())}) and its processor, generate "
                                    "greedily with pruning, and print the answer, visual tokens per layer and TFLOPs.")
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)
 
+
+def register_eval(sub) -> None:
+    """Add the ``eval`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("eval", help="accuracy, relevant-token recall and TFLOPs of every method on a test suite",
                        description="Run held-out questions of the mini testbed through each method on the same "
                                    "model and inputs; report accuracy (overall and per question type), the recall "
@@ -396,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_eval)
 
+
+def register_demo(sub) -> None:
+    """Add the ``demo`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("demo", help="answer a generated (or your) question with and without pruning; draw a PNG",
                        description="With no arguments: generate a scene and a question, answer with and without "
                                    "pruning on the shipped mini model, and write a PNG with the image, the kept "
@@ -410,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)
 
+
+def register_train_mini(sub) -> None:
+    """Add the ``train-mini`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("train-mini", help="train the mini LLaVA from scratch (deterministic; ~75 min on 2 CPU cores)",
                        description="Train the mini testbed model on generated questions and save a folder that "
                                    "from_pretrained / AutoProcessor load. The defaults are the best recipe measured so "
@@ -417,7 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     add_train_args(p)
     p.set_defaults(func=cmd_train_mini)
-    register_bench(sub)
+
+
+# Every subcommand, in the order `transprune --help` lists them: each a ``register(subparsers)`` function beside its
+# command function (bench's lives with the bench, `bench.register`). A new subcommand is one more entry here.
+SUBCOMMANDS = (register_flops, register_run, register_eval, register_demo, register_train_mini, register_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transprune", description="TransPrune visual-token pruning tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(sub)
     return parser
 
 
