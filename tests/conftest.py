@@ -56,10 +56,18 @@ def pixels(model, n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(seed))
 
 
-def greedy(model, ids, mask, pix, n=20):
+def greedy(model, ids, mask, pix, n=20, **kw):
+    """``n`` greedy tokens of LLaVA-style inputs given as tensors (the suite's one greedy, with `greedy_on`)."""
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False, **kw)
     return out[:, ids.shape[1]:]
+
+
+def greedy_on(model, inputs, n=20):
+    """``n`` greedy tokens of a processor's inputs (any family)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1]:]
 
 
 def assert_batch_matches_single(model, config, prompts, pix, n=20):

@@ -1,6 +1,7 @@
 """The peers under the same guarantees as TransPrune: counts, order, batch == one-by-one, backends,
 switched off == unpruned, and scores against independent references written here."""
 
+import functools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from transprune.flops import estimate
 from transprune.methods import build, preset, split_methods
 from transprune.testing import sample_inputs, sample_inputs_unbatched, tiny_llava, tiny_llava_next, tiny_processor
 
+import conftest
 from conftest import assert_batch_matches_single, left_pad, make_prompt, pixels, tiny_config
 
 ABS = dict(reference_depth=None)
@@ -37,10 +39,7 @@ OFF = {
 }
 
 
-def greedy(model, ids, mask, pix, n=12):
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False)
-    return out[:, ids.shape[1]:]
+greedy = functools.partial(conftest.greedy, n=12)
 
 
 @pytest.fixture(scope="module")

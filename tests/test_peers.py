@@ -2,6 +2,7 @@
 counts in order, batch == one by one on every family, sdpa == eager, switched off == unpruned, compositions and
 their published operating points in the FLOPs tool."""
 
+import functools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import transprune
 from transprune import CDPrunerConfig, DARTConfig, DivPruneConfig, TransPruneConfig, V2DropConfig
+from conftest import greedy_on
 from transprune.testing import (QWEN_KINDS, qwen_sample_inputs, qwen_sample_inputs_unbatched, sample_inputs,
                                 sample_inputs_unbatched, tiny_llava, tiny_model, tiny_processor)
 
@@ -21,10 +23,7 @@ ALL = [DART, V2DROP, DIVPRUNE, CDPRUNER]
 IDS = ["dart", "v2drop", "divprune", "cdpruner"]
 
 
-def greedy(model, inputs, n=8):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
+greedy = functools.partial(greedy_on, n=8)
 
 
 @pytest.fixture(scope="module")

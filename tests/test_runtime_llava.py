@@ -11,13 +11,9 @@ from transprune.compat import cache_of
 from transprune import TransPruneConfig
 from transprune.testing import tiny_llava
 
-from conftest import assert_batch_matches_single, left_pad, make_prompt, n_image_tokens, pixels, tiny_config
+from conftest import assert_batch_matches_single, greedy, left_pad, make_prompt, n_image_tokens, pixels, tiny_config
 
 
-def greedy(model, ids, mask, pix, n=20, **kw):
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n, do_sample=False, **kw)
-    return out[:, ids.shape[1]:]
 
 
 def logits(model, ids, mask, pix):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import transprune
-from conftest import mixed_batch
+from conftest import greedy_on as greedy, mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig, VisionZipConfig
 from transprune.testing import random_image, sample_inputs, sample_inputs_unbatched, tiny_llava_onevision, tiny_processor
 
@@ -21,10 +21,6 @@ def onevision():
     return tiny_llava_onevision(seed=0), tiny_processor("llava_onevision")
 
 
-def greedy(model, inputs, n=20):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
 
 
 def n_visual(model, inputs) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 
 import transprune
 from transprune.compat import cache_kwargs, cache_of
-from conftest import mixed_batch
+from conftest import greedy_on as greedy, mixed_batch
 from transprune import FastVConfig, PDropConfig, RandomConfig, TransPruneConfig, UniformConfig
 from transprune.testing import (qwen_sample_inputs, qwen_sample_inputs_unbatched, tiny_qwen2_5_vl, tiny_qwen2_vl,
                                 tiny_qwen_processor)
@@ -34,10 +34,6 @@ def qwen25():
     return tiny_qwen2_5_vl(seed=0), tiny_qwen_processor("qwen2_5_vl")
 
 
-def greedy(model, inputs, n=20):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
 
 
 def logits(model, inputs):
