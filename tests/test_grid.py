@@ -6,7 +6,8 @@
 - Four threads calling one pruned model at once get what each gets alone.
 - A method at its keep-everything setting is the unpruned model (declared opt-outs, with their reasons).
 - Each sample keeps exactly its share at every stage; sdpa and eager keep the same tokens; a prompt without an
-  image is the unpruned model.
+  image is the unpruned model; bfloat16 keeps the counts of float32; a saved and loaded model prunes as the one
+  in memory. Every check runs through `generate` with its cache.
 """
 
 import dataclasses
@@ -236,3 +237,45 @@ def test_a_prompt_without_an_image_is_the_unpruned_model(family, name):
         logits, tokens = _run(model, text)
         assert [s.n_image_tokens for s in handle.last_stats] == [0, 0]
     assert torch.equal(tokens, ref_tokens) and torch.allclose(logits, ref_logits, atol=1e-5, rtol=1e-5), (kind, name)
+
+
+def _as(inputs: dict, dtype) -> dict:
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_prunes_as_declared(family, name):
+    """In bfloat16 every method runs on every family: finite logits, and (but VisionZip's per-unit counts, which
+    its family tests check) each stage keeps the same number of tokens as in float32."""
+    kind, model, processor = family
+    half = tiny_model(kind, seed=0, dtype=torch.bfloat16)
+    batch = _inputs(processor, [0, 1])
+    counts = []
+    for m, inputs in ((model, batch), (half, _as(batch, torch.bfloat16))):
+        with transprune.pruned(m, method_config(name)) as handle:
+            logits, _ = _run(m, inputs, n=2)
+            counts.append([[len(k) for k in s.kept_indices] for s in handle.last_stats])
+        assert torch.isfinite(logits.float()).all(), (kind, name, m.dtype)
+    assert counts[0] == counts[1], (kind, name)
+
+
+@pytest.fixture(scope="module")
+def saved(family, tmp_path_factory):
+    """The family's tiny model saved with `save_pretrained` and loaded back from the folder (never the hub)."""
+    from transprune.loading import load_checkpoint
+    from transprune.testing import save_tiny_checkpoint
+
+    kind = family[0]
+    return load_checkpoint(str(save_tiny_checkpoint(tmp_path_factory.mktemp(kind), kind, seed=0)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_saved_and_loaded_model_prunes_as_the_one_in_memory(family, saved, name):
+    kind, model, processor = family
+    loaded, loaded_processor = saved
+    runs = []
+    for m, p in ((model, processor), (loaded, loaded_processor)):
+        with transprune.pruned(m, method_config(name)) as handle:
+            _, tokens = _run(m, _inputs(p, [0, 1]))
+            runs.append((tokens, [s.kept_indices for s in handle.last_stats]))
+    assert runs[0][1] == runs[1][1] and torch.equal(runs[0][0], runs[1][0]), (kind, name)
