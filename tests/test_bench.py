@@ -199,6 +199,10 @@ def test_random_weights_from_a_config_folder(tmp_path):
         assert high["ratios"]["tflops"] == pytest.approx(high["tflops"] / none["tflops"])
         assert high["ratios"]["tflops"] < 1 and high["kv_cache_bytes"] < none["kv_cache_bytes"]
     assert reports[0]["inputs_sha256"] == reports[1]["inputs_sha256"]
+    import torch  # the machine a figure ran on: its CPU kernels, threads
+
+    env = reports[0]["environment"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["torch_threads"] >= 1
 
 
 def test_random_weights_refuse_an_unsupported_config_naming_the_supported_ones(tmp_path, capsys):

@@ -405,14 +405,24 @@ def add_ratios(results: list[MethodResult]) -> None:
 
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name as Linux reports it (``/proc/cpuinfo``), or None elsewhere: the machine a figure ran on."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def _environment(device: torch.device) -> dict:
     import platform
 
     import transformers
 
     env = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "python": platform.python_version(), "cpu": _cpu_model() or platform.processor() or platform.machine(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
