@@ -298,3 +298,20 @@ def test_run_on_a_folder_of_an_unsupported_family_is_refused_at_once_with_the_li
     assert main(["run", "--model", str(tmp_path), "--image", str(tmp_path / "image.png"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "'mamba' checkpoint" in err and f"supported: {', '.join(supported_model_types())}" in err
+
+
+def test_the_readmes_model_table_and_arch_list_follow_the_registry():
+    """Every registered family's classes have a row in the README's supported-models table, and the `flops --arch`
+    line names exactly the registry's full-size archs (`ModelAdapter.archs`), in its order."""
+    from pathlib import Path
+
+    from transprune.adapters import supported_model_classes
+    from transprune.flops import ARCHS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("Supported models"):readme.index("## Command line")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    listed = {name for row in rows for name in re.findall(r"`(\w+ForConditionalGeneration)`", row.split("|")[2])}
+    assert listed == set(supported_model_classes())
+    archs = re.search(r"transprune flops --arch (\S+)", readme).group(1).split("|")
+    assert archs == [*ARCHS, "PATH/config.json"]
