@@ -363,10 +363,20 @@ def test_a_preset_name_finds_its_method_and_a_plan_goes_through_the_budget():
     from transprune.methods import Plan, V2DropConfig
 
     assert preset("qwen") == V2DropConfig.preset("qwen") and preset("low") == TransPruneConfig.preset("low")
-    with pytest.raises(ValueError, match="one of dart and cdpruner's: name the method, e.g. build\\('dart-64'\\)"):
+    with pytest.raises(ValueError, match="one of dart and cdpruner's: name the method, e.g. 'dart-64'"):
         preset("64")
     with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of 'high'"):
         preset("huge")
+    from transprune.methods import CDPrunerConfig, DARTConfig
+
+    assert preset("dart-192") == DARTConfig.preset("192")  # METHOD-PRESET, as the error asks
+    assert build(None, "qwen") == V2DropConfig.preset("qwen")  # --preset alone: the method that has it
+    with pytest.raises(ValueError, match="'192' is a preset of cdpruner and dart: name it on the one it is for, e.g. "
+                                         "'cdpruner-192\\+dart'"):
+        build("cdpruner+dart", "192")
+    assert build("cdpruner-192+dart") == [CDPrunerConfig.preset("192"), DARTConfig.preset("192")]  # a bare name: its first
+    tupled = Plan.of((CDPrunerConfig(), TransPruneConfig())).with_llm(FastVConfig())
+    assert isinstance(tupled.config, tuple) and tupled.config[1] == FastVConfig()  # the shape given
     planned = plan_budget(Plan.of(TransPruneConfig.preset("high")), "llava-1.5-7b", 0.3)
     assert planned.achieved == pytest.approx(0.3, abs=0.01)
     assert planned.to_dict()["method"][0]["method"] == "transprune"

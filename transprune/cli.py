@@ -1,7 +1,7 @@
 """Command line: ``python -m transprune.cli SUBCOMMAND ...`` (or the ``transprune`` script).
 
-Each subcommand is a ``register_<name>(subparsers)`` beside its ``cmd_<name>(args)``, listed in `SUBCOMMANDS`
-(`build_parser` registers them in that order). The work lives below: checkpoints and prompts in `loading`, the train-mini options in `mini.options`, `transprune bench` in
+Each subcommand is a ``cmd_<name>(args)`` and a ``register_<name>(subparsers)`` (bench's: `bench.register`),
+listed in `SUBCOMMANDS` (`build_parser` registers them in that order). The work lives below: checkpoints and prompts in `loading`, the train-mini options in `mini.options`, `transprune bench` in
 `bench` (which registers its own subcommand); no module of the package imports this one.
 """
 

@@ -57,13 +57,13 @@ def discover() -> list[tuple[str, dict]]:
     for info in pkgutil.iter_modules(__path__):
         spec = importlib.util.find_spec(f"{__name__}.{info.name}")
         source = spec.loader.get_source(spec.name) if spec is not None and spec.loader is not None else None
-        if source is None:
-            raise RuntimeError(f"{__name__}.{info.name}: its source cannot be read, so its FAMILY declaration is unknown")
-        for node in ast.parse(source).body:
-            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["FAMILY"]:
+        for node in ast.parse(source).body if source is not None else ():
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if [getattr(t, "id", None) for t in targets] == ["FAMILY"] and node.value is not None:
                 found.append((f".{info.name}", ast.literal_eval(node.value)))
-    if not found:
-        raise RuntimeError(f"no family module declares FAMILY in {__name__}")
+    if not found:  # an install without sources (compiled only) cannot be read this way: say so, not "unsupported"
+        raise RuntimeError(f"no module of {__name__} declares FAMILY, or their sources cannot be read (a compiled-only "
+                           "install): install transprune with its .py files")
     return sorted(found, key=lambda item: (item[1].get("order", 1000), item[0]))
 
 
@@ -88,28 +88,32 @@ def named_archs() -> dict:
 
 
 class ArchTable(Mapping):
-    """A live, read-only view of `named_archs` (so a family registered later is named too): ``kind`` "full" or
-    "reduced" (None: both), each entry ``convert(family, build, name)``; recomputed when the registry changes."""
+    """A live, read-only view of `named_archs` (a family registered later, or an arch table replaced, is seen at the
+    next access): ``kind`` "full" or "reduced" (None: both); each entry is ``convert(family, build, name)``, made
+    when it is first read and kept for as long as that family declares that same builder."""
 
     def __init__(self, convert, kind: str | None = None):
-        self._convert, self._kind, self._cache = convert, kind, (None, {})
+        self._convert, self._kind, self._made = convert, kind, {}
 
-    def _table(self) -> dict:
-        key = tuple(FAMILIES)
-        if self._cache[0] != key:
-            wanted = {None: (False, True), "full": (False,), "reduced": (True,)}[self._kind]
-            self._cache = (key, {name: self._convert(family, build, name)
-                                 for name, (family, build, reduced) in named_archs().items() if reduced in wanted})
-        return self._cache[1]
+    def _entries(self) -> dict:
+        wanted = {None: (False, True), "full": (False,), "reduced": (True,)}[self._kind]
+        return {name: (family, build) for name, (family, build, reduced) in named_archs().items() if reduced in wanted}
 
     def __getitem__(self, name):
-        return self._table()[name]
+        family, build = self._entries()[name]
+        key = (name, family, build)
+        if key not in self._made:
+            self._made[key] = self._convert(family, build, name)
+        return self._made[key]
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries()
 
     def __iter__(self):
-        return iter(self._table())
+        return iter(self._entries())
 
     def __len__(self):
-        return len(self._table())
+        return len(self._entries())
 
     def __repr__(self):
         return f"ArchTable({list(self)})"

@@ -77,7 +77,8 @@ class Plan:
 
     def with_llm(self, llm) -> "Plan":
         """This plan with its in-LLM method replaced (``config`` in the same shape)."""
-        config = [llm if c is self.llm else c for c in self.config] if isinstance(self.config, (list, tuple)) else llm
+        config = (type(self.config)(llm if c is self.llm else c for c in self.config)
+                  if isinstance(self.config, (list, tuple)) else llm)
         return Plan(self.pre, llm, config)
 
     def resolved_for(self, family) -> "Plan":
@@ -119,12 +120,15 @@ def preset(name: str):
     high/low/off, V2Drop's llava/qwen, ...); a name two methods share asks for ``METHOD-PRESET`` (`build`)."""
     if name in COMPOSITIONS:
         return COMPOSITIONS[name]()
+    method, _, own = name.rpartition("-")
+    if method in METHODS and own in METHODS[method].presets:  # "dart-192": the method's preset by its full name
+        return METHODS[method].preset(own)
     owners = [cls for cls in METHODS.values() if name in cls.presets]
     if len(owners) == 1:
         return owners[0].preset(name)
     if owners:
         raise ValueError(f"preset {name!r} is one of {' and '.join(c.method for c in owners)}'s: name the method, e.g. "
-                         f"build({owners[0].method + '-' + name!r})")
+                         f"{owners[0].method + '-' + name!r}")
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, all_presets()))}")
 
 
@@ -191,6 +195,9 @@ def build(methods: str | None = None, preset_name: str | None = None, params: di
     if preset_name in COMPOSITIONS and methods not in (None, preset_name):
         raise ValueError(f"--preset {preset_name!r} is a named composition of its own methods; it cannot apply to "
                          f"{methods!r} (give one of them)")
+    if methods is None and preset_name not in COMPOSITIONS and preset_name is not None:  # --preset alone: its method's
+        owners = [n for n, cls in METHODS.items() if preset_name in cls.presets]
+        methods = owners[0] if len(owners) == 1 else None
     methods = "transprune" if methods is None else methods
     if methods in COMPOSITIONS or preset_name in COMPOSITIONS:
         if methods in COMPOSITIONS and preset_name not in (None, methods):
@@ -203,6 +210,10 @@ def build(methods: str | None = None, preset_name: str | None = None, params: di
             raise ValueError(f"--preset {preset_name!r} is no preset of {'+'.join(n for n, _ in items)}"
                              + (f"; theirs: {theirs}" if theirs else " (it has none)")
                              + f"; presets: {', '.join(all_presets())}")
+        sharing = [n for n, own in items if own is None and preset_name in METHODS[n].presets]
+        if len(sharing) > 1:
+            raise ValueError(f"--preset {preset_name!r} is a preset of {' and '.join(sharing)}: name it on the one it is "
+                             f"for, e.g. {'+'.join(f'{n}-{preset_name}' if n == sharing[0] else n for n, _ in items)!r}")
         for name, own in items:
             if own is not None and preset_name in METHODS[name].presets and own != preset_name:
                 raise ValueError(f"{name}-{own} names preset {own!r} but --preset says {preset_name!r}: give one")

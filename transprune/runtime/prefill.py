@@ -21,9 +21,9 @@ from .stats import NO_PROFILE
 
 @dataclass
 class DecoderCall:
-    """One decoder call's inputs, filled once where the call arrives (`PruneHandle._decoder_forward`, from the
-    adapter's rules), for the prefill and the decode steps: a family quirk adds a field here, not a parameter to
-    every function on the way."""
+    """One decoder call's inputs, filled where the call arrives (`PruneHandle._decoder_forward`, from the adapter's
+    rules; a prefill's image mask and layer extras, then the pre-LLM choice before the layers run), for the prefill
+    and the decode steps: a family quirk adds a field here, not a parameter to every function on the way."""
 
     embeds: torch.Tensor  # (B, L, d) the input embeddings
     valid: torch.Tensor  # (B, L) bool: real tokens (not padding)
