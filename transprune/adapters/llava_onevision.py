@@ -33,7 +33,7 @@ from ..accounting import ArchSpec
 from .base import ModelAdapter
 from .llama import qwen2_text
 from .llava import LlavaAdapter
-from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
+from .vision import VisionHooks, capture_received, feature_layer, shared_received
 
 
 # -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
@@ -150,19 +150,10 @@ class OnevisionVisionHooks(VisionHooks):
         tower = getattr(tower, "vision_model", tower)
         return feature_layer(tower.encoder.layers, self.config.vision_feature_layer).self_attn
 
-    @staticmethod
-    def capture(attn, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale)
-
-    @staticmethod
-    def forward_with_lse(attn, args, kwargs):
-        """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None (the tower
-        passes no mask)."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if kwargs.get("attention_mask", args[1] if len(args) > 1 else None) is not None:
-            return None  # `capture` reads no mask here: with one, the layer and the score go their own ways
-        return forward_with_lse(attn, hidden, None)
+    # the attention each patch receives in the layer (no mask: one image or crop per row), its first pass shared
+    # with the layer's own call where the backend allows (`vision.shared_received`)
+    capture = staticmethod(capture_received)
+    forward_with_lse = staticmethod(shared_received)
 
     def geometry(self, modality, args, kwargs):
         if modality == "video":

@@ -26,7 +26,7 @@ from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditional
 from .. import compat
 from ..accounting import ArchSpec
 from .base import ModelAdapter
-from .vision import VisionHooks, feature_layer, forward_with_lse, received_attention
+from .vision import VisionHooks, capture_received, feature_layer, shared_received
 
 NOMINAL_SCALE = 4  # the bench's default image: 4 x 4 crops (the 512 px of SmolVLM-256M upscaled to 2048) + global
 
@@ -122,15 +122,12 @@ class SmolVLMVisionHooks(VisionHooks):
 
     @staticmethod
     def capture(attn, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale, mask)
+        """The attention each patch receives in the layer, under the mask of the batch's padded crops."""
+        return capture_received(attn, args, kwargs, mask=True)
 
     @staticmethod
     def forward_with_lse(attn, args, kwargs):
-        """The layer's forward with pass 1 of `capture`'s score (`vision.forward_with_lse`), or None."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return forward_with_lse(attn, hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+        return shared_received(attn, args, kwargs, mask=True)
 
     def units(self, image_outputs, captured, geometry):
         received, keys = captured  # (crops, patches), (crops, patches, d)

@@ -96,10 +96,37 @@ def received_attention(hidden, queries, keys, heads: int, head_dim: int, scale: 
     b, t, _ = hidden.shape
     q = queries(hidden).view(b, t, heads, head_dim).transpose(1, 2)
     k = keys(hidden).view(b, t, heads, head_dim).transpose(1, 2)
-    allowed = None
-    if mask is not None:
-        allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    return received_from_qk(q, k, scale, allowed), similarity_keys(k)
+    return received_from_qk(q, k, scale, _allowed(mask)), similarity_keys(k)
+
+
+def _allowed(mask) -> torch.Tensor | None:
+    """(B, T, T) bool, True where a row may attend, of a layer's (B, 1, T, T) bool or additive mask; None for None."""
+    if mask is None:
+        return None
+    return mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+
+
+def layer_inputs(args, kwargs):
+    """(hidden states, attention mask or None) of one attention-layer call, however they were passed."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return hidden, kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+
+def capture_received(attn, args, kwargs, mask: bool = False):
+    """`received_attention` of one call of a SigLIP-shaped layer (q/k projections, ``num_heads``, ``head_dim``,
+    ``scale``), reading the call's mask where ``mask`` (a tower that pads its crops)."""
+    hidden, given = layer_inputs(args, kwargs)
+    return received_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, attn.scale,
+                              given if mask else None)
+
+
+def shared_received(attn, args, kwargs, mask: bool = False):
+    """`forward_with_lse` of one such call, the hooks' ``forward_with_lse``; without ``mask`` (the score reads none),
+    a call that is given one runs as it is (None), so the layer and the score never see different masks."""
+    hidden, given = layer_inputs(args, kwargs)
+    if given is not None and not mask:
+        return None
+    return forward_with_lse(attn, hidden, given)
 
 
 def received_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,14 +249,10 @@ def forward_with_lse(attn, hidden, mask) -> tuple[tuple, LayerPass] | None:
     q = attn.q_proj(hidden).view(shape).transpose(1, 2)
     k = attn.k_proj(hidden).view(shape).transpose(1, 2)
     v = attn.v_proj(hidden).view(shape).transpose(1, 2)
-    additive = mask
-    if mask is not None and mask.dtype == torch.bool:  # as sdpa converts a bool mask
-        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    additive = _additive(mask[:, 0], q) if mask is not None and mask.dtype == torch.bool else mask  # as sdpa converts it
     out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=additive, scale=attn.scale)
     out = attn.out_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1).contiguous())
-    allowed = None
-    if mask is not None:
-        allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-        if bool(allowed.all()):
-            allowed = None
+    allowed = _allowed(mask)
+    if allowed is not None and bool(allowed.all()):
+        allowed = None
     return (out, None), LayerPass(q, k, lse, attn.scale, allowed)

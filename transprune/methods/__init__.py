@@ -123,13 +123,18 @@ def preset(name: str):
     method, _, own = name.rpartition("-")
     if method in METHODS and own in METHODS[method].presets:  # "dart-192": the method's preset by its full name
         return METHODS[method].preset(own)
-    owners = [cls for cls in METHODS.values() if name in cls.presets]
+    owners = _owners(name)
     if len(owners) == 1:
-        return owners[0].preset(name)
+        return METHODS[owners[0]].preset(name)
     if owners:
-        raise ValueError(f"preset {name!r} is one of {' and '.join(c.method for c in owners)}'s: name the method, e.g. "
-                         f"{owners[0].method + '-' + name!r}")
+        raise ValueError(f"preset {name!r} is one of {' and '.join(owners)}'s: name the method, e.g. "
+                         f"{owners[0] + '-' + name!r}")
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(map(repr, all_presets()))}")
+
+
+def _owners(preset_name) -> list[str]:
+    """The registered methods that have a preset of this name."""
+    return [n for n, cls in METHODS.items() if preset_name in cls.presets]
 
 
 def all_presets() -> list[str]:
@@ -196,7 +201,7 @@ def build(methods: str | None = None, preset_name: str | None = None, params: di
         raise ValueError(f"--preset {preset_name!r} is a named composition of its own methods; it cannot apply to "
                          f"{methods!r} (give one of them)")
     if methods is None and preset_name not in COMPOSITIONS and preset_name is not None:  # --preset alone: its method's
-        owners = [n for n, cls in METHODS.items() if preset_name in cls.presets]
+        owners = _owners(preset_name)
         methods = owners[0] if len(owners) == 1 else None
     methods = "transprune" if methods is None else methods
     if methods in COMPOSITIONS or preset_name in COMPOSITIONS:

@@ -113,8 +113,7 @@ class VisionZipConfig(OnVisionTower):
     def check(self, adapter) -> None:
         """Raise before the model changes if this family or setting cannot run VisionZip; warn when the setting
         keeps every token of the model's tiles (it would prune nothing)."""
-        self.check_family(adapter)
-        hooks = adapter.vision_hooks()
+        hooks = adapter.vision_hooks()  # `apply` has checked the family (`check_family`); this model may still lack them
         if hooks is None:  # a family whose hooks depend on the model (its config) and this one has none
             raise ValueError(f"VisionZip needs vision-tower hooks that this {adapter.family} model does not have"
                              + (f": {adapter.vision_hooks_missing}" if adapter.vision_hooks_missing else ""))
