@@ -263,37 +263,62 @@ class QwenVisionHooks(VisionHooks):
         return kwargs.get(self._grids[modality], args[1] if len(args) > 1 else None)
 
     def _token_order(self, grid) -> torch.Tensor:
-        """For each visual token in the LLM's order, its merge unit's index among the block's rows."""
-        total = int((grid.prod(-1) // self.merge_unit).sum())
-        if not isinstance(self.adapter.model, Qwen2_5_VLForConditionalGeneration):
-            return torch.arange(total)
-        from transformers.vision_utils import get_vision_window_index
-
-        window_index, _ = get_vision_window_index(grid.cpu(), self.visual.spatial_merge_size, self.visual.window_size,
-                                                  self.visual.patch_size)
-        return torch.argsort(window_index)  # as the tower's own `merged[argsort(window_index)]`
+        windows = isinstance(self.adapter.model, Qwen2_5_VLForConditionalGeneration)
+        return token_order(grid, self.visual.spatial_merge_size,
+                           (self.visual.window_size, self.visual.patch_size) if windows else None)
 
     def units(self, image_outputs, captured, grid):
         received, keys = captured
-        order = self._token_order(grid).to(received.device)
-        score = received.view(-1, self.merge_unit).mean(1)[order]
-        keys = torch.nn.functional.normalize(keys.view(-1, self.merge_unit, keys.shape[-1]).mean(1)[order], dim=-1)
-        frames = [h * w // self.merge_unit for t, h, w in grid.tolist() for _ in range(t)]
-        return list(zip(score.split(frames), keys.split(frames)))
+        return frame_units(received, keys, grid, self.merge_unit, self._token_order(grid))
 
     def merge(self, image_outputs, plans, grid) -> torch.Tensor:
         per_item = [len(x) for x in image_outputs.pooler_output]
         deepstack = getattr(image_outputs, "deepstack_features", None) or []
         sources = [torch.cat(image_outputs.pooler_output)] + [compat.rows_of(f) for f in deepstack]
-        written = [x.clone() for x in sources]
-        offset = 0
-        for plan in plans:
-            n = plan.keep.numel()
-            if plan.targets.numel():
-                for source, out in zip(sources, written):
-                    out[offset + plan.targets] = plan.merged(source[offset:offset + n]).to(out.dtype)
-            offset += n
+        written = write_merged(sources, plans)
         image_outputs.pooler_output = written[0].split(per_item)
         if deepstack:
             image_outputs.deepstack_features = [compat.like(f, x, per_item) for f, x in zip(deepstack, written[1:])]
         return torch.cat([plan.keep for plan in plans]), None
+
+
+# -- VisionZip's units and merge on a Qwen tower, as pure functions: the transformers hooks above and the vLLM
+# plugin (transprune.integrations.vllm) both call them, so a served model keeps the tokens this one keeps.
+
+def token_order(grid: torch.Tensor, merge: int, windows: tuple[int, int] | None = None) -> torch.Tensor:
+    """For each visual token of the images / videos of ``grid`` ((N, 3) t, h, w patches) in the LLM's order, its
+    merge unit's index among the tower's block rows: the identity, or with ``windows`` = (window_size, patch_size)
+    (Qwen2.5-VL's window attention) the inverse of the tower's window permutation (its ``merged[argsort(index)]``)."""
+    total = int((grid.prod(-1) // merge ** 2).sum())
+    if windows is None:
+        return torch.arange(total)
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid.cpu(), merge, *windows)
+    return torch.argsort(window_index)
+
+
+def frame_units(received: torch.Tensor, keys: torch.Tensor, grid: torch.Tensor, merge_unit: int,
+                order: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """VisionZip's units (one per image and per video frame, in order): each one's dominance score and unit keys
+    per visual token, from the scored block's per-row ``received`` attention and ``keys`` (rows in the block's
+    order), averaged over each merge unit and put in the LLM's order (``order``: `token_order`)."""
+    order = order.to(received.device)
+    score = received.view(-1, merge_unit).mean(1)[order]
+    keys = torch.nn.functional.normalize(keys.view(-1, merge_unit, keys.shape[-1]).mean(1)[order], dim=-1)
+    frames = [h * w // merge_unit for t, h, w in grid.tolist() for _ in range(t)]
+    return list(zip(score.split(frames), keys.split(frames)))
+
+
+def write_merged(sources: list[torch.Tensor], plans: list) -> list[torch.Tensor]:
+    """Copies of ``sources`` (each (n_tokens, d): the merged features, DeepStack levels) with each unit's contextual
+    targets replaced by their group's merge (`ZipPlan.merged`); ``plans`` cover the rows in order."""
+    written = [x.clone() for x in sources]
+    offset = 0
+    for plan in plans:
+        n = plan.keep.numel()
+        if plan.targets.numel():
+            for source, out in zip(sources, written):
+                out[offset + plan.targets] = plan.merged(source[offset:offset + n]).to(out.dtype)
+        offset += n
+    return written

@@ -218,6 +218,12 @@ class PreLLMMethod(Method):
         """Image tokens that reach the LLM on ``arch`` (an `ArchSpec`; FLOPs tool)."""
         raise NotImplementedError
 
+    def kept_of(self, units: list[int]) -> int:
+        """Visual tokens that reach the LLM of an item cut into ``units`` (their token counts: an image's tiles or
+        a video's frames), a function of the counts alone, never of scores: what an engine must know before the
+        encoder runs (the vLLM plugin's placeholder count)."""
+        raise NotImplementedError
+
     def install(self, adapter, hand_over) -> tuple[list, list]:
         """Wrap what the method needs on this model instance; returns what `PruneHandle.remove` undoes:
         ([(module, attribute, previous instance value)], [hooks])."""
@@ -327,9 +333,13 @@ class OnEmbeddings(PreLLMMethod):
     after the sample's last visual token (the instruction)."""
 
     from_embeddings = True
+    reads_instruction = True  # `order` reads the text after the image (False where it ignores it)
 
     def count(self, n: int) -> int:
         return max(1, min(n, round(n * self.keep_ratio)))
+
+    def kept_of(self, units: list[int]) -> int:
+        return self.count(sum(units))  # the item's tokens chosen together
 
     def llm_tokens(self, arch) -> int:
         return self.count(arch.image_tokens)

@@ -24,6 +24,7 @@ class DivPruneConfig(OnEmbeddings):
 
     keep_ratio: float = 0.098
     method = "divprune"
+    reads_instruction = False
 
     def __post_init__(self):
         check_fraction("keep_ratio", self.keep_ratio)

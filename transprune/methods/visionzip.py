@@ -83,6 +83,9 @@ class VisionZipConfig(OnVisionTower):
         """Tokens a unit of ``n`` keeps (at most ``n``)."""
         return min(sum(self.counts(n)), n)
 
+    def kept_of(self, units: list[int]) -> int:
+        return sum(self.tokens_for(n) for n in units)  # each unit keeps its own share
+
     def scaled(self, factor: float) -> "VisionZipConfig":
         """Dominant and contextual tokens per image times ``factor`` (rounded; at least one token kept); None
         fields become the paper's setting on ``reference_tokens`` (576 when unset), so they scale the same way."""
