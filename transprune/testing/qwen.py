@@ -75,14 +75,15 @@ def _qwen_common(**text_overrides) -> dict:
                 vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
-def tiny_qwen2_5_vl_config(**text_overrides):
-    """Qwen2.5-VL-shaped config (window attention in vision block 0). ``text_overrides`` go to the text config."""
+def tiny_qwen2_5_vl_config(vision_overrides: dict | None = None, **text_overrides):
+    """Qwen2.5-VL-shaped config (window attention in vision block 0). ``text_overrides`` go to the text config,
+    ``vision_overrides`` to the vision config (``out_hidden_size`` must follow a wider decoder)."""
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=QWEN_PATCH_SIZE,
                   spatial_merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2, window_size=32,
                   fullatt_block_indexes=[1], out_hidden_size=64, tokens_per_second=2, initializer_range=INIT_STD)
-    return Qwen2_5_VLConfig(vision_config=vision, **_qwen_common(**text_overrides))
+    return Qwen2_5_VLConfig(vision_config={**vision, **(vision_overrides or {})}, **_qwen_common(**text_overrides))
 
 
 def tiny_qwen2_vl_config(**text_overrides):
@@ -127,11 +128,11 @@ def _qwen_build(config, model_cls, seed: int, attn_implementation: str, dtype: t
 
 
 def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
-                    **text_overrides):
+                    vision_overrides: dict | None = None, **text_overrides):
     """Random-init ``Qwen2_5_VLForConditionalGeneration`` in eval mode."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return _qwen_build(tiny_qwen2_5_vl_config(**text_overrides), Qwen2_5_VLForConditionalGeneration, seed,
+    return _qwen_build(tiny_qwen2_5_vl_config(vision_overrides, **text_overrides), Qwen2_5_VLForConditionalGeneration, seed,
                        attn_implementation, dtype)
 
 

