@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,53 +34,76 @@ import transprune  # noqa: E402
 from transprune.integrations.vllm import hf_overrides, settings  # noqa: E402
 from transprune.testing.common import random_image  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / "qwen2.5-vl-7b"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real-configs"
 ENGINE = dict(enforce_eager=True, dtype="float32", kv_cache_memory_bytes=256 << 20, seed=0)
 QUESTION = "Describe the image."
-# Each setting against the same image, in this order: VisionZip and CDPruner keep the same count of the narrowed
-# model's 64 tokens (7), so a cache keyed without the setting would hand the second the first one's tokens.
+# Each setting against the same image, in this order: on the narrowed models VisionZip and CDPruner keep the same
+# count of 64 tokens (7), so a cache keyed without the setting would hand the second the first one's tokens.
 SETTINGS = ["none", "visionzip", "cdpruner", "divprune", {"method": "divprune", "params": {"keep_ratio": 0.5}},
             {"method": "visionzip", "params": {"dominant": 5, "contextual": 2}}, "visionzip"]
+WIDE = dict(hidden_size=128)  # vLLM's CPU attention has no head_dim 16 (the tiny models'): 32
 
 
-def build_tiny(folder: Path) -> Path:
-    """transprune's tiny Qwen2.5-VL with a decoder of width 128 (head_dim 32: vLLM's CPU attention has no 16),
-    its tokenizer, image processor and chat template, and a video processor of the same geometry (vLLM loads one)."""
-    from transformers import Qwen2VLVideoProcessor
+def build_tiny(folder: Path, kind: str) -> Path:
+    """transprune's tiny Qwen2.5-VL / Qwen3-VL with a decoder of width 128 (head_dim 32), its tokenizer, image
+    processor and chat template, and a video processor of the same geometry (vLLM loads one)."""
+    import transformers
 
-    from transprune.testing.qwen import QWEN_MERGE_SIZE, QWEN_PATCH_SIZE, tiny_qwen2_5_vl, tiny_qwen_processor
+    from transprune.testing import qwen
 
-    model = tiny_qwen2_5_vl(vision_overrides={"out_hidden_size": 128}, hidden_size=128,
-                            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    if kind == "qwen2_5_vl":
+        model = qwen.tiny_qwen2_5_vl(vision_overrides={"out_hidden_size": 128}, **WIDE, rope_parameters={
+            "rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+        video = transformers.Qwen2VLVideoProcessor
+    else:
+        model = qwen.tiny_qwen3_vl(vision_overrides={"out_hidden_size": 128}, **WIDE, head_dim=32, rope_parameters={
+            "rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True, "rope_theta": 10000.0})
+        video = transformers.Qwen3VLVideoProcessor
     model.save_pretrained(folder)
-    tiny_qwen_processor("qwen2_5_vl").save_pretrained(folder)
-    Qwen2VLVideoProcessor(patch_size=QWEN_PATCH_SIZE, temporal_patch_size=2, merge_size=QWEN_MERGE_SIZE,
-                          min_pixels=32 * 32, max_pixels=128 * 128).save_pretrained(folder)
+    qwen.tiny_qwen_processor(kind).save_pretrained(folder)
+    video(patch_size=qwen.QWEN_PATCH_SIZE, temporal_patch_size=2, merge_size=qwen.QWEN_MERGE_SIZE,
+          min_pixels=32 * 32, max_pixels=128 * 128).save_pretrained(folder)
     return folder
 
 
-def build_narrow(folder: Path) -> Path:
-    """The real Qwen2.5-VL-7B folder's config, processor and tokenizer; the decoder narrowed to 4 layers of width 128
-    (mRoPE sections scaled to its head_dim 32), the tower to 2 blocks (the last one full attention); random weights."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def build_narrow(folder: Path, kind: str) -> Path:
+    """A real folder's config, processor and tokenizer (Qwen2.5-VL-7B; Qwen3-VL-8B's architecture from a
+    derivative's folder); the decoder narrowed to 4 layers of width 128 (mRoPE sections scaled to head_dim 32), the
+    tower to 2 blocks (Qwen2.5-VL: the last one full attention; Qwen3-VL: 3 blocks, each a DeepStack level, width
+    128); random weights."""
+    import transformers
 
-    if not (REAL / "config.json").is_file():
-        pytest.skip(f"{REAL} (the real model folders beside the checkout) is not here")
+    real = REAL / {"qwen2_5_vl": "qwen2.5-vl-7b", "qwen3_vl": "qwen3-vl-8b-embedding"}[kind]
+    if not (real / "config.json").is_file():
+        pytest.skip(f"{real} (the real model folders beside the checkout) is not here")
     folder.mkdir(parents=True, exist_ok=True)
-    for f in REAL.iterdir():
+    for f in real.iterdir():
         shutil.copy(f, folder / f.name)
     config = json.loads((folder / "config.json").read_text())
-    config.update(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
-    config["rope_scaling"]["mrope_section"] = [4, 6, 6]
-    config["vision_config"].update(depth=2, fullatt_block_indexes=[1], out_hidden_size=128)
+    narrow = dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if kind == "qwen2_5_vl":
+        config.update(narrow)
+        config["rope_scaling"]["mrope_section"] = [4, 6, 6]
+        config["vision_config"].update(depth=2, fullatt_block_indexes=[1], out_hidden_size=128)
+    else:
+        config["text_config"].update(narrow, head_dim=32)
+        config["text_config"]["rope_scaling"]["mrope_section"] = [8, 4, 4]
+        config["vision_config"].update(depth=3, deepstack_visual_indexes=[0, 1, 2], hidden_size=128,
+                                       intermediate_size=256, num_heads=4, out_hidden_size=128)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(folder)).save_pretrained(folder)
+    model_class = getattr(transformers, config["architectures"][0])
+    model_class(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
     return folder
 
 
-FOLDERS = {"tiny": (build_tiny, 1024, [(64, 96), (96, 64), (128, 128), (48, 48)]),
-           "narrow": (build_narrow, 2048, [(224, 224), (224, 448), (448, 224), (112, 168)])}
+# folder -> (builder, model type, max_model_len, image sizes (w, h): the batch test's, the first also the others')
+FOLDERS = {"qwen2.5-tiny": (build_tiny, "qwen2_5_vl", 1024, [(64, 96), (96, 64), (128, 128), (48, 48)]),
+           "qwen2.5-narrow": (build_narrow, "qwen2_5_vl", 2048, [(224, 224), (224, 448), (448, 224), (112, 168)]),
+           "qwen3-tiny": (build_tiny, "qwen3_vl", 1024, [(64, 96), (96, 64), (128, 128), (48, 48)]),
+           "qwen3-narrow": (build_narrow, "qwen3_vl", 2048, [(256, 256), (256, 512), (512, 256), (128, 192)])}
+ARCH = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +113,8 @@ def folders(tmp_path_factory):
 
 def folder_of(name, folders, tmp_path_factory) -> Path:
     if name not in folders:
-        folders[name] = FOLDERS[name][0](tmp_path_factory.mktemp(name))
+        build, kind = FOLDERS[name][:2]
+        folders[name] = build(tmp_path_factory.mktemp(name), kind)
     return folders[name]
 
 
@@ -97,10 +122,12 @@ class Reference:
     """transprune on transformers for one folder: the prompt's tokens, the kept image tokens and greedy tokens."""
 
     def __init__(self, folder: Path):
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        import transformers
 
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-        self.processor = AutoProcessor.from_pretrained(folder)
+        architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+        self.model = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
+        self.architecture = architecture
+        self.processor = transformers.AutoProcessor.from_pretrained(folder)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
@@ -123,7 +150,7 @@ class Reference:
 def served(llm, prompt, image, setting, tokens: int = 4) -> dict:
     from vllm import SamplingParams
 
-    from transprune.integrations.vllm.qwen2_5_vl import selections
+    from transprune.integrations.vllm.qwen import selections
 
     request = {"prompt": prompt, "multi_modal_data": {"image": image}, "mm_processor_kwargs": {"transprune": setting}}
     out = llm.generate(request, SamplingParams(max_tokens=tokens, temperature=0.0), use_tqdm=False)[0]
@@ -134,10 +161,12 @@ def served(llm, prompt, image, setting, tokens: int = 4) -> dict:
             "selection": mine[-1] if mine else None, "selections": len(recorded)}
 
 
-def start(folder, max_model_len, **engine):
+def start(folder, max_model_len, setting="visionzip", **engine):
     from vllm import LLM
 
-    options = {**ENGINE, "max_model_len": max_model_len, "hf_overrides": hf_overrides("visionzip"), **engine}
+    architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    options = {**ENGINE, "max_model_len": max_model_len, "limit_mm_per_prompt": {"image": 2, "video": 1},
+               "hf_overrides": hf_overrides(setting, architecture=architecture), **engine}
     return LLM(model=str(folder), **options)
 
 
@@ -151,8 +180,8 @@ def stop(llm):
 def engine(request, folders, tmp_path_factory):
     """(vLLM engine with the plugin, transformers reference, image sizes) for one folder."""
     folder = folder_of(request.param, folders, tmp_path_factory)
-    llm = start(folder, FOLDERS[request.param][1])
-    yield llm, Reference(folder), FOLDERS[request.param][2]
+    llm = start(folder, FOLDERS[request.param][2])
+    yield llm, Reference(folder), FOLDERS[request.param][3]
     stop(llm)
 
 
@@ -175,7 +204,7 @@ class TestServedAsOnTransformers:
     def test_a_batch_of_images_of_different_sizes_is_each_one_alone(self, engine):
         from vllm import SamplingParams
 
-        from transprune.integrations.vllm.qwen2_5_vl import selections
+        from transprune.integrations.vllm.qwen import selections
 
         llm, reference, sizes = engine
         images = [random_image(20 + i, size) for i, size in enumerate(sizes)]
@@ -191,6 +220,29 @@ class TestServedAsOnTransformers:
             grid = reference.processor(text=[reference.prompt], images=[image], return_tensors="pt")["image_grid_thw"]
             assert picked[json.dumps(grid[0].tolist()) + settings(setting).key] == theirs["kept"]
 
+    def test_videos_pass_unpruned_on_qwen2_5_vl_and_are_refused_on_qwen3_vl(self, engine):
+        """Images only are pruned: a Qwen2.5-VL video keeps its tokens and positions (the same greedy tokens as the
+        model on transformers); a Qwen3-VL video is one clear error."""
+        from vllm import SamplingParams
+
+        llm, reference, sizes = engine
+        frames = np.stack([np.asarray(random_image(60 + i, sizes[0])) for i in range(4)])
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+        prompt = reference.processor.apply_chat_template(messages, add_generation_prompt=True)
+        metadata = {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}
+        request = {"prompt": prompt, "multi_modal_data": {"video": [(frames, metadata)]}}
+        if reference.architecture == "Qwen3VLForConditionalGeneration":
+            with pytest.raises(ValueError, match="takes images only"):
+                llm.generate(request, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+            return
+        out = llm.generate(request, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
+        inputs = reference.processor(text=[prompt], videos=[list(frames)], video_metadata=[metadata],
+                                     do_sample_frames=False, return_tensors="pt")  # the frames and fps vLLM has
+        with torch.no_grad():
+            theirs = reference.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert len(out.prompt_token_ids) == inputs["input_ids"].shape[1]
+        assert list(out.outputs[0].token_ids) == theirs[0, inputs["input_ids"].shape[1]:].tolist()
+
     def test_a_wrong_request_setting_is_refused_and_the_engine_serves_on(self, engine):
         llm, reference, sizes = engine
         image = random_image(7, sizes[0])
@@ -203,11 +255,11 @@ class TestServedAsOnTransformers:
 
 def test_chunked_prefill_splits_images_and_keeps_their_tokens_and_positions(folders, tmp_path_factory):
     """Prompts prefilled 16 tokens at a time (an image's kept tokens split across chunks) as on transformers."""
-    folder = folder_of("tiny", folders, tmp_path_factory)
+    folder = folder_of("qwen2.5-tiny", folders, tmp_path_factory)
     llm = start(folder, 1024, max_num_batched_tokens=16, enable_chunked_prefill=True)
     try:
         reference = Reference(folder)
-        for i, size in enumerate(FOLDERS["tiny"][2]):
+        for i, size in enumerate(FOLDERS["qwen2.5-tiny"][3]):
             image = random_image(40 + i, size)
             for setting in ("none", "visionzip", {"method": "divprune", "params": {"keep_ratio": 0.5}}):
                 ours, theirs = served(llm, reference.prompt, image, setting, tokens=6), reference.run(image, setting, 6)
@@ -219,7 +271,7 @@ def test_chunked_prefill_splits_images_and_keeps_their_tokens_and_positions(fold
 def test_a_wrong_server_setting_is_one_error_before_any_engine_starts(folders, tmp_path_factory):
     from vllm import LLM
 
-    folder = folder_of("tiny", folders, tmp_path_factory)
+    folder = folder_of("qwen2.5-tiny", folders, tmp_path_factory)
     overrides = {"architectures": ["TransPruneQwen2_5_VLForConditionalGeneration"],
                  "transprune": {"method": "visionzip+transprune"}}
     began = time.perf_counter()
@@ -260,7 +312,7 @@ sys.exit(main())
 def test_vllm_serve_answers_a_chat_request_with_the_reduced_prompt(folders, tmp_path_factory):
     """`vllm serve` with the plugin's setting on the command line; an OpenAI chat-completions request with an image
     (and one that picks its own setting) reports the pruned prompt's token count in its usage."""
-    folder = folder_of("tiny", folders, tmp_path_factory)
+    folder = folder_of("qwen2.5-tiny", folders, tmp_path_factory)
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-c", VLLM_CLI, "serve", str(folder), "--host", "127.0.0.1",

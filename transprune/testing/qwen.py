@@ -102,8 +102,9 @@ def tiny_qwen2_vl_config(**text_overrides):
 QWEN3_DEEPSTACK_LAYERS = 3
 
 
-def tiny_qwen3_vl_config(**text_overrides):
-    """Qwen3-VL-shaped config (DeepStack into decoder layers 0-2). ``text_overrides`` go to the text config."""
+def tiny_qwen3_vl_config(vision_overrides: dict | None = None, **text_overrides):
+    """Qwen3-VL-shaped config (DeepStack into decoder layers 0-2). ``text_overrides`` go to the text config,
+    ``vision_overrides`` to the vision config."""
     from transformers import Qwen3VLConfig
 
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=QWEN_PATCH_SIZE,
@@ -112,7 +113,7 @@ def tiny_qwen3_vl_config(**text_overrides):
                   initializer_range=INIT_STD)
     text = dict(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
                                               "mrope_interleaved": True, "rope_theta": 10000.0})
-    return Qwen3VLConfig(vision_config=vision, **_qwen_common(**{**text, **text_overrides}))
+    return Qwen3VLConfig(vision_config={**vision, **(vision_overrides or {})}, **_qwen_common(**{**text, **text_overrides}))
 
 
 @torch.no_grad()
@@ -146,11 +147,11 @@ def tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch
 
 
 def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
-                  **text_overrides):
+                  vision_overrides: dict | None = None, **text_overrides):
     """Random-init ``Qwen3VLForConditionalGeneration`` in eval mode."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    return _qwen_build(tiny_qwen3_vl_config(**text_overrides), Qwen3VLForConditionalGeneration, seed,
+    return _qwen_build(tiny_qwen3_vl_config(vision_overrides, **text_overrides), Qwen3VLForConditionalGeneration, seed,
                        attn_implementation, dtype)
 
 

@@ -31,7 +31,9 @@ from ... import methods as _methods
 
 # vLLM's architecture -> the one this plugin registers for it, and where its class is.
 ARCHS = {"Qwen2_5_VLForConditionalGeneration": ("TransPruneQwen2_5_VLForConditionalGeneration",
-                                                "transprune.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL")}
+                                                "transprune.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL"),
+         "Qwen3VLForConditionalGeneration": ("TransPruneQwen3VLForConditionalGeneration",
+                                             "transprune.integrations.vllm.qwen3_vl:PrunedQwen3_VL")}
 KEY = "transprune"  # the hf_overrides / mm_processor_kwargs key of the setting
 DEFAULT = "visionzip"  # what a model registered under our architecture serves with no setting given
 _SETTING_KEYS = ("method", "preset", "params")
