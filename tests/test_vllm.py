@@ -11,7 +11,6 @@ import gc
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -68,44 +67,67 @@ def build_tiny(folder: Path, kind: str) -> Path:
 
 def build_narrow(folder: Path, kind: str) -> Path:
     """A real folder's config, processor and tokenizer (Qwen2.5-VL-7B; Qwen3-VL-8B's architecture from a
-    derivative's folder); the decoder narrowed to 4 layers of width 128 (mRoPE sections scaled to head_dim 32), the
-    tower to 2 blocks (Qwen2.5-VL: the last one full attention; Qwen3-VL: 3 blocks, each a DeepStack level, width
-    128); random weights."""
-    import transformers
+    derivative's folder), narrowed with random weights (`narrowed_qwen_folder`: 4 decoder layers of width 128)."""
+    from transprune.testing.qwen import narrowed_qwen_folder
 
     real = REAL / {"qwen2_5_vl": "qwen2.5-vl-7b", "qwen3_vl": "qwen3-vl-8b-embedding"}[kind]
     if not (real / "config.json").is_file():
         pytest.skip(f"{real} (the real model folders beside the checkout) is not here")
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in real.iterdir():
-        shutil.copy(f, folder / f.name)
-    config = json.loads((folder / "config.json").read_text())
-    narrow = dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                  num_key_value_heads=2)
-    if kind == "qwen2_5_vl":
-        config.update(narrow)
-        config["rope_scaling"]["mrope_section"] = [4, 6, 6]
-        config["vision_config"].update(depth=2, fullatt_block_indexes=[1], out_hidden_size=128)
-    else:
-        config["text_config"].update(narrow, head_dim=32)
-        config["text_config"]["rope_scaling"]["mrope_section"] = [8, 4, 4]
-        config["vision_config"].update(depth=3, deepstack_visual_indexes=[0, 1, 2], hidden_size=128,
-                                       intermediate_size=256, num_heads=4, out_hidden_size=128)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(0)
-    model_class = getattr(transformers, config["architectures"][0])
-    model_class(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    return narrowed_qwen_folder(real, folder)
+
+
+def hub_layout(folder: Path) -> Path:
+    """The checkpoint's vision tower under ``vision_tower.vision_model.``, as the public LLaVA checkpoints have it:
+    transformers 5.19 saves it without ``vision_model.`` (and loads both), vLLM 0.32 loads only the public layout."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    save_file({("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.")
+                and not k.startswith("vision_tower.vision_model.") else k): v for k, v in weights.items()},
+              path, metadata={"format": "pt"})
     return folder
 
 
+def build_tiny_llava(folder: Path, kind: str) -> Path:
+    """transprune's tiny LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision with a decoder of width 128 (head_dim 32), its
+    processor (OneVision: and a video processor, which vLLM loads)."""
+    from transprune.testing import llava, llava_onevision
+
+    if kind == "llava_onevision":
+        import transformers
+
+        llava_onevision.tiny_llava_onevision(**WIDE).save_pretrained(folder)
+        processor = llava_onevision.tiny_onevision_processor()
+        processor.save_pretrained(folder)
+        transformers.LlavaOnevisionVideoProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+        return hub_layout(folder)
+    {"llava": llava.tiny_llava, "llava_next": llava.tiny_llava_next}[kind](**WIDE).save_pretrained(folder)
+    llava.tiny_llava_processor(kind).save_pretrained(folder)
+    return hub_layout(folder)
+
+
+def build_narrow_llava(folder: Path, kind: str) -> Path:
+    """The real LLaVA-1.5-7B folder's config, processor and tokenizer, narrowed with random weights
+    (`narrowed_llava_folder`: 4 decoder layers of width 128, a 2-layer CLIP-L tower)."""
+    from transprune.testing.llava import narrowed_llava_folder
+
+    real = REAL / "llava-1.5-7b"
+    if not (real / "config.json").is_file():
+        pytest.skip(f"{real} (the real model folders beside the checkout) is not here")
+    return hub_layout(narrowed_llava_folder(real, folder))
+
+
 # folder -> (builder, model type, max_model_len, image sizes (w, h): the batch test's, the first also the others')
-FOLDERS = {"qwen2.5-tiny": (build_tiny, "qwen2_5_vl", 1024, [(64, 96), (96, 64), (128, 128), (48, 48)]),
+SIZES = [(64, 96), (96, 64), (128, 128), (48, 48)]
+FOLDERS = {"qwen2.5-tiny": (build_tiny, "qwen2_5_vl", 1024, SIZES),
            "qwen2.5-narrow": (build_narrow, "qwen2_5_vl", 2048, [(224, 224), (224, 448), (448, 224), (112, 168)]),
-           "qwen3-tiny": (build_tiny, "qwen3_vl", 1024, [(64, 96), (96, 64), (128, 128), (48, 48)]),
-           "qwen3-narrow": (build_narrow, "qwen3_vl", 2048, [(256, 256), (256, 512), (512, 256), (128, 192)])}
-ARCH = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
-
-
+           "qwen3-tiny": (build_tiny, "qwen3_vl", 1024, SIZES),
+           "qwen3-narrow": (build_narrow, "qwen3_vl", 2048, [(256, 256), (256, 512), (512, 256), (128, 192)]),
+           "llava-tiny": (build_tiny_llava, "llava", 512, SIZES),
+           "llava-narrow": (build_narrow_llava, "llava", 2048, [(336, 336), (336, 672), (500, 300), (128, 128)]),
+           "llava-next-tiny": (build_tiny_llava, "llava_next", 512, SIZES),
+           "llava-onevision-tiny": (build_tiny_llava, "llava_onevision", 2048, SIZES)}
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return {}
@@ -121,14 +143,14 @@ def folder_of(name, folders, tmp_path_factory) -> Path:
 class Reference:
     """transprune on transformers for one folder: the prompt's tokens, the kept image tokens and greedy tokens."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, question: str = QUESTION):
         import transformers
 
         architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
         self.model = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
         self.architecture = architecture
         self.processor = transformers.AutoProcessor.from_pretrained(folder)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.no_grad()
@@ -150,7 +172,7 @@ class Reference:
 def served(llm, prompt, image, setting, tokens: int = 4) -> dict:
     from vllm import SamplingParams
 
-    from transprune.integrations.vllm.qwen import selections
+    from transprune.integrations.vllm.common import selections
 
     request = {"prompt": prompt, "multi_modal_data": {"image": image}, "mm_processor_kwargs": {"transprune": setting}}
     out = llm.generate(request, SamplingParams(max_tokens=tokens, temperature=0.0), use_tqdm=False)[0]
@@ -161,10 +183,18 @@ def served(llm, prompt, image, setting, tokens: int = 4) -> dict:
             "selection": mine[-1] if mine else None, "selections": len(recorded)}
 
 
+def setting_ok(architecture: str, setting) -> bool:
+    from transprune.integrations.vllm import ARCHS
+
+    return ARCHS[architecture].visionzip or not settings(setting).scores_tower
+
+
 def start(folder, max_model_len, setting="visionzip", **engine):
     from vllm import LLM
 
     architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    if not setting_ok(architecture, setting):
+        setting = "divprune"
     options = {**ENGINE, "max_model_len": max_model_len, "limit_mm_per_prompt": {"image": 2, "video": 1},
                "hf_overrides": hf_overrides(setting, architecture=architecture), **engine}
     return LLM(model=str(folder), **options)
@@ -189,9 +219,10 @@ class TestServedAsOnTransformers:
     def test_each_setting_keeps_the_same_tokens_and_generates_the_same(self, engine):
         llm, reference, sizes = engine
         image = random_image(7, sizes[0])
-        for i, setting in enumerate(SETTINGS):
+        chosen = [s for s in SETTINGS if setting_ok(reference.architecture, s)]  # LLaVA: no VisionZip (below)
+        for i, setting in enumerate(chosen):
             ours, theirs = served(llm, reference.prompt, image, setting), reference.run(image, setting)
-            if setting in SETTINGS[:i]:  # the same image and setting again: vLLM's encoder cache answers
+            if setting in chosen[:i]:  # the same image and setting again: vLLM's encoder cache answers
                 assert ours["selections"] == count
             count = ours["selections"]
             assert ours["selection"]["tokens"] == theirs["image_tokens"]
@@ -204,21 +235,24 @@ class TestServedAsOnTransformers:
     def test_a_batch_of_images_of_different_sizes_is_each_one_alone(self, engine):
         from vllm import SamplingParams
 
-        from transprune.integrations.vllm.qwen import selections
+        from transprune.integrations.vllm.common import selections
 
         llm, reference, sizes = engine
         images = [random_image(20 + i, size) for i, size in enumerate(sizes)]
         chosen = ["visionzip", "divprune", "cdpruner", {"method": "visionzip", "params": {"dominant": 3, "contextual": 1}}]
+        chosen = [s if setting_ok(reference.architecture, s) else {"method": "divprune", "params": {"keep_ratio": 0.3}}
+                  for s in chosen]
         requests = [{"prompt": reference.prompt, "multi_modal_data": {"image": image},
                      "mm_processor_kwargs": {"transprune": setting}} for image, setting in zip(images, chosen)]
         batch = llm.generate(requests, SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
-        picked = {json.dumps(s["grid"]) + s["setting"]: s["kept"] for s in llm.apply_model(selections)[0][-len(images):]}
+        picked = sorted((s["setting"], s["kept"]) for s in llm.apply_model(selections)[0][-len(images):])
+        expected = []
         for image, setting, out in zip(images, chosen, batch):
             theirs = reference.run(image, setting)
             assert len(out.prompt_token_ids) == theirs["prompt_tokens"]
             assert list(out.outputs[0].token_ids) == theirs["greedy"]
-            grid = reference.processor(text=[reference.prompt], images=[image], return_tensors="pt")["image_grid_thw"]
-            assert picked[json.dumps(grid[0].tolist()) + settings(setting).key] == theirs["kept"]
+            expected.append((settings(setting).key, theirs["kept"]))
+        assert picked == sorted(expected)  # each image's own choice, whatever order the encoder took them in
 
     def test_videos_pass_unpruned_on_qwen2_5_vl_and_are_refused_on_qwen3_vl(self, engine):
         """Images only are pruned: a Qwen2.5-VL video keeps its tokens and positions (the same greedy tokens as the
@@ -226,6 +260,8 @@ class TestServedAsOnTransformers:
         from vllm import SamplingParams
 
         llm, reference, sizes = engine
+        if "Llava" in reference.architecture:
+            pytest.skip("LLaVA-1.5 / NeXT take no videos; OneVision's pass unpruned as Qwen2.5-VL's (not run here)")
         frames = np.stack([np.asarray(random_image(60 + i, sizes[0])) for i in range(4)])
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
         prompt = reference.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -246,8 +282,11 @@ class TestServedAsOnTransformers:
     def test_a_wrong_request_setting_is_refused_and_the_engine_serves_on(self, engine):
         llm, reference, sizes = engine
         image = random_image(7, sizes[0])
-        for bad, says in (("fastv", "fastv prunes inside the LLM"), ({"method": "divprune", "params": {"keep_ratio": 0}},
-                                                                       "keep_ratio must be a number in (0, 1]")):
+        refused = [("fastv", "fastv prunes inside the LLM"),
+                   ({"method": "divprune", "params": {"keep_ratio": 0}}, "keep_ratio must be a number in (0, 1]")]
+        if not setting_ok(reference.architecture, "visionzip"):
+            refused.append(("visionzip", "VisionZip on the LLaVA families reads the vision tower's attention"))
+        for bad, says in refused:
             with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
                 served(llm, reference.prompt, image, bad)
         assert served(llm, reference.prompt, image, "divprune")["greedy"] == reference.run(image, "divprune")["greedy"]
@@ -358,3 +397,27 @@ def test_vllm_serve_answers_a_chat_request_with_the_reduced_prompt(folders, tmp_
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_the_serving_bench_reports_ratios_to_unpruned_from_one_engine(folders, tmp_path_factory, capsys):
+    """`python -m transprune.integrations.vllm.bench`: one engine, every method a per-request setting; the report's
+    prompt tokens are the processor's count with each setting's kept tokens, and the ratios are to `none`."""
+    from transprune.integrations.vllm import bench
+
+    folder = folder_of("qwen2.5-tiny", folders, tmp_path_factory)
+    methods = ["none", "visionzip", "divprune"]
+    assert bench.main([str(folder), "--methods", "visionzip,divprune", "--rounds", "2", "--requests", "2", "--ttft", "1",
+                       "--max-tokens", "2", "--image-size", "64", "--max-model-len", "1024", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in report["methods"]] == methods
+    reference = Reference(folder, bench.QUESTION)
+    image = random_image(0, (64, 64))
+    for m in report["methods"]:
+        theirs = reference.run(image, m["name"], tokens=1)
+        assert m["prompt_tokens_per_request"] == theirs["prompt_tokens"]
+        assert m["ratios"]["prompt_tokens"] == pytest.approx(theirs["prompt_tokens"] / theirs["unpruned_tokens"])
+        assert m["requests_per_s"] > 0 and m["ttft_s"] > 0
+    none, visionzip, divprune = report["methods"]
+    assert none["ratios"] == {"requests_per_s": 1.0, "ttft": 1.0, "prompt_tokens": 1.0, "prefill_flops": 1.0}
+    assert divprune["ratios"]["prefill_flops"] < 1.0  # fewer tokens through the decoder, nothing added to the tower
+    assert report["environment"]["vllm"] == __import__("vllm").__version__

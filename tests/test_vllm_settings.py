@@ -76,10 +76,16 @@ def test_refusals_name_the_served_methods():
 
 def test_hf_overrides_names_our_architecture_and_checks_the_setting():
     overrides = hf_overrides("visionzip", dominant=20, contextual=4)
-    assert overrides["architectures"] == [ARCHS["Qwen2_5_VLForConditionalGeneration"][0]]
+    assert overrides["architectures"] == [ARCHS["Qwen2_5_VLForConditionalGeneration"].name]
     assert settings(overrides["transprune"]).config == VisionZipConfig(20, 4)
     assert json.loads(json.dumps(overrides)) == overrides  # what `vllm serve --hf-overrides` takes
     with pytest.raises(ValueError, match="prunes inside the LLM"):
         hf_overrides("fastv")
-    with pytest.raises(ValueError, match="architecture='LlavaForConditionalGeneration': the vLLM plugin serves"):
-        hf_overrides("visionzip", architecture="LlavaForConditionalGeneration")
+    with pytest.raises(ValueError, match="architecture='GemmaForCausalLM': the vLLM plugin serves"):
+        hf_overrides("visionzip", architecture="GemmaForCausalLM")
+    llava = hf_overrides("divprune", architecture="LlavaForConditionalGeneration")
+    assert llava["architectures"] == ["TransPruneLlavaForConditionalGeneration"]
+    with pytest.raises(ValueError, match="VisionZip reads the vision tower, which the vLLM plugin wires on "
+                                         "TransPruneQwen2_5_VLForConditionalGeneration, "
+                                         "TransPruneQwen3VLForConditionalGeneration only"):
+        hf_overrides("visionzip", architecture="LlavaNextForConditionalGeneration")

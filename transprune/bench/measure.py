@@ -414,7 +414,7 @@ def _cpu_model() -> str | None:
         return None
 
 
-def _environment(device: torch.device) -> dict:
+def environment(device: torch.device) -> dict:
     import platform
 
     import transformers
@@ -500,6 +500,6 @@ def run_bench(arch: str, methods: list[tuple[str, object]], *, batch: int = 1, d
         "memory_measure": _PeakMemory(device).kind,
         "timer": "cuda events (prefill), perf_counter after cuda sync (generate)" if device.type == "cuda"
         else "time.perf_counter",
-        "environment": _environment(device),
+        "environment": environment(device),
         "methods": [r.to_dict() for r in results],
     }

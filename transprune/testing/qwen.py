@@ -197,5 +197,49 @@ def qwen_sample_inputs_unbatched(processor, n: int = 3, seed: int = 0, sizes: li
 
 
 
+def narrowed_qwen_folder(real, folder, layers: int = 4, hidden: int = 128, vision_depth: int | None = None):
+    """A random-weight copy of a real Qwen2.5-VL or Qwen3-VL folder (``real``: its config, processor and tokenizer
+    files, no weights) in ``folder``: the decoder narrowed to ``layers`` layers of width ``hidden`` (4 query / 2 KV
+    heads, head_dim ``hidden / 4``, mRoPE sections scaled to it), the tower to ``vision_depth`` blocks (default: 2
+    on Qwen2.5-VL, the last one full attention; 3 on Qwen3-VL, each a DeepStack level, at width 128), so real
+    processors and token counts run on a CPU. Returns ``folder``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import transformers
+
+    real, folder = Path(real), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in real.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = hidden // 4
+    sections = {"qwen2_5_vl": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],  # 16:24:24 of 128
+                "qwen3_vl": [head_dim // 4, head_dim // 8, head_dim // 8]}  # 24:20:20 of 128, rounded
+    narrow = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                  num_key_value_heads=2)
+    kind = config["model_type"]
+    if kind == "qwen2_5_vl":
+        depth = vision_depth or 2
+        config.update(narrow)
+        config["rope_scaling"]["mrope_section"] = sections[kind]
+        config["vision_config"].update(depth=depth, fullatt_block_indexes=[depth - 1], out_hidden_size=hidden)
+    elif kind == "qwen3_vl":
+        depth = vision_depth or 3
+        config["text_config"].update(narrow, head_dim=head_dim)
+        config["text_config"]["rope_scaling"]["mrope_section"] = sections[kind]
+        config["vision_config"].update(depth=depth, deepstack_visual_indexes=list(range(min(depth, layers, 3))),
+                                       hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden)
+    else:
+        raise ValueError(f"{real}: model_type {kind!r}; narrowed folders are built for qwen2_5_vl and qwen3_vl")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(0)
+    model_class = getattr(transformers, config["architectures"][0])
+    model_class(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    return folder
+
+
 TINY = {kind: (model, lambda kind=kind: tiny_qwen_processor(kind))
         for kind, model in (("qwen2_vl", tiny_qwen2_vl), ("qwen2_5_vl", tiny_qwen2_5_vl), ("qwen3_vl", tiny_qwen3_vl))}

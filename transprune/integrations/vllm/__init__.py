@@ -26,14 +26,32 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from ... import methods as _methods
 
-# vLLM's architecture -> the one this plugin registers for it, and where its class is.
-ARCHS = {"Qwen2_5_VLForConditionalGeneration": ("TransPruneQwen2_5_VLForConditionalGeneration",
-                                                "transprune.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL"),
-         "Qwen3VLForConditionalGeneration": ("TransPruneQwen3VLForConditionalGeneration",
-                                             "transprune.integrations.vllm.qwen3_vl:PrunedQwen3_VL")}
+class Arch(NamedTuple):
+    """One vLLM architecture this plugin serves: the name it registers for it, where its class is, and whether
+    VisionZip runs there (it reads the vision tower; the embedding methods run on every family)."""
+
+    name: str
+    where: str
+    visionzip: bool
+
+
+# vLLM's architecture -> the one this plugin registers for it.
+ARCHS = {
+    "Qwen2_5_VLForConditionalGeneration": Arch("TransPruneQwen2_5_VLForConditionalGeneration",
+                                               "transprune.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL", True),
+    "Qwen3VLForConditionalGeneration": Arch("TransPruneQwen3VLForConditionalGeneration",
+                                            "transprune.integrations.vllm.qwen3_vl:PrunedQwen3_VL", True),
+    "LlavaForConditionalGeneration": Arch("TransPruneLlavaForConditionalGeneration",
+                                          "transprune.integrations.vllm.llava:PrunedLlava", False),
+    "LlavaNextForConditionalGeneration": Arch("TransPruneLlavaNextForConditionalGeneration",
+                                              "transprune.integrations.vllm.llava:PrunedLlavaNext", False),
+    "LlavaOnevisionForConditionalGeneration": Arch("TransPruneLlavaOnevisionForConditionalGeneration",
+                                                   "transprune.integrations.vllm.llava:PrunedLlavaOnevision", False),
+}
 KEY = "transprune"  # the hf_overrides / mm_processor_kwargs key of the setting
 DEFAULT = "visionzip"  # what a model registered under our architecture serves with no setting given
 _SETTING_KEYS = ("method", "preset", "params")
@@ -73,8 +91,17 @@ def hf_overrides(method=DEFAULT, preset: str | None = None, architecture: str = 
     if architecture not in ARCHS:
         raise ValueError(f"architecture={architecture!r}: the vLLM plugin serves {', '.join(ARCHS)}")
     setting = {"method": method, "preset": preset, "params": params}
-    settings(setting)
-    return {"architectures": [ARCHS[architecture][0]], KEY: setting}
+    check_arch(settings(setting), ARCHS[architecture].name)
+    return {"architectures": [ARCHS[architecture].name], KEY: setting}
+
+
+def check_arch(served: ServedMethod, registered: str) -> None:
+    """Raise where the setting's method does not run on this architecture (VisionZip on the LLaVA families)."""
+    arch = next((a for a in ARCHS.values() if a.name == registered), None)
+    if served.scores_tower and arch is not None and not arch.visionzip:
+        theirs = [a.name for a in ARCHS.values() if a.visionzip]
+        raise ValueError(f"transprune: VisionZip reads the vision tower, which the vLLM plugin wires on "
+                         f"{', '.join(theirs)} only, not on {registered}; serve divprune or cdpruner there")
 
 
 def settings(setting, base=None) -> ServedMethod:
@@ -166,6 +193,7 @@ def check_engine(vllm_config) -> None:
     setting and the engine options it needs, each a ValueError naming the field."""
     model_config = vllm_config.model_config
     served = settings(getattr(model_config.hf_config, KEY, None))
+    check_arch(served, model_config.architecture)
     parallel = vllm_config.parallel_config
     if served.scores_tower and parallel.tensor_parallel_size > 1:
         raise ValueError("transprune: VisionZip scores every head of one vision block together, and with "
@@ -187,7 +215,7 @@ class StartupCheck:
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        settings(getattr(model_config.hf_config, KEY, None))
+        check_arch(settings(getattr(model_config.hf_config, KEY, None)), model_config.architecture)
 
 
 def register() -> None:
@@ -196,10 +224,10 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    for arch, where in ARCHS.values():
-        if arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(arch, where)
-        MODELS_CONFIG_MAP.setdefault(arch, StartupCheck)
+    for arch in ARCHS.values():
+        if arch.name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch.name, arch.where)
+        MODELS_CONFIG_MAP.setdefault(arch.name, StartupCheck)
     from .runner import enable_pruning_path_on_cpu
 
     enable_pruning_path_on_cpu()

@@ -12,16 +12,17 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .qwen import PrunedModel, PrunedProcessor, pop_fields, selections  # noqa: F401  (selections: for apply_model)
+from .common import pop_fields, selections  # noqa: F401  (selections: for apply_model)
+from .qwen import PrunedQwenModel, PrunedQwenProcessor
 
 
-class PrunedQwen2_5_VLProcessor(PrunedProcessor, Qwen2_5_VLMultiModalProcessor):
+class PrunedQwen2_5_VLProcessor(PrunedQwenProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PrunedQwen2_5_VL(PrunedModel, Qwen2_5_VLForConditionalGeneration):
+class PrunedQwen2_5_VL(PrunedQwenModel, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL whose images lose the tokens transprune's pre-LLM method drops, before the LLM."""
 
     windows = True  # the tower's rows are in window order

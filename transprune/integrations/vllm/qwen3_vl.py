@@ -15,14 +15,15 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .qwen import PrunedModel, PrunedProcessor, pop_fields, selections  # noqa: F401  (selections: for apply_model)
+from .common import pop_fields, selections  # noqa: F401  (selections: for apply_model)
+from .qwen import PrunedQwenModel, PrunedQwenProcessor
 
 VIDEOS_REFUSED = ("transprune: the Qwen3-VL architecture served with pruning takes images only (vLLM's Qwen3-VL "
                   "video layout interleaves timestamp text, which its pruning path positions only with its own EVS); "
                   "serve videos with Qwen3VLForConditionalGeneration")
 
 
-class PrunedQwen3VLProcessor(PrunedProcessor, Qwen3VLMultiModalProcessor):
+class PrunedQwen3VLProcessor(PrunedQwenProcessor, Qwen3VLMultiModalProcessor):
     def check_items(self, inputs) -> None:
         if "video" in inputs.mm_data_items and len(inputs.mm_data_items["video"]):
             raise ValueError(VIDEOS_REFUSED)
@@ -37,7 +38,7 @@ class PrunedQwen3VLDummyInputs(Qwen3VLDummyInputsBuilder):
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen3VLProcessor, info=Qwen3VLProcessingInfo,
                                         dummy_inputs=PrunedQwen3VLDummyInputs)
-class PrunedQwen3_VL(PrunedModel, Qwen3VLForConditionalGeneration):
+class PrunedQwen3_VL(PrunedQwenModel, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL whose images lose the tokens transprune's pre-LLM method drops, before the LLM."""
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
