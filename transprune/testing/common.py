@@ -170,3 +170,27 @@ def _placeholders(processor, prompts: list[str]) -> list[str]:
     return [p.replace("<image>", token) for p in prompts]
 
 
+
+
+def narrowed_folder(real, folder, narrow) -> "Path":
+    """A random-weight model folder in ``folder`` from a real one's text files (``real``: config, processor and
+    tokenizer, no weights): ``narrow(config)`` edits the config.json dict in place (fewer, narrower layers), then the
+    model is built from it with seed 0 and saved. Returns ``folder``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import transformers
+
+    real, folder = Path(real), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in real.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    narrow(config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(0)
+    model_class = getattr(transformers, config["architectures"][0])
+    model_class(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    return folder

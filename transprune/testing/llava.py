@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from .common import (BOS_ID, CHAT_TEMPLATE, EOS_ID, GRID_PINPOINTS, IMAGE_ID, IMAGE_SIZE, INIT_STD, PAD_ID, PATCH_SIZE,
-                     _build, _vocab, tiny_tokenizer)
+                     _build, _vocab, narrowed_folder, tiny_tokenizer)
 
 def _vision_config() -> CLIPVisionConfig:
     return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -89,27 +89,12 @@ def narrowed_llava_folder(real, folder, layers: int = 4, hidden: int = 128, visi
     weights) in ``folder``: the decoder narrowed to ``layers`` layers of width ``hidden`` (4 query / 2 KV heads),
     the CLIP tower to ``vision_layers`` layers at its own width, so the real processor and token counts run on a
     CPU. Returns ``folder``."""
-    import json
-    import shutil
-    from pathlib import Path
+    def narrow(config):
+        config["text_config"].update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+                                     num_attention_heads=4, num_key_value_heads=2)
+        config["vision_config"].update(num_hidden_layers=vision_layers)
 
-    import transformers
-
-    real, folder = Path(real), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in real.iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
-    config = json.loads((folder / "config.json").read_text())
-    config["text_config"].update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
-                                 num_attention_heads=4, num_key_value_heads=2)
-    config["vision_config"].update(num_hidden_layers=vision_layers)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(0)
-    model_class = getattr(transformers, config["architectures"][0])
-    model_class(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
-    return folder
-
+    return narrowed_folder(real, folder, narrow)
 
 TINY = {"llava": (tiny_llava, lambda: tiny_llava_processor("llava")),
         "llava_next": (tiny_llava_next, lambda: tiny_llava_processor("llava_next"))}

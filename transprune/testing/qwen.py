@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from .common import (BOS_ID, EOS_ID, INIT_STD, PAD_ID, PUNCTUATION, SPECIAL_TOKENS, WORDS, LETTERS, DIGITS, _reinit,
-                     sample_images, sample_prompts, word_level_tokenizer)
+                     narrowed_folder, sample_images, sample_prompts, word_level_tokenizer)
 
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -203,43 +203,27 @@ def narrowed_qwen_folder(real, folder, layers: int = 4, hidden: int = 128, visio
     heads, head_dim ``hidden / 4``, mRoPE sections scaled to it), the tower to ``vision_depth`` blocks (default: 2
     on Qwen2.5-VL, the last one full attention; 3 on Qwen3-VL, each a DeepStack level, at width 128), so real
     processors and token counts run on a CPU. Returns ``folder``."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    import transformers
-
-    real, folder = Path(real), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in real.iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
-    config = json.loads((folder / "config.json").read_text())
     head_dim = hidden // 4
-    sections = {"qwen2_5_vl": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],  # 16:24:24 of 128
-                "qwen3_vl": [head_dim // 4, head_dim // 8, head_dim // 8]}  # 24:20:20 of 128, rounded
     narrow = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
                   num_key_value_heads=2)
-    kind = config["model_type"]
-    if kind == "qwen2_5_vl":
-        depth = vision_depth or 2
-        config.update(narrow)
-        config["rope_scaling"]["mrope_section"] = sections[kind]
-        config["vision_config"].update(depth=depth, fullatt_block_indexes=[depth - 1], out_hidden_size=hidden)
-    elif kind == "qwen3_vl":
-        depth = vision_depth or 3
-        config["text_config"].update(narrow, head_dim=head_dim)
-        config["text_config"]["rope_scaling"]["mrope_section"] = sections[kind]
-        config["vision_config"].update(depth=depth, deepstack_visual_indexes=list(range(min(depth, layers, 3))),
-                                       hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden)
-    else:
-        raise ValueError(f"{real}: model_type {kind!r}; narrowed folders are built for qwen2_5_vl and qwen3_vl")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(0)
-    model_class = getattr(transformers, config["architectures"][0])
-    model_class(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
-    return folder
 
+    def narrowed(config):
+        kind = config["model_type"]
+        if kind == "qwen2_5_vl":  # mRoPE sections 16:24:24 of head_dim 128, scaled
+            depth = vision_depth or 2
+            config.update(narrow)
+            config["rope_scaling"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+            config["vision_config"].update(depth=depth, fullatt_block_indexes=[depth - 1], out_hidden_size=hidden)
+        elif kind == "qwen3_vl":  # 24:20:20 of 128, rounded
+            depth = vision_depth or 3
+            config["text_config"].update(narrow, head_dim=head_dim)
+            config["text_config"]["rope_scaling"]["mrope_section"] = [head_dim // 4, head_dim // 8, head_dim // 8]
+            config["vision_config"].update(depth=depth, deepstack_visual_indexes=list(range(min(depth, layers, 3))),
+                                           hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden)
+        else:
+            raise ValueError(f"{real}: model_type {kind!r}; narrowed folders are built for qwen2_5_vl and qwen3_vl")
+
+    return narrowed_folder(real, folder, narrowed)
 
 TINY = {kind: (model, lambda kind=kind: tiny_qwen_processor(kind))
         for kind, model in (("qwen2_vl", tiny_qwen2_vl), ("qwen2_5_vl", tiny_qwen2_5_vl), ("qwen3_vl", tiny_qwen3_vl))}
