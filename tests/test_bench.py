@@ -139,6 +139,8 @@ PUBLIC_FACTS = {
     "smolvlm-256m": (576, 1536, 30, 9, 3, 64, 1088), "internvl3-8b": (3584, 18944, 28, 28, 4, 128, 256),
     "gemma3-4b": (2560, 10240, 34, 8, 4, 256, 256), "qwen2-vl-7b": (3584, 18944, 28, 28, 4, 128, 256),
     "qwen2.5-vl-7b": (3584, 18944, 28, 28, 4, 128, 256), "qwen3-vl-8b": (4096, 12288, 36, 32, 8, 128, 256),
+    # Qwen3-VL-30B-A3B: m is the active FFN width, 8 of 128 experts x 768 (moe_intermediate_size) per token
+    "qwen3-vl-30b-a3b": (2048, 8 * 768, 48, 32, 4, 128, 256),
 }
 
 

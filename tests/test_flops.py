@@ -173,7 +173,8 @@ def test_qwen_archs():
     facts = {name: (a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim)
              for name, a in ARCHS.items() if name.startswith("qwen")}
     assert facts == {"qwen2-vl-7b": (3584, 18944, 28, 28, 4, 128), "qwen2.5-vl-7b": (3584, 18944, 28, 28, 4, 128),
-                     "qwen3-vl-8b": (4096, 12288, 36, 32, 8, 128)}
+                     "qwen3-vl-8b": (4096, 12288, 36, 32, 8, 128),
+                     "qwen3-vl-30b-a3b": (2048, 6144, 48, 32, 4, 128)}  # m: 8 active experts x 768
     high = estimate(TransPruneConfig.preset("high"), "qwen3-vl-8b")
     assert high.pruning_layers == (7, 9, 12) and high.ratio_token_linear == pytest.approx((7 + 1.75 + 1.875 + 24 * .125) / 36)
 

@@ -24,19 +24,44 @@ class ArchSpec:
     # count is fixed by the vision tower (LLaVA) and ``image_tokens`` is it.
     pixels_per_token: int | None = None
     nominal_image_size: tuple[int, int] | None = None  # the (h, w) that gives ``image_tokens``, when dynamic
+    # How ``intermediate_size`` was counted where it is not the config's dense MLP width (mixture of experts: the
+    # active width per token); None: a dense SwiGLU MLP of that width.
+    ffn: str | None = None
 
     @classmethod
     def of_decoder(cls, text, name: str, image_tokens: int, **extra) -> "ArchSpec":
-        """The ArchSpec of an HF text (decoder) config: its dimensions, with the family's nominal image count."""
+        """The ArchSpec of an HF text (decoder) config: its dimensions, with the family's nominal image count. A
+        mixture-of-experts decoder's FFN width is the active one (`active_ffn_width`)."""
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(name, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads, kv_heads, head_dim,
-                   image_tokens, **extra)
+        width, ffn = active_ffn_width(text)
+        return cls(name, text.hidden_size, width, text.num_hidden_layers, heads, kv_heads, head_dim,
+                   image_tokens, **({"ffn": ffn} if ffn else {}), **extra)
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+def active_ffn_width(text) -> tuple[int, str | None]:
+    """The SwiGLU width one token's FFN computes, averaged over the layers, and how it was counted. Dense: the
+    config's ``intermediate_size``. Mixture of experts (``num_experts`` > 0; Qwen3-MoE's ``decoder_sparse_step`` and
+    ``mlp_only_layers`` say which layers are sparse): ``num_experts_per_tok x moe_intermediate_size`` (plus a shared
+    expert's width, where the config has one) on a sparse layer, the dense width elsewhere; the router (d x experts
+    per token, under 1% of the FFN at real sizes) is not counted. The cost is linear in the width, so the mean is exact."""
+    experts = getattr(text, "num_experts", None) or 0
+    if experts <= 0:
+        return text.intermediate_size, None
+    top_k, expert = text.num_experts_per_tok, text.moe_intermediate_size
+    shared = getattr(text, "shared_expert_intermediate_size", None) or 0
+    step = getattr(text, "decoder_sparse_step", None) or 1
+    dense_layers = set(getattr(text, "mlp_only_layers", None) or ())
+    sparse = [i not in dense_layers and (i + 1) % step == 0 for i in range(text.num_hidden_layers)]
+    widths = [top_k * expert + shared if s else text.intermediate_size for s in sparse]
+    note = (f"mixture of experts: {top_k} of {experts} experts x {expert}" + (f" + shared {shared}" if shared else "")
+            + f" active per token on {sum(sparse)} of {len(sparse)} layers (router not counted)")
+    return round(sum(widths) / len(widths)), note
 
 
 def paper_layer_macs(n: int, d: int, m: int) -> int:

@@ -113,7 +113,7 @@ def cmd_flops(args) -> int:
     rows = [
         ("arch", f"{a.name} ({a.num_layers} layers, d={a.hidden_size}, m={a.intermediate_size}, N={a.image_tokens}"
                  + (f" for a {a.nominal_image_size[0]}x{a.nominal_image_size[1]} image" if a.nominal_image_size else "")
-                 + ")"),
+                 + ")" + (f"; m: {a.ffn}" if a.ffn else "")),
         ("method", _describe(config)),
         *([("budget", f"{planned.target:g} of the unpruned TFLOPs asked, {planned.achieved:.4f} achieved "
                       f"(keep knob x{planned.factor:.4g})")] if planned is not None else []),

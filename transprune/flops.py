@@ -158,6 +158,7 @@ class FlopsReport:
     # The KV cache a prefill leaves, per sample, in bf16: 2 (k, v) x kv_dim x (text + visual tokens) per layer.
     kv_cache_bytes: int = 0
     kv_cache_bytes_unpruned: int = 0
+    ffn: str | None = None  # how the FFN width was counted, where not dense (`ArchSpec.ffn`)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "positions": None if self.positions is None else str(self.positions)}
@@ -245,6 +246,7 @@ def estimate(config, arch, text_tokens: int = 64, query_tokens: int | None = Non
         image_size=arch.nominal_image_size,
         kv_cache_bytes=kv_bytes(arch, visual, text_tokens),
         kv_cache_bytes_unpruned=kv_bytes(arch, unpruned, text_tokens),
+        ffn=arch.ffn,
     )
 
 

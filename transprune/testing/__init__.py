@@ -40,7 +40,8 @@ from .llava_onevision import (tiny_llava_onevision, tiny_llava_onevision_config,
 from .qwen import (QWEN3_DEEPSTACK_LAYERS, QWEN_CHAT_TEMPLATE, QWEN_KINDS, QWEN_MERGE_SIZE,  # noqa: F401
                    QWEN_PATCH_SIZE, QWEN_SPECIAL_TOKENS, qwen_sample_inputs, qwen_sample_inputs_unbatched,
                    qwen_sample_prompts, tiny_qwen2_5_vl, tiny_qwen2_5_vl_config, tiny_qwen2_vl, tiny_qwen2_vl_config,
-                   tiny_qwen3_vl, tiny_qwen3_vl_config, tiny_qwen_processor, tiny_qwen_tokenizer)
+                   tiny_qwen3_vl, tiny_qwen3_vl_config, tiny_qwen3_vl_moe, tiny_qwen3_vl_moe_config, tiny_qwen_processor,
+                   tiny_qwen_tokenizer)
 from .smolvlm import (tiny_idefics3, tiny_idefics3_processor, tiny_idefics3_tokenizer,  # noqa: F401
                       tiny_smolvlm, tiny_smolvlm_config, tiny_smolvlm_processor)
 

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 from .common import (BOS_ID, EOS_ID, INIT_STD, PAD_ID, PUNCTUATION, SPECIAL_TOKENS, WORDS, LETTERS, DIGITS, _reinit,
                      narrowed_folder, sample_images, sample_prompts, word_level_tokenizer)
 
-QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 # ---------------------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL
 #
@@ -116,6 +116,22 @@ def tiny_qwen3_vl_config(vision_overrides: dict | None = None, **text_overrides)
     return Qwen3VLConfig(vision_config={**vision, **(vision_overrides or {})}, **_qwen_common(**{**text, **text_overrides}))
 
 
+def tiny_qwen3_vl_moe_config(vision_overrides: dict | None = None, **text_overrides):
+    """Qwen3-VL-MoE-shaped config: the tiny Qwen3-VL with sparse MLPs on every second layer (``decoder_sparse_step``
+    2; layer 0 dense by ``mlp_only_layers`` too): 4 experts of width 32, 2 per token; dense layers 128 wide."""
+    from transformers import Qwen3VLMoeConfig
+
+    base = tiny_qwen3_vl_config(vision_overrides, **text_overrides)
+    text = {**base.text_config.to_dict(), "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "decoder_sparse_step": 2, "mlp_only_layers": [0], **text_overrides}
+    for key in ("model_type", "architectures", "transformers_version"):
+        text.pop(key, None)
+    ids = {k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                         "vision_end_token_id")}
+    vision = {k: v for k, v in base.vision_config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    return Qwen3VLMoeConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+
+
 @torch.no_grad()
 def _qwen_build(config, model_cls, seed: int, attn_implementation: str, dtype: torch.dtype):
     torch.manual_seed(seed)
@@ -153,6 +169,15 @@ def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch
 
     return _qwen_build(tiny_qwen3_vl_config(vision_overrides, **text_overrides), Qwen3VLForConditionalGeneration, seed,
                        attn_implementation, dtype)
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                      vision_overrides: dict | None = None, **text_overrides):
+    """Random-init ``Qwen3VLMoeForConditionalGeneration`` in eval mode."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    return _qwen_build(tiny_qwen3_vl_moe_config(vision_overrides, **text_overrides), Qwen3VLMoeForConditionalGeneration,
+                       seed, attn_implementation, dtype)
 
 
 def tiny_qwen_processor(kind: str = "qwen2_5_vl"):
@@ -226,4 +251,5 @@ def narrowed_qwen_folder(real, folder, layers: int = 4, hidden: int = 128, visio
     return narrowed_folder(real, folder, narrowed)
 
 TINY = {kind: (model, lambda kind=kind: tiny_qwen_processor(kind))
-        for kind, model in (("qwen2_vl", tiny_qwen2_vl), ("qwen2_5_vl", tiny_qwen2_5_vl), ("qwen3_vl", tiny_qwen3_vl))}
+        for kind, model in (("qwen2_vl", tiny_qwen2_vl), ("qwen2_5_vl", tiny_qwen2_5_vl), ("qwen3_vl", tiny_qwen3_vl),
+                            ("qwen3_vl_moe", tiny_qwen3_vl_moe))}
