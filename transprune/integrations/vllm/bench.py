@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import ARCHS, hf_overrides, settings
+from . import ARCHS, check_arch, hf_overrides, settings
 
 QUESTION = "Describe the image in detail."
 
@@ -101,6 +101,11 @@ def run(args) -> dict:
     architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
     if architecture not in ARCHS:
         raise SystemExit(f"{folder}: architecture {architecture}; the vLLM plugin serves {', '.join(ARCHS)}")
+    try:
+        for method in args.methods:
+            check_arch(settings(method), ARCHS[architecture].name)
+    except ValueError as err:
+        raise SystemExit(f"--methods: {err}") from None
     llm = LLM(model=str(folder), hf_overrides=hf_overrides("none", architecture=architecture), dtype=args.dtype,
               max_model_len=args.max_model_len, kv_cache_memory_bytes=int(args.kv_cache_gib * 2 ** 30),
               enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
