@@ -102,7 +102,8 @@ def build_tiny_llava(folder: Path, kind: str) -> Path:
         processor.save_pretrained(folder)
         transformers.LlavaOnevisionVideoProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
         return hub_layout(folder)
-    {"llava": llava.tiny_llava, "llava_next": llava.tiny_llava_next}[kind](**WIDE).save_pretrained(folder)
+    {"llava": llava.tiny_llava, "llava_next": llava.tiny_llava_next}[kind](**WIDE, max_position_embeddings=1024
+                                                                          ).save_pretrained(folder)
     llava.tiny_llava_processor(kind).save_pretrained(folder)
     return hub_layout(folder)
 
@@ -124,9 +125,9 @@ FOLDERS = {"qwen2.5-tiny": (build_tiny, "qwen2_5_vl", 1024, SIZES),
            "qwen2.5-narrow": (build_narrow, "qwen2_5_vl", 2048, [(224, 224), (224, 448), (448, 224), (112, 168)]),
            "qwen3-tiny": (build_tiny, "qwen3_vl", 1024, SIZES),
            "qwen3-narrow": (build_narrow, "qwen3_vl", 2048, [(256, 256), (256, 512), (512, 256), (128, 192)]),
-           "llava-tiny": (build_tiny_llava, "llava", 512, SIZES),
+           "llava-tiny": (build_tiny_llava, "llava", 1024, SIZES),
            "llava-narrow": (build_narrow_llava, "llava", 2048, [(336, 336), (336, 672), (500, 300), (128, 128)]),
-           "llava-next-tiny": (build_tiny_llava, "llava_next", 512, SIZES),
+           "llava-next-tiny": (build_tiny_llava, "llava_next", 1024, SIZES),
            "llava-onevision-tiny": (build_tiny_llava, "llava_onevision", 2048, SIZES)}
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -153,9 +154,18 @@ class Reference:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
+    def prompt_with(self, before: str, images: int) -> str:
+        """The chat prompt with ``before`` as text ahead of ``images`` images, each followed by a few words."""
+        content = [{"type": "text", "text": before}] if before else []
+        for i in range(images):
+            content += [{"type": "image"}, {"type": "text", "text": f"and the {'first second third'.split()[i]} one"}]
+        content.append({"type": "text", "text": QUESTION})
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
     @torch.no_grad()
-    def run(self, image, setting, tokens: int = 4) -> dict:
-        inputs = self.processor(text=[self.prompt], images=[image], return_tensors="pt")
+    def run(self, image, setting, tokens: int = 4, prompt: str | None = None) -> dict:
+        images = image if isinstance(image, list) else [image]
+        inputs = self.processor(text=[prompt or self.prompt], images=images, return_tensors="pt")
         length = inputs["input_ids"].shape[1]
         config = settings(setting).config
         n = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
@@ -254,6 +264,20 @@ class TestServedAsOnTransformers:
             expected.append((settings(setting).key, theirs["kept"]))
         assert picked == sorted(expected)  # each image's own choice, whatever order the encoder took them in
 
+    def test_two_images_after_text_and_the_same_prompt_again_from_the_prefix_cache(self, engine):
+        """Text before two images of different sizes, text between them: as on transformers (VisionZip chooses per
+        image there too; unpruned everywhere); the same request again (its prefix cached) gives the same tokens."""
+        llm, reference, sizes = engine
+        images = [random_image(80, sizes[1]), random_image(81, sizes[2])]
+        prompt = reference.prompt_with("look at these pictures of a garden in the morning light please", 2)
+        for setting in ("none", "visionzip"):
+            if not setting_ok(reference.architecture, setting):
+                continue
+            theirs = reference.run(images, setting, tokens=4, prompt=prompt)
+            for _ in range(2):  # the second is answered from the prefix and encoder caches
+                ours = served(llm, prompt, images, setting)
+                assert (ours["prompt_tokens"], ours["greedy"]) == (theirs["prompt_tokens"], theirs["greedy"]), setting
+
     def test_videos_pass_unpruned_on_qwen2_5_vl_and_are_refused_on_qwen3_vl(self, engine):
         """Images only are pruned: a Qwen2.5-VL video keeps its tokens and positions (the same greedy tokens as the
         model on transformers); a Qwen3-VL video is one clear error."""
@@ -293,16 +317,25 @@ class TestServedAsOnTransformers:
 
 
 def test_chunked_prefill_splits_images_and_keeps_their_tokens_and_positions(folders, tmp_path_factory):
-    """Prompts prefilled 16 tokens at a time (an image's kept tokens split across chunks) as on transformers."""
+    """Prompts prefilled 16 tokens at a time (an image's kept tokens split across chunks) as on transformers, with
+    0 to 15 words before the image, so a chunk ends at every offset around it (its vision-start token included)."""
     folder = folder_of("qwen2.5-tiny", folders, tmp_path_factory)
     llm = start(folder, 1024, max_num_batched_tokens=16, enable_chunked_prefill=True)
     try:
         reference = Reference(folder)
+        words = "the red car on the left of the big house near a tree and two dogs play".split()
         for i, size in enumerate(FOLDERS["qwen2.5-tiny"][3]):
             image = random_image(40 + i, size)
             for setting in ("none", "visionzip", {"method": "divprune", "params": {"keep_ratio": 0.5}}):
                 ours, theirs = served(llm, reference.prompt, image, setting, tokens=6), reference.run(image, setting, 6)
                 assert (ours["prompt_tokens"], ours["greedy"]) == (theirs["prompt_tokens"], theirs["greedy"]), setting
+        image = random_image(50, (64, 96))
+        for n in range(16):
+            prompt = reference.prompt_with(" ".join(words[:n]), 1)
+            for setting in ("none", "visionzip"):
+                ours = served(llm, prompt, image, setting, tokens=4)
+                theirs = reference.run(image, setting, 4, prompt=prompt)
+                assert (ours["prompt_tokens"], ours["greedy"]) == (theirs["prompt_tokens"], theirs["greedy"]), (n, setting)
     finally:
         stop(llm)
 

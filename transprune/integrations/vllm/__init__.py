@@ -38,6 +38,11 @@ class Arch(NamedTuple):
     where: str
     visionzip: bool
 
+    @property
+    def default(self) -> str:
+        """What a server of this architecture runs with no setting: VisionZip where it runs, else DivPrune."""
+        return DEFAULT if self.visionzip else "divprune"
+
 
 # vLLM's architecture -> the one this plugin registers for it.
 ARCHS = {
@@ -131,6 +136,8 @@ def _as_dict(setting, what: str) -> dict:
     if unknown:
         raise ValueError(f"transprune: unknown key(s) {unknown} in {what}; allowed: {', '.join(_SETTING_KEYS)} "
                          "(method fields go under 'params')")
+    if "method" in setting and not isinstance(setting["method"], str):
+        raise ValueError(f"transprune: 'method' must be a string in the method grammar, got {setting['method']!r}")
     params = setting.get("params") or {}
     if not isinstance(params, dict):
         raise ValueError(f"transprune: 'params' must be a dict of field: value, got {params!r}")
@@ -150,7 +157,7 @@ def _canonical(merged: str) -> str:
     try:
         plan = _methods.Plan.of(_methods.build(method, setting.get("preset"), params))
     except (ValueError, TypeError) as err:
-        raise ValueError(f"transprune: {err}") from None
+        raise ValueError(f"transprune: {err}; the vLLM plugin serves {', '.join(served_methods())} or 'none'") from None
     if plan.llm is not None:
         pre = f"; serve its pre-LLM stage alone with method={plan.pre.method!r}" if plan.pre else ""
         raise ValueError(f"transprune: {plan.llm.method} prunes inside the LLM, which vLLM cannot serve: its paged KV "
@@ -192,13 +199,17 @@ def check_engine(vllm_config) -> None:
     """What vLLM calls before it starts an engine for one of our architectures (`StartupCheck`): the server's
     setting and the engine options it needs, each a ValueError naming the field."""
     model_config = vllm_config.model_config
-    served = settings(getattr(model_config.hf_config, KEY, None))
+    served = settings(server_setting(model_config.hf_config, model_config.architecture))
     check_arch(served, model_config.architecture)
     parallel = vllm_config.parallel_config
     if served.scores_tower and parallel.tensor_parallel_size > 1:
         raise ValueError("transprune: VisionZip scores every head of one vision block together, and with "
                          f"tensor_parallel_size={parallel.tensor_parallel_size} each process holds a share of "
                          "them; serve it with tensor_parallel_size=1 or use divprune / cdpruner")
+    mm = model_config.multimodal_config
+    if served.scores_tower and mm is not None and mm.mm_encoder_tp_mode == "data":
+        raise ValueError("transprune: VisionZip reads each image's rows of the scored vision block in order, and "
+                         "mm_encoder_tp_mode='data' reorders the images between processes; use 'weights' (the default)")
     if served.scores_tower and getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
         raise ValueError("transprune: VisionZip reads the vision tower's attention inputs, which a compiled encoder "
                          "(compilation_config.compile_mm_encoder=True) does not run eagerly; turn it off")
@@ -215,7 +226,15 @@ class StartupCheck:
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        check_arch(settings(getattr(model_config.hf_config, KEY, None)), model_config.architecture)
+        architecture = model_config.architecture
+        check_arch(settings(server_setting(model_config.hf_config, architecture)), architecture)
+
+
+def server_setting(hf_config, registered: str):
+    """The server's setting: the config's ``transprune`` entry, else the architecture's default."""
+    arch = next((a for a in ARCHS.values() if a.name == registered), None)
+    given = getattr(hf_config, KEY, None)
+    return given if given is not None else (arch.default if arch is not None else DEFAULT)
 
 
 def register() -> None:

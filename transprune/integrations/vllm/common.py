@@ -19,7 +19,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
-from . import KEY, ServedMethod, from_key, settings
+from . import ServedMethod, from_key, server_setting, settings
 
 # The setting (and instruction ids) of the prompt the processor is working on, for its helpers below `apply`.
 _REQUEST: ContextVar["tuple[ServedMethod, list[int]] | None"] = ContextVar("transprune_vllm_request", default=None)
@@ -45,10 +45,11 @@ class PrunedProcessor:
     """The processor half, mixed in before a vLLM processor class whose image replacement is a run of image tokens."""
 
     tower_refusal: str | None = None  # why this family's served path has no VisionZip (None: it has)
+    architecture: str  # the architecture this processor serves (what `ARCHS` registers)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._server_setting = getattr(self.info.get_hf_config(), KEY, None)
+        self._server_setting = server_setting(self.info.get_hf_config(), self.architecture)
         self.served = self.checked(settings(self._server_setting))  # a wrong server setting fails here, at start-up
 
     def checked(self, served: ServedMethod) -> ServedMethod:
@@ -56,8 +57,15 @@ class PrunedProcessor:
             raise ValueError(self.tower_refusal)
         return served
 
-    def check_items(self, inputs) -> None:
-        """Raise for an item this family's served path does not take (none by default)."""
+    def check_items(self, inputs, served: ServedMethod) -> None:
+        """Raise, in the serving process, for an item the setting cannot serve: VisionZip reads the vision tower,
+        which precomputed image embeddings skip (a family adds its own refusals)."""
+        from vllm.multimodal.parse import EmbeddingItems
+
+        images = inputs.mm_data_items.get("image") if "image" in inputs.mm_data_items else None
+        if served.scores_tower and isinstance(images, EmbeddingItems):
+            raise ValueError("transprune: VisionZip scores the vision tower's attention, and precomputed image "
+                             "embeddings have none; send pixels, or use divprune / cdpruner")
 
     def image_token_id(self) -> int:
         return self.info.get_hf_config().image_token_id
@@ -68,9 +76,9 @@ class PrunedProcessor:
 
     def apply(self, inputs, timing_ctx=None, **kwargs):
         kw = dict(inputs.hf_processor_mm_kwargs)
-        request = kw.pop(KEY, None)  # the HF processor never sees it
+        request = kw.pop("transprune", None)  # the HF processor never sees it
         served = self.served if request is None else self.checked(settings(request, base=self._server_setting))
-        self.check_items(inputs)
+        self.check_items(inputs, served)
         image_id = self.image_token_id()
         prompt = list(inputs.prompt) if not isinstance(inputs.prompt, str) else []
         last = max((i for i, t in enumerate(prompt) if t == image_id), default=len(prompt) - 1)
@@ -86,7 +94,7 @@ class PrunedProcessor:
 
     def _get_mm_hashes(self, inputs):
         served, instruction = self._request()  # the setting is part of every image's identity
-        kw = {**inputs.hf_processor_mm_kwargs, KEY: served.key}
+        kw = {**inputs.hf_processor_mm_kwargs, "transprune": served.key}
         if served.reads_instruction:
             kw["transprune_instruction"] = instruction
         return super()._get_mm_hashes(dataclasses.replace(inputs, hf_processor_mm_kwargs=kw))
@@ -136,7 +144,6 @@ class PrunedModel:
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.served = settings(getattr(self.config, KEY, None))
         self.selections = deque(maxlen=256)  # the last images' choices, for inspection (`selections`)
 
     def text_width(self) -> int:

@@ -30,6 +30,7 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from . import ARCHS
 from .common import PrunedModel, PrunedProcessor, pop_fields, rows, selections, served_of  # noqa: F401
 
 TOWER_REFUSAL = ("transprune: VisionZip on the LLaVA families reads the vision tower's attention and merges tokens "
@@ -59,7 +60,7 @@ class LlavaFamilyModel(PrunedModel):
 
 
 class PrunedLlavaProcessor(LlavaFamilyProcessor, LlavaMultiModalProcessor):
-    pass
+    architecture = ARCHS["LlavaForConditionalGeneration"].name
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedLlavaProcessor, info=LlavaProcessingInfo,
@@ -73,7 +74,7 @@ class PrunedLlava(LlavaFamilyModel, LlavaForConditionalGeneration):
 
 
 class PrunedLlavaNextProcessor(LlavaFamilyProcessor, LlavaNextMultiModalProcessor):
-    pass
+    architecture = ARCHS["LlavaNextForConditionalGeneration"].name
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedLlavaNextProcessor, info=LlavaNextProcessingInfo,
@@ -87,7 +88,7 @@ class PrunedLlavaNext(LlavaFamilyModel, LlavaNextForConditionalGeneration):
 
 
 class PrunedLlavaOnevisionProcessor(LlavaFamilyProcessor, LlavaOnevisionMultiModalProcessor):
-    pass
+    architecture = ARCHS["LlavaOnevisionForConditionalGeneration"].name
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedLlavaOnevisionProcessor, info=LlavaOnevisionProcessingInfo,

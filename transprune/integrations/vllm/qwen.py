@@ -1,10 +1,11 @@
 """What the Qwen families (Qwen2.5-VL, Qwen3-VL) share in vLLM: image units are the frames of the patch grid,
 VisionZip reads the tower's scored block, kept tokens keep their own mRoPE positions.
 
-The model appends the four position columns vLLM's multimodal-pruning path reads (``video_prune/evs.py``): each
-kept token's own (t, h, w) and, for the text after the image, the *full* grid's ``max + 1``, so positions are those
-of the unpruned model (transprune's "original" rule) whatever was kept; vLLM's runner writes them per prefill
-chunk (`PrunedQwenModel.recompute_mrope_positions`).
+The model appends position columns to each kept row (`PrunedQwenModel.with_positions`): the token's own (t, h, w)
+and the full grid's ``max + 1``, where the text after the image continues, so positions are those of the unpruned
+model (transprune's "original" rule) whatever was kept. vLLM's runner hands the rows of each prefill chunk back to
+the model (`recompute_mrope_positions`, the path its EVS video pruning uses), which writes them at their
+placeholders; the text's positions are laid out for the full grids beforehand (`layout_positions`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from contextvars import ContextVar
 
 import numpy as np
 import torch
-from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
-from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from ...adapters.qwen2_vl import frame_units, token_order, write_merged
 from ...adapters.vision import received_from_qk, similarity_keys
 from ...patching import patch
 from .common import PrunedModel, PrunedProcessor, rows, served_of
 
-# The scored block's (received attention, keys) of the encoding in flight (None: nothing captures).
-_CAPTURE: ContextVar["list | None"] = ContextVar("transprune_vllm_capture", default=None)
+COLUMNS = 8  # position columns appended to each kept row: (t, h, w, text offset), each as (value // 256, value % 256)
+
+# The encoding in flight: the frames' row bounds and the list its scored block appends (received attention, keys)
+# to (None: nothing captures).
+_CAPTURE: ContextVar["tuple[list[int], list] | None"] = ContextVar("transprune_vllm_capture", default=None)
 
 
 class PrunedQwenProcessor(PrunedProcessor):
@@ -73,26 +76,48 @@ class PrunedQwenModel(PrunedModel):
         return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
 
     def with_positions(self, embeds, grid, kept=None, **timing):
-        """``embeds`` (the kept rows) with the four columns vLLM reads: each row's own (t, h, w) relative to the
-        item's start and the full grid's ``max + 1``, where the text after the item continues."""
+        """``embeds`` (the kept rows) with `COLUMNS` columns: each row's own (t, h, w) relative to the item's start
+        and the full grid's ``max + 1`` (the text after the item continues there), each value split into two parts
+        below 256, which every embedding dtype holds exactly (bfloat16 holds integers exactly only up to 256)."""
         positions = compute_mrope_for_media(grid, self.visual.spatial_merge_size, **timing)
         positions[:, 3] = positions[:, :3].max() + 1
         if kept is not None:
             embeds, positions = embeds[kept], positions[kept.cpu()]
-        return torch.cat([embeds, positions.to(embeds.device, embeds.dtype)], dim=1)
+        if int(positions.max()) >= 256 * 256:
+            raise ValueError(f"transprune: an item of grid {grid} has positions beyond {256 * 256 - 1}")
+        parts = torch.stack([positions // 256, positions % 256], dim=-1).flatten(1)
+        return torch.cat([embeds, parts.to(embeds.device, embeds.dtype)], dim=1)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """What vLLM's runner calls per prefill chunk: strip the four columns from each item's rows and write the
-        positions they hold into the chunk's media columns (and the text after them), vLLM's own rule
-        (``video_prune/evs.py``; its 4-column form: the text continues at the item's start + column 3)."""
-        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-        ids = torch.as_tensor(input_ids, dtype=torch.long).to(device)
-        positions = [mm[:, -4:].permute(1, 0).long() for mm in multimodal_embeddings]
-        with gpu_sync_allowed():
-            recomputed, delta = recompute_mrope_positions(ids, positions, mrope_positions, num_computed_tokens,
-                                                          self.config.vision_start_token_id,
-                                                          self.config.image_token_id, self.config.video_token_id)
-        return [mm[:, :-4] for mm in multimodal_embeddings], recomputed, delta
+        """What vLLM's runner calls for each prefill chunk, with the rows of the items (or parts of items) the
+        chunk holds: strip our columns and write each row's position at its placeholder. The rows fill the prompt's
+        media tokens from ``num_computed_tokens`` on, in order; an item's positions count from the position of the
+        token before its run of media tokens (its vision-start), plus one, as the unpruned model's do. The text
+        positions are already those of the unpruned model (`layout_positions`), so nothing else moves."""
+        device = mrope_positions.device
+        ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+        media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        index = torch.arange(ids.numel())
+        # each media token's run start: the first media token after the last text token before it
+        last_text = torch.cummax(torch.where(media, -1, index), dim=0).values
+        run_start = last_text + 1
+        slots = index[media & (index >= num_computed_tokens)]
+        positions = mrope_positions.clone()
+        out, taken, bound = [], 0, -1
+        for rows in multimodal_embeddings:
+            n = rows.shape[0]
+            at = slots[taken:taken + n]
+            taken += n
+            parts = rows[:, -COLUMNS:].round().long().view(n, 4, 2)
+            values = (parts[..., 0] * 256 + parts[..., 1]).T  # (4, n): t, h, w, full grid max + 1
+            before = (run_start[at] - 1).to(device)  # the token before the item's run (-1: the prompt starts with it)
+            base = torch.where(before >= 0, positions[0, before.clamp(min=0)] + 1, 0)
+            positions[:, at.to(device)] = values[:3].to(device) + base
+            if n:
+                bound = max(bound, int((base + values[3].to(device) - 1).max()))
+            out.append(rows[:, :-COLUMNS])
+        delta = max(int(positions.max()), bound) + 1 - ids.numel()  # an item last: the text after it starts past
+        return out, positions, delta
 
     # -- the encoder and the selection ---------------------------------------------------------------
     def embed_images(self, inputs, ours) -> tuple:
@@ -102,7 +127,10 @@ class PrunedQwenModel(PrunedModel):
         if captured is not None and inputs["type"] == "image_embeds":
             raise ValueError("transprune: VisionZip scores the vision tower's attention, and precomputed image "
                              "embeddings have none; send pixels, or use divprune / cdpruner")
-        token = _CAPTURE.set(captured)
+        grids = inputs["image_grid_thw"].tolist()
+        frames = [h * w for t, h, w in grids for _ in range(t)]  # the scored block attends within each frame
+        bounds = torch.tensor([0] + frames).cumsum(0).tolist()
+        token = _CAPTURE.set(None if captured is None else (bounds, captured))
         try:
             embeds = self._process_image_input(inputs)
         finally:
@@ -137,15 +165,18 @@ class PrunedQwenModel(PrunedModel):
 
 def _capturing(forward, scale: float):
     """The scored block's attention kernel call, capturing (received attention per row, keys per row) from its
-    rotated q and k, each row's attention from the rows of its own image or frame (``cu_seqlens``), when an
-    encoding in flight asks for it."""
+    rotated q and k, each row's attention from the rows of its own frame (the bounds the encoding in flight gives,
+    from its grids: the kernel's own ``cu_seqlens`` layout differs between attention backends)."""
 
     def capture_then_attend(*args, **kwargs):
         found = _CAPTURE.get()
         if found is not None:
+            bounds, found = found
             q, k = kwargs["query"], kwargs["key"]  # (1, rows, heads, head_dim)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
-            bounds = kwargs["cu_seqlens"].tolist()
+            if bounds[-1] != q.shape[1]:
+                raise RuntimeError(f"transprune: the scored vision block ran on {q.shape[1]} rows where the images' "
+                                   f"grids have {bounds[-1]}")
             received = torch.empty(q.shape[1], dtype=torch.float32, device=q.device)
             for start, end in zip(bounds[:-1], bounds[1:]):
                 received[start:end] = received_from_qk(q[None, :, start:end], k[None, :, start:end], scale)[0]

@@ -12,12 +12,13 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from . import ARCHS
 from .common import pop_fields, selections  # noqa: F401  (selections: for apply_model)
 from .qwen import PrunedQwenModel, PrunedQwenProcessor
 
 
 class PrunedQwen2_5_VLProcessor(PrunedQwenProcessor, Qwen2_5_VLMultiModalProcessor):
-    pass
+    architecture = ARCHS["Qwen2_5_VLForConditionalGeneration"].name
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,

@@ -15,6 +15,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from . import ARCHS
 from .common import pop_fields, selections  # noqa: F401  (selections: for apply_model)
 from .qwen import PrunedQwenModel, PrunedQwenProcessor
 
@@ -24,7 +25,10 @@ VIDEOS_REFUSED = ("transprune: the Qwen3-VL architecture served with pruning tak
 
 
 class PrunedQwen3VLProcessor(PrunedQwenProcessor, Qwen3VLMultiModalProcessor):
-    def check_items(self, inputs) -> None:
+    architecture = ARCHS["Qwen3VLForConditionalGeneration"].name
+
+    def check_items(self, inputs, served) -> None:
+        super().check_items(inputs, served)
         if "video" in inputs.mm_data_items and len(inputs.mm_data_items["video"]):
             raise ValueError(VIDEOS_REFUSED)
 
