@@ -47,16 +47,21 @@ class DeepStack:
 
 # -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
 
+def qwen3_vision(**overrides) -> dict:
+    """The Qwen3-VL vision tower's public facts (27 SigLIP-2 blocks, DeepStack from blocks 8, 16, 24), which the
+    MoE models share; ``out_hidden_size`` follows the decoder."""
+    return dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
+                temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24], **overrides)
+
+
 def _qwen3_vl():
     from transformers import Qwen3VLConfig
 
     text = _qwen_text(4096, 12288, 36, 32, 8, (24, 20, 20), head_dim=128, vocab_size=151936,
                       rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
                                        "mrope_interleaved": True})
-    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[8, 16, 24])
-    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
+    return Qwen3VLConfig(vision_config=qwen3_vision(out_hidden_size=4096), text_config=text, tie_word_embeddings=False,
+                         **QWEN_IDS)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

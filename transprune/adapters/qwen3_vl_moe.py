@@ -20,7 +20,7 @@ FAMILY = {"adapter": "Qwen3VLMoeAdapter", "model_types": ('qwen3_vl_moe',), "sin
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 from .qwen2_vl import QWEN_IDS, _qwen_text
-from .qwen3_vl import Qwen3VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, qwen3_vision
 
 
 # -- named archs: public config.json facts, written in code (no download), for flops and bench -------------
@@ -35,10 +35,8 @@ def _qwen3_vl_30b_a3b():
                       mlp_only_layers=[],
                       rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
                                        "mrope_interleaved": True})
-    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[8, 16, 24])
-    return Qwen3VLMoeConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_IDS)
+    return Qwen3VLMoeConfig(vision_config=qwen3_vision(out_hidden_size=2048), text_config=text,
+                            tie_word_embeddings=False, **QWEN_IDS)
 
 
 def _qwen3_vl_moe_reduced():

@@ -199,8 +199,7 @@ def check_engine(vllm_config) -> None:
     """What vLLM calls before it starts an engine for one of our architectures (`StartupCheck`): the server's
     setting and the engine options it needs, each a ValueError naming the field."""
     model_config = vllm_config.model_config
-    served = settings(server_setting(model_config.hf_config, model_config.architecture))
-    check_arch(served, model_config.architecture)
+    served = check_model(model_config)
     parallel = vllm_config.parallel_config
     if served.scores_tower and parallel.tensor_parallel_size > 1:
         raise ValueError("transprune: VisionZip scores every head of one vision block together, and with "
@@ -226,8 +225,14 @@ class StartupCheck:
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        architecture = model_config.architecture
-        check_arch(settings(server_setting(model_config.hf_config, architecture)), architecture)
+        check_model(model_config)
+
+
+def check_model(model_config) -> ServedMethod:
+    """The server's setting for this model config, checked against its architecture."""
+    served = settings(server_setting(model_config.hf_config, model_config.architecture))
+    check_arch(served, model_config.architecture)
+    return served
 
 
 def server_setting(hf_config, registered: str):

@@ -46,6 +46,10 @@ class LlavaFamilyProcessor(PrunedProcessor):
 
 
 class LlavaFamilyModel(PrunedModel):
+    def embed_multimodal(self, **kwargs):  # LLaVA-1.5 / NeXT: the parent returns the images' embeddings only
+        ours = pop_fields(kwargs)
+        return self.prune_images(super().embed_multimodal(**kwargs), ours)
+
     def prune_images(self, embeds, ours) -> tuple:
         """Each image's kept rows of its projected features, by its own setting."""
         served = [served_of(s) for s in rows(ours["transprune_setting"])]
@@ -68,10 +72,6 @@ class PrunedLlavaProcessor(LlavaFamilyProcessor, LlavaMultiModalProcessor):
 class PrunedLlava(LlavaFamilyModel, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 whose images lose the tokens transprune's embedding method drops, before the LLM."""
 
-    def embed_multimodal(self, **kwargs):
-        ours = pop_fields(kwargs)
-        return self.prune_images(super().embed_multimodal(**kwargs), ours)
-
 
 class PrunedLlavaNextProcessor(LlavaFamilyProcessor, LlavaNextMultiModalProcessor):
     architecture = ARCHS["LlavaNextForConditionalGeneration"].name
@@ -81,10 +81,6 @@ class PrunedLlavaNextProcessor(LlavaFamilyProcessor, LlavaNextMultiModalProcesso
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class PrunedLlavaNext(LlavaFamilyModel, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT whose images lose the tokens transprune's embedding method drops, before the LLM."""
-
-    def embed_multimodal(self, **kwargs):
-        ours = pop_fields(kwargs)
-        return self.prune_images(super().embed_multimodal(**kwargs), ours)
 
 
 class PrunedLlavaOnevisionProcessor(LlavaFamilyProcessor, LlavaOnevisionMultiModalProcessor):
